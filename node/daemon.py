@@ -1,0 +1,145 @@
+"""`swarm-node join`: load a span, serve it over gRPC, keep it announced in the DHT until told to stop."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+import psutil
+
+from node.model_files import ModelSource, open_model
+from node.service import BlockServicer, ServiceLimits, start_grpc_server
+from node.span import TransformerSpan
+from partition.profiling import blocks_that_fit, kv_bytes_per_token, measure_decode_throughput
+from partition.span_selection import choose_least_covered_span
+from protocol.records import ServerRecord
+from swarm import dht as swarm_dht
+
+logger = logging.getLogger(__name__)
+
+READY_PREFIX = "EDGESWARM_READY "
+
+
+@dataclass
+class NodeSettings:
+    """Everything `swarm-node join` can be told."""
+
+    model: str = "default"
+    host: str = "127.0.0.1"
+    port: int = 0
+    dht_port: int = 0
+    announce_host: str | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    announce_ttl: float = 30.0
+    max_session_length: int = 8192
+
+
+def reachable_host(host: str, announce_host: str | None) -> str:
+    """The address peers should dial: the announce host, the bind host, or for 0.0.0.0 the first LAN IPv4."""
+    if announce_host:
+        return announce_host
+    if host not in ("0.0.0.0", ""):
+        return host
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family.name == "AF_INET" and not address.address.startswith("127."):
+                return address.address
+    return "127.0.0.1"
+
+
+class SwarmNode:
+    """A running node. `start()` returns once it serves and is announced; `stop()` withdraws and shuts down."""
+
+    def __init__(self, settings: NodeSettings):
+        self.settings = settings
+        self.model: ModelSource = open_model(settings.model)  # fails fast on a bad path or family
+        if settings.blocks is not None:
+            self.model.check_span(*settings.blocks)
+        if settings.num_blocks is not None and not 0 < settings.num_blocks <= self.model.num_blocks:
+            raise ValueError(f"--num-blocks must be in [1, {self.model.num_blocks}], got {settings.num_blocks}")
+        self._stopped = threading.Event()
+        self.dht = None
+        self.server: grpc.Server | None = None
+        self.record: ServerRecord | None = None
+        self.servicer: BlockServicer | None = None
+
+    def _choose_span(self) -> tuple[int, int]:
+        if self.settings.blocks is not None:
+            return self.settings.blocks
+        length = self.settings.num_blocks or blocks_that_fit(self.model.config)
+        records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
+        return choose_least_covered_span(records, self.model.num_blocks, length)
+
+    def start(self) -> None:
+        settings = self.settings
+        self.dht = swarm_dht.start_dht(settings.initial_peers, host=settings.host, port=settings.dht_port)
+        node_id = self.dht.peer_id.to_base58()
+        start, end = self._choose_span()
+        logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
+        span = TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
+        throughput = measure_decode_throughput(span)
+        limits = ServiceLimits(max_session_length=settings.max_session_length)
+        self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits)
+        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port)
+        self.record = ServerRecord(
+            node_id=node_id,
+            address=f"{reachable_host(settings.host, settings.announce_host)}:{port}",
+            model_id=self.model.model_id,
+            start_block=start,
+            end_block=end,
+            throughput=throughput,
+            kv_free_bytes=self._kv_free_bytes(),
+        )
+        if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
+            logger.warning("the DHT did not accept the first announcement; retrying in the refresh loop")
+        threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
+
+    def _kv_free_bytes(self) -> int:
+        span = self.servicer.span
+        budget = self.settings.max_session_length * kv_bytes_per_token(span.config) * (span.end - span.start)
+        return max(0, budget - self.servicer.kv_cache_bytes)
+
+    def _refresh_announcement(self) -> None:
+        interval = self.settings.announce_ttl / 3
+        while not self._stopped.wait(interval):
+            self.record = ServerRecord(**{**self.record.to_dict(), "kv_free_bytes": self._kv_free_bytes()})
+            try:
+                swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)
+            except Exception:  # the DHT process may be going down with us; the next round retries
+                logger.exception("announcement refresh failed")
+
+    @property
+    def initial_peers(self) -> list[str]:
+        """Multiaddrs that other nodes and clients pass as --initial-peers to join through this node."""
+        return swarm_dht.visible_maddrs(self.dht)
+
+    def ready_line(self) -> str:
+        """A machine-readable line saying where this node is and what it serves."""
+        info = {
+            "node_id": self.record.node_id,
+            "address": self.record.address,
+            "model_id": self.record.model_id,
+            "blocks": [self.record.start_block, self.record.end_block],
+            "throughput": round(self.record.throughput, 2),
+            "initial_peers": self.initial_peers,
+        }
+        return READY_PREFIX + json.dumps(info)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Withdraws the announcement, lets open requests finish for up to `grace` seconds, and exits the DHT."""
+        self._stopped.set()
+        if self.dht is not None:
+            if self.record is not None:
+                try:
+                    swarm_dht.withdraw(self.dht, self.record)
+                except Exception:
+                    logger.exception("could not withdraw the announcement; it will expire by itself")
+        if self.server is not None:
+            self.server.stop(grace).wait()
+        if self.dht is not None:
+            self.dht.shutdown()

@@ -1,0 +1,131 @@
+"""Starting `swarm-node join` processes on this machine and stopping them: for demos, tests and benchmarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from node.daemon import READY_PREFIX
+
+
+class NodeStartError(RuntimeError):
+    """A node process exited, or did not report ready in time; the message carries its output."""
+
+
+@dataclass
+class NodeProcess:
+    """A running node process and what it reported when it became ready."""
+
+    process: subprocess.Popen
+    info: dict
+    output: list[str] = field(default_factory=list)
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.info["initial_peers"]
+
+    @property
+    def address(self) -> str:
+        return self.info["address"]
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return tuple(self.info["blocks"])
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        """Sends `sig` and waits for the process to exit (killing it after `timeout`); returns its exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def _pump(stream, lines: list[str], ready: threading.Event) -> None:
+    for line in stream:
+        lines.append(line.rstrip("\n"))
+        if line.startswith(READY_PREFIX):
+            ready.set()
+    ready.set()  # the process ended: wake the waiter
+
+
+def start_node(
+    args: Sequence[str],
+    initial_peers: Sequence[str] = (),
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+    log_file: Path | None = None,
+) -> NodeProcess:
+    """Runs `swarm-node join ARGS --initial-peers ...` and waits until it reports ready."""
+    command = [sys.executable, "-m", "node.cli", "join", "--host", "127.0.0.1", *args]
+    if initial_peers:
+        command += ["--initial-peers", *initial_peers]
+    stderr = open(log_file, "a") if log_file else subprocess.DEVNULL
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+    threading.Thread(target=_pump, args=(process.stdout, lines, ready), daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(timeout=0.2):
+        if time.monotonic() > deadline:
+            process.kill()
+            raise NodeStartError(f"node did not become ready within {timeout:.0f}s: {' '.join(command)}")
+    ready_lines = [line for line in lines if line.startswith(READY_PREFIX)]
+    if not ready_lines:
+        process.wait(timeout=10)
+        raise NodeStartError(f"node exited with code {process.returncode}: " + "\n".join(lines[-20:]))
+    return NodeProcess(process, json.loads(ready_lines[0][len(READY_PREFIX) :]), lines)
+
+
+class LocalSwarm:
+    """Several nodes on loopback, started one after another so each sees the previous ones' spans."""
+
+    def __init__(self, node_args: Sequence[Sequence[str]], timeout: float = 120.0, log_dir: Path | None = None):
+        self.node_args = [list(args) for args in node_args]
+        self.timeout = timeout
+        self.log_dir = log_dir
+        self.nodes: list[NodeProcess] = []
+
+    @property
+    def initial_peers(self) -> list[str]:
+        return self.nodes[0].initial_peers
+
+    def add_node(self, args: Sequence[str]) -> NodeProcess:
+        log_file = self.log_dir / f"node{len(self.nodes)}.log" if self.log_dir else None
+        peers = self.initial_peers if self.nodes else ()
+        node = start_node(args, peers, timeout=self.timeout, log_file=log_file)
+        self.nodes.append(node)
+        return node
+
+    def __enter__(self) -> LocalSwarm:
+        try:
+            for args in self.node_args:
+                self.add_node(args)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> list[int]:
+        """Stops every node (SIGTERM, so each withdraws its announcement); returns their exit codes."""
+        return [node.stop() for node in self.nodes]

@@ -1,0 +1,30 @@
+"""The whole model in one process, as transformers runs it: the baseline that swarm output must equal."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from node.model_files import ModelSource
+
+
+def load_reference_model(source: ModelSource) -> PreTrainedModel:
+    """A transformers causal LM with every block of `source`, loaded through the same readers nodes use."""
+    config = source.config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    head = source.head_weights()
+    state = {"model.embed_tokens.weight": head.embed_tokens, "model.norm.weight": head.norm}
+    if not config.tie_word_embeddings:
+        state["lm_head.weight"] = head.lm_head
+    for index in range(source.num_blocks):
+        state.update({f"model.layers.{index}.{key}": value for key, value in source.block_state(index).items()})
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    # non-persistent rotary buffers are not in the state dict: rebuild them off the meta device
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)
+    missing = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if missing:
+        raise ValueError(f"the model files lack weights for: {missing[:5]}")
+    return model.eval()

@@ -1,0 +1,169 @@
+"""The gRPC data plane of a node: stateless forwards, inference sessions with a KV cache, and node info."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import psutil
+
+from node.span import SpanCache, TransformerSpan
+from node.validation import InvalidRequest, StepInputs, decode_step_inputs
+from proto import dataplane_pb2 as pb
+from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
+
+logger = logging.getLogger(__name__)
+
+# gRPC refuses messages above this size with RESOURCE_EXHAUSTED before our code sees them.
+MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + 1024 * 1024
+
+
+@dataclass
+class ServiceLimits:
+    """Bounds a node puts on what one client may ask of it."""
+
+    max_session_length: int = 8192
+    max_concurrent_rpcs: int = 64
+
+
+class BlockServicer(pb_grpc.BlockServiceServicer):
+    """Serves one span of blocks. Forwards run one at a time; torch uses every core for each of them."""
+
+    def __init__(self, span: TransformerSpan, model_id: str, node_id: str, throughput: float, limits: ServiceLimits):
+        self.span, self.model_id, self.node_id = span, model_id, node_id
+        self.throughput = throughput
+        self.limits = limits
+        self._compute_lock = threading.Lock()
+        self._sessions: dict[str, SpanCache] = {}
+        self._sessions_lock = threading.Lock()
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _check_span(self, model_id: str, start: int, end: int) -> None:
+        if model_id != self.model_id:
+            raise InvalidRequest(f"this node serves model {self.model_id!r}, not {model_id!r}")
+        if not self.span.start <= start < end <= self.span.end:
+            raise InvalidRequest(
+                f"blocks {start}:{end} are not within this node's span {self.span.start}:{self.span.end}"
+            )
+
+    def _decode(self, hidden: pb.Tensor, positions: pb.Tensor, mask: pb.Tensor) -> StepInputs:
+        config = self.span.config
+        return decode_step_inputs(
+            hidden, positions, mask, hidden_size=config.hidden_size, max_position=self.limits.max_session_length
+        )
+
+    def _run(self, inputs: StepInputs, start: int, end: int, cache: SpanCache | None) -> pb.Tensor:
+        with self._compute_lock:
+            output = self.span(
+                inputs.hidden_states, inputs.position_ids, inputs.padding_mask, cache, start=start, end=end
+            )
+        return serialize_tensor(output.to(inputs.wire_dtype))
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        with self._sessions_lock:
+            return sum(cache.nbytes() for cache in self._sessions.values())
+
+    # --- RPCs ------------------------------------------------------------------------------------
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        try:
+            self._check_span(request.model_id, request.start_block, request.end_block)
+            inputs = self._decode(request.hidden_states, request.position_ids, request.attention_mask)
+        except InvalidRequest as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        output = self._run(inputs, request.start_block, request.end_block, cache=None)
+        return pb.ForwardResponse(hidden_states=output)
+
+    def InferenceSession(
+        self, request_iterator: Iterator[pb.SessionRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.SessionResponse]:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("open"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an `open` message")
+        opening = first.open
+        try:
+            self._check_span(opening.model_id, opening.start_block, opening.end_block)
+            if not 0 < opening.max_length <= self.limits.max_session_length:
+                raise InvalidRequest(f"max_length must be in [1, {self.limits.max_session_length}]")
+        except InvalidRequest as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        session_id = opening.session_id or f"anonymous-{id(context)}"
+        cache = SpanCache()
+        with self._sessions_lock:
+            if session_id in self._sessions:
+                context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} is already open here")
+            self._sessions[session_id] = cache
+        try:
+            yield from self._serve_session(request_iterator, context, opening, cache)
+        finally:
+            with self._sessions_lock:
+                self._sessions.pop(session_id, None)
+
+    def _serve_session(
+        self,
+        request_iterator: Iterator[pb.SessionRequest],
+        context: grpc.ServicerContext,
+        opening: pb.SessionOpen,
+        cache: SpanCache,
+    ) -> Iterator[pb.SessionResponse]:
+        for request in request_iterator:
+            if not request.HasField("step"):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
+            step = request.step
+            try:
+                inputs = self._decode(step.hidden_states, step.position_ids, step.attention_mask)
+                batch, length = inputs.hidden_states.shape[:2]
+                if cache.batch_size is not None and batch != cache.batch_size:
+                    raise InvalidRequest(f"session has batch size {cache.batch_size}, step has {batch}")
+                if cache.length + length > opening.max_length:
+                    raise InvalidRequest(
+                        f"step would grow the session to {cache.length + length} tokens, above its max_length "
+                        f"{opening.max_length}"
+                    )
+            except InvalidRequest as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            output = self._run(inputs, opening.start_block, opening.end_block, cache)
+            yield pb.SessionResponse(step_id=step.step_id, hidden_states=output, cache_length=cache.length)
+
+    def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
+        with self._sessions_lock:
+            active = len(self._sessions)
+        return pb.NodeInfoResponse(
+            node_id=self.node_id,
+            model_id=self.model_id,
+            start_block=self.span.start,
+            end_block=self.span.end,
+            num_parameters=self.span.num_parameters,
+            rss_bytes=psutil.Process().memory_info().rss,
+            active_sessions=active,
+            kv_cache_bytes=self.kv_cache_bytes,
+            throughput=self.throughput,
+        )
+
+
+def start_grpc_server(servicer: BlockServicer, host: str, port: int) -> tuple[grpc.Server, int]:
+    """Starts the data plane on host:port (port 0 picks a free one) and returns the server and its port."""
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=servicer.limits.max_concurrent_rpcs + 4),
+        options=options,
+        maximum_concurrent_rpcs=servicer.limits.max_concurrent_rpcs,
+    )
+    pb_grpc.add_BlockServiceServicer_to_server(servicer, server)
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound_port
+

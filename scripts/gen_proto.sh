@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Regenerates the Python code for every .proto file in proto/ (run from anywhere).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+"$PY" -m grpc_tools.protoc -I. --python_out=. --pyi_out=. --grpc_python_out=. proto/*.proto

@@ -1,0 +1,297 @@
+"""`SwarmClient`: generate text with a model whose blocks are spread over the swarm."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import grpc
+import torch
+
+from node.model_files import ModelSource, open_model
+from proto import dataplane_pb2 as pb
+from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.records import ServerRecord
+from protocol.tensors import deserialize_tensor, serialize_tensor
+from swarm import dht as swarm_dht
+from swarm.errors import SwarmConnectionError
+from swarm.head import ClientHead
+from swarm.routing import Hop, plan_route
+from swarm.sampling import next_tokens
+from swarm.session import InferenceSession, positions_for
+from swarm.transport import open_channel, remote_error
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's continuation: its text (None without a tokenizer), its token ids, and why it ended."""
+
+    text: str | None
+    token_ids: list[int]
+    finish_reason: str  # "eos", "stop" or "length"
+    route: list[Hop] = field(default_factory=list)
+
+
+@dataclass
+class TokenEvent:
+    """One streamed token and the text it added."""
+
+    token_id: int
+    text: str
+
+
+class SwarmClient:
+    """A client of the swarm. It holds the embeddings, final norm and LM head; nodes run the blocks.
+
+    >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])
+    >>> client.generate("The capital of France is", max_new_tokens=8).text
+    """
+
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        model: str = "default",
+        connect_timeout: float = 5.0,
+        step_timeout: float = 60.0,
+        max_route_attempts: int = 3,
+    ):
+        if not initial_peers:
+            raise SwarmConnectionError("no initial peers given: pass the multiaddr a node printed when it started")
+        self.model: ModelSource = open_model(model)
+        self.connect_timeout = connect_timeout
+        self.step_timeout = step_timeout
+        self.max_route_attempts = max_route_attempts
+        self.dht = swarm_dht.start_dht(initial_peers, client_mode=True)
+
+    @cached_property
+    def head(self) -> ClientHead:
+        return ClientHead(self.model.config, self.model.head_weights())
+
+    @cached_property
+    def tokenizer(self):
+        return self.model.tokenizer()
+
+    def close(self) -> None:
+        self.dht.shutdown()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    def servers(self) -> list[ServerRecord]:
+        """The online nodes announced for this model."""
+        return swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
+
+    def route(self, exclude: Sequence[str] = ()) -> list[Hop]:
+        """The fastest chain of nodes over all blocks, from the DHT's current records."""
+        return plan_route(self.servers(), self.model.num_blocks, exclude=exclude)
+
+    def inference_session(self, max_length: int = 2048, prefill_chunk: int = 256) -> InferenceSession:
+        """Opens a session through the swarm; nodes that do not answer are routed around."""
+        unreachable: list[str] = []
+        while True:
+            route = self.route(exclude=unreachable)
+            try:
+                return InferenceSession(self, route, max_length, prefill_chunk, self.step_timeout)
+            except SwarmConnectionError as error:
+                dead = next((hop.record.node_id for hop in route if hop.record.address in str(error)), None)
+                if dead is None or len(unreachable) + 1 >= self.max_route_attempts:
+                    raise
+                logger.warning("routing around an unreachable node: %s", error)
+                unreachable.append(dead)
+
+    # --- inputs ----------------------------------------------------------------------------------
+
+    def _encode(self, prompt) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Prompt(s) to left-padded [batch, length] ids and mask, and whether a batch was given."""
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass token ids instead of text")
+            texts = [prompt] if isinstance(prompt, str) else list(prompt)
+            encoded = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+            return encoded["input_ids"], encoded["attention_mask"].bool(), not isinstance(prompt, str)
+        if isinstance(prompt, torch.Tensor):
+            rows = [prompt.tolist()] if prompt.dim() == 1 else prompt.tolist()
+            is_batch = prompt.dim() == 2
+        elif isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, tuple)):
+            rows, is_batch = [list(row) for row in prompt], True
+        elif isinstance(prompt, list) and prompt and all(isinstance(token, int) for token in prompt):
+            rows, is_batch = [prompt], False
+        else:
+            raise ValueError("prompt must be a string, a list of strings, token ids, or a batch of token ids")
+        if any(len(row) == 0 for row in rows):
+            raise ValueError("a prompt is empty")
+        width = max(len(row) for row in rows)
+        pad = self._pad_token_id
+        ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows], dtype=torch.long)
+        mask = torch.tensor([[False] * (width - len(row)) + [True] * len(row) for row in rows])
+        return ids, mask, is_batch
+
+    @property
+    def _pad_token_id(self) -> int:
+        config = self.model.config
+        for candidate in (config.pad_token_id, self._eos_token_ids[0] if self._eos_token_ids else None, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    @cached_property
+    def _eos_token_ids(self) -> list[int]:
+        eos = self.model.config.eos_token_id
+        ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return sorted(set(ids))
+
+    def _decode(self, token_ids: list[int]) -> str | None:
+        return None if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> str:
+        """The prompt text for a chat, as the model's own template writes it."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # --- generation ------------------------------------------------------------------------------
+
+    def _generate_rows(
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        max_new_tokens: int,
+        do_sample: bool,
+        temperature: float,
+        top_p: float,
+        stop: Sequence[str],
+        seed: int | None,
+    ) -> Iterator[tuple[torch.Tensor, list[GenerationResult | None]]]:
+        """Yields each step's [batch] tokens and the rows that finished (a result) or not (None)."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        batch = input_ids.shape[0]
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        results: list[GenerationResult | None] = [None] * batch
+        with self.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
+            logits = session.step(input_ids, mask)
+            for step in range(max_new_tokens):
+                tokens = next_tokens(logits, do_sample, temperature, top_p, generator)
+                for row in range(batch):
+                    if results[row] is None:
+                        results[row] = self._row_progress(generated[row], int(tokens[row]), stop, session.route)
+                if step == max_new_tokens - 1 or all(result is not None for result in results):
+                    for row in range(batch):
+                        if results[row] is None:
+                            results[row] = GenerationResult(
+                                self._decode(generated[row]), generated[row], "length", session.route
+                            )
+                    yield tokens, results
+                    return
+                yield tokens, results
+                # finished rows keep decoding padding, as transformers does; their output is ignored
+                feed = torch.tensor(
+                    [self._pad_token_id if results[row] is not None else int(tokens[row]) for row in range(batch)]
+                )
+                logits = session.step(feed[:, None])
+
+    def _row_progress(self, generated: list[int], token: int, stop: Sequence[str], route: list[Hop]):
+        """Appends `token` to a row; returns the row's result if it has now finished, else None."""
+        if token in self._eos_token_ids:
+            return GenerationResult(self._decode(generated), list(generated), "eos", route)
+        generated.append(token)
+        if stop:
+            text = self._decode(generated) or ""
+            cut = min((text.find(marker) for marker in stop if marker in text), default=-1)
+            if cut >= 0:
+                return GenerationResult(text[:cut], list(generated), "stop", route)
+        return None
+
+    def generate(
+        self,
+        prompt,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> GenerationResult | list[GenerationResult]:
+        """Continues a prompt (text or token ids) or a batch of them; greedy unless `do_sample`.
+
+        Generation ends at an end-of-sequence token, at any of the `stop` strings (cut from the text),
+        or after `max_new_tokens`. A batch returns one result per prompt.
+        """
+        input_ids, mask, is_batch = self._encode(prompt)
+        results = None
+        for _, results in self._generate_rows(input_ids, mask, max_new_tokens, do_sample, temperature, top_p, stop, seed):
+            pass
+        return results if is_batch else results[0]
+
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = (),
+        seed: int | None = None,
+    ) -> Iterator[TokenEvent]:
+        """Like `generate` for one prompt, yielding each token as soon as the swarm produces it."""
+        input_ids, mask, is_batch = self._encode(prompt)
+        if is_batch:
+            raise ValueError("stream() takes one prompt; use generate() for a batch")
+        emitted_text, generated = "", []
+        for tokens, results in self._generate_rows(input_ids, mask, max_new_tokens, do_sample, temperature, top_p, stop, seed):
+            token = int(tokens[0])
+            finished = results[0]
+            if finished is not None and finished.finish_reason == "eos":
+                return
+            generated.append(token)
+            text = finished.text if finished is not None else self._decode(generated)
+            piece = (text or "")[len(emitted_text) :]
+            emitted_text = text or ""
+            yield TokenEvent(token_id=token, text=piece)
+            if finished is not None:
+                return
+
+    def chat(self, messages: list[dict], **generate_kwargs) -> GenerationResult:
+        """Answers a chat ([{"role": "user", "content": ...}, ...]) with the model's chat template."""
+        return self.generate(self.apply_chat_template(messages), **generate_kwargs)
+
+    # --- stateless forward -----------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, timeout: float = 120.0) -> torch.Tensor:
+        """Logits [batch, length, vocab] for whole sequences, through stateless Forward calls (no KV cache)."""
+        input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        positions = positions_for(mask, torch.zeros(input_ids.shape[0], dtype=torch.long))
+        hidden = self.head.embed(input_ids)
+        for hop in self.route():
+            channel = open_channel(hop.record.address, self.connect_timeout)
+            try:
+                request = pb.ForwardRequest(
+                    model_id=self.model.model_id,
+                    start_block=hop.start,
+                    end_block=hop.end,
+                    hidden_states=serialize_tensor(hidden),
+                    position_ids=serialize_tensor(positions),
+                    attention_mask=serialize_tensor(mask),
+                )
+                response = pb_grpc.BlockServiceStub(channel).Forward(request, timeout=timeout)
+            except grpc.RpcError as error:
+                raise remote_error(hop, error) from error
+            finally:
+                channel.close()
+            hidden = deserialize_tensor(response.hidden_states)
+        return self.head.logits(hidden)

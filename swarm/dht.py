@@ -1,0 +1,70 @@
+"""The hivemind DHT as the swarm's directory: joining it, announcing spans, and reading who serves what."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import hivemind
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils import get_dht_time
+
+from protocol.records import OFFLINE, ONLINE, ServerRecord, servers_key
+from swarm.errors import SwarmConnectionError
+
+logger = logging.getLogger(__name__)
+
+
+def start_dht(
+    initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False
+) -> hivemind.DHT:
+    """Starts a DHT peer (a child process of hivemind's) and joins it to `initial_peers`, if any."""
+    options = {} if client_mode else {"host_maddrs": [f"/ip4/{host}/tcp/{port}"]}
+    try:
+        return hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True, **options)
+    except P2PDaemonError as error:
+        reason = str(error).split(": ", 1)[-1]
+        raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: {reason}") from error
+
+
+def visible_maddrs(dht: hivemind.DHT) -> list[str]:
+    """The multiaddrs other peers can use as --initial-peers to reach this one."""
+    return [str(maddr) for maddr in dht.get_visible_maddrs()]
+
+
+def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float) -> bool:
+    """Stores `record` under its model's key for `ttl` seconds; returns whether the DHT accepted it."""
+    return bool(
+        dht.store(
+            servers_key(record.model_id),
+            subkey=record.node_id,
+            value=record.to_dict(),
+            expiration_time=get_dht_time() + ttl,
+        )
+    )
+
+
+def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool:
+    """Replaces `record` with an offline one, so readers stop routing to it before it would expire."""
+    offline = ServerRecord(**{**record.to_dict(), "state": OFFLINE})
+    return announce(dht, offline, ttl)
+
+
+def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[ServerRecord]:
+    """The online, unexpired, well-formed records for `model_id`; malformed ones are logged and skipped."""
+    found = dht.get(servers_key(model_id), latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return []
+    records = []
+    for subkey, entry in found.value.items():
+        try:
+            record = ServerRecord.from_dict(getattr(entry, "value", None), num_blocks)
+        except ValueError as error:
+            logger.warning("ignoring record %r for %s: %s", subkey, model_id, error)
+            continue
+        if record.model_id != model_id or record.node_id != subkey:
+            logger.warning("ignoring record %r: it names another model or node", subkey)
+            continue
+        if record.state == ONLINE:
+            records.append(record)
+    return sorted(records, key=lambda record: (record.start_block, record.node_id))

@@ -1,0 +1,109 @@
+"""gRPC plumbing on the client side: channels to nodes and a stream per hop with per-step deadlines."""
+
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+import torch
+
+from node.service import MAX_MESSAGE_BYTES
+from proto import dataplane_pb2 as pb
+from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.tensors import TensorDecodeError, deserialize_tensor, serialize_tensor
+from swarm.errors import RemoteError, SwarmConnectionError
+from swarm.routing import Hop
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+_END = object()
+
+
+def open_channel(address: str, connect_timeout: float) -> grpc.Channel:
+    """A channel to `address` that is known to answer, or SwarmConnectionError within `connect_timeout`."""
+    channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=connect_timeout)
+    except grpc.FutureTimeoutError as error:
+        channel.close()
+        raise SwarmConnectionError(f"node at {address} did not answer within {connect_timeout:.1f}s") from error
+    return channel
+
+
+def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
+    """Turns a gRPC failure into a client error naming the node, its blocks, the status and the reason."""
+    where = f"node {hop.record.node_id} at {hop.record.address} (blocks {hop.start}:{hop.end})"
+    code = error.code() if hasattr(error, "code") else None
+    details = error.details() if hasattr(error, "details") else str(error)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return SwarmConnectionError(f"{where} is unreachable: {code.name}: {details}")
+    return RemoteError(f"{where} refused the request: {code.name if code else 'error'}: {details}")
+
+
+def step_message(step_id: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> pb.SessionStep:
+    return pb.SessionStep(
+        step_id=step_id,
+        hidden_states=serialize_tensor(hidden),
+        position_ids=serialize_tensor(positions),
+        attention_mask=serialize_tensor(mask),
+    )
+
+
+class SpanStream:
+    """One hop of an inference session: a bidirectional stream whose server keeps this hop's KV cache.
+
+    Responses are read by a background thread into a queue, so that each step can wait with a deadline
+    instead of blocking forever on a node that stopped answering.
+    """
+
+    def __init__(self, hop: Hop, session_id: str, model_id: str, max_length: int, connect_timeout: float):
+        self.hop = hop
+        self._channel = open_channel(hop.record.address, connect_timeout)
+        self._requests: queue.Queue = queue.Queue()
+        self._responses: queue.Queue = queue.Queue()
+        opening = pb.SessionOpen(
+            session_id=session_id, model_id=model_id, start_block=hop.start, end_block=hop.end, max_length=max_length
+        )
+        self._requests.put(pb.SessionRequest(open=opening))
+        stub = pb_grpc.BlockServiceStub(self._channel)
+        self._call = stub.InferenceSession(iter(self._requests.get, _END))
+        self._reader = threading.Thread(target=self._read_responses, daemon=True, name=f"hop-{hop.start}")
+        self._reader.start()
+        self._next_step_id = 0
+
+    def _read_responses(self) -> None:
+        try:
+            for response in self._call:
+                self._responses.put(response)
+            self._responses.put(_END)
+        except grpc.RpcError as error:
+            self._responses.put(error)
+
+    def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, timeout: float) -> torch.Tensor:
+        """Sends one step and returns this hop's output hidden states."""
+        step_id = self._next_step_id
+        self._next_step_id += 1
+        self._requests.put(pb.SessionRequest(step=step_message(step_id, hidden, positions, mask)))
+        try:
+            response = self._responses.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            where = f"node {self.hop.record.node_id} at {self.hop.record.address}"
+            raise SwarmConnectionError(f"{where} gave no answer to step {step_id} within {timeout:.1f}s") from None
+        if isinstance(response, grpc.RpcError):
+            raise remote_error(self.hop, response)
+        if response is _END or response.step_id != step_id:
+            raise RemoteError(f"node {self.hop.record.node_id} ended the session or answered out of order")
+        try:
+            return deserialize_tensor(response.hidden_states)
+        except TensorDecodeError as error:
+            raise RemoteError(f"node {self.hop.record.node_id} sent a malformed tensor: {error}") from error
+
+    def close(self) -> None:
+        """Ends the stream (the server frees the session's cache) and the channel."""
+        self._requests.put(_END)
+        self._call.cancel()
+        self._channel.close()

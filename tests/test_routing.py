@@ -1,0 +1,85 @@
+import pytest
+
+from partition.span_selection import block_throughputs, choose_least_covered_span
+from protocol.records import OFFLINE, ServerRecord
+from swarm.errors import NoRouteError
+from swarm.routing import coverage_gaps, plan_route
+
+
+def record(node: str, start: int, end: int, throughput: float = 100.0, state: str = "online") -> ServerRecord:
+    return ServerRecord(node, f"127.0.0.1:{1000 + start}", "m", start, end, throughput, 0, state)
+
+
+def spans(route):
+    return [(hop.record.node_id, hop.start, hop.end) for hop in route]
+
+
+def test_route_chains_contiguous_spans_in_order():
+    records = [record("c", 20, 30), record("a", 0, 10), record("b", 10, 20)]
+    assert spans(plan_route(records, 30)) == [("a", 0, 10), ("b", 10, 20), ("c", 20, 30)]
+
+
+def test_route_prefers_one_fast_node_over_several_hops():
+    records = [record("a", 0, 15), record("b", 15, 30), record("whole", 0, 30, throughput=100.0)]
+    assert spans(plan_route(records, 30)) == [("whole", 0, 30)]
+
+
+def test_route_uses_part_of_an_overlapping_span():
+    records = [record("a", 0, 20), record("b", 10, 30, throughput=1000.0)]
+    # b is ten times faster, so the route leaves a's blocks 10:20 to b
+    assert spans(plan_route(records, 30)) == [("a", 0, 10), ("b", 10, 30)]
+
+
+def test_route_skips_excluded_nodes():
+    records = [record("a", 0, 30), record("b", 0, 15), record("c", 15, 30)]
+    assert spans(plan_route(records, 30, exclude={"a"})) == [("b", 0, 15), ("c", 15, 30)]
+
+
+def test_missing_blocks_are_named_in_the_error():
+    records = [record("a", 0, 10), record("c", 20, 30)]
+    assert coverage_gaps(records, 30) == [(10, 20)]
+    with pytest.raises(NoRouteError, match="blocks served by none: 10:20"):
+        plan_route(records, 30)
+
+
+def test_empty_swarm_has_no_route():
+    with pytest.raises(NoRouteError, match="0 usable nodes"):
+        plan_route([], 30)
+
+
+def test_new_node_fills_the_first_gap():
+    assert choose_least_covered_span([], 30, 10) == (0, 10)
+    assert choose_least_covered_span([record("a", 0, 10)], 30, 10) == (10, 20)
+    assert choose_least_covered_span([record("a", 0, 10), record("b", 10, 20)], 30, 10) == (20, 30)
+
+
+def test_new_node_reinforces_the_weakest_coverage():
+    records = [record("a", 0, 30, throughput=50.0), record("b", 0, 15, throughput=200.0)]
+    assert choose_least_covered_span(records, 30, 15) == (15, 30)
+
+
+def test_offline_records_do_not_count_as_coverage():
+    records = [record("a", 0, 10, state=OFFLINE), record("b", 10, 30)]
+    assert block_throughputs(records, 30)[:10] == [0.0] * 10
+    assert choose_least_covered_span(records, 30, 10) == (0, 10)
+
+
+@pytest.mark.parametrize(
+    "value, reason",
+    [
+        ("not a dict", "not a dict"),
+        ({"node_id": "a"}, "malformed"),
+        ({**record("a", 0, 10).to_dict(), "end_block": 31}, "outside a model"),
+        ({**record("a", 5, 5).to_dict()}, "outside a model"),
+        ({**record("a", 0, 10).to_dict(), "throughput": -1.0}, "not positive"),
+        ({**record("a", 0, 10).to_dict(), "state": "zombie"}, "unknown state"),
+    ],
+)
+def test_malformed_records_are_rejected_with_a_reason(value, reason):
+    with pytest.raises(ValueError, match=reason):
+        ServerRecord.from_dict(value, num_blocks=30)
+
+
+def test_record_round_trips_through_a_dict():
+    original = record("a", 3, 9)
+    assert ServerRecord.from_dict(original.to_dict(), num_blocks=30) == original
