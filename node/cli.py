@@ -63,11 +63,13 @@ def run_join(args: argparse.Namespace) -> int:
         announce_ttl=args.announce_ttl,
         max_session_length=args.max_session_length,
     )
+    node = SwarmNode(settings)
+    node.start()
+    # Handlers go in only now: the DHT runs in a child process forked during start(), and a child that
+    # inherited them would ignore the SIGTERM its parent sends when shutting it down.
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    node = SwarmNode(settings)
-    node.start()
     try:
         record = node.record
         print(f"serving blocks {record.start_block}:{record.end_block} of {record.model_id} at {record.address}")

@@ -81,10 +81,12 @@ class SwarmNode:
         node_id = self.dht.peer_id.to_base58()
         start, end = self._choose_span()
         logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
+        rss_before = psutil.Process().memory_info().rss
         span = TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
+        load_rss_growth = psutil.Process().memory_info().rss - rss_before
         throughput = measure_decode_throughput(span)
         limits = ServiceLimits(max_session_length=settings.max_session_length)
-        self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits)
+        self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
         self.server, port = start_grpc_server(self.servicer, settings.host, settings.port)
         self.record = ServerRecord(
             node_id=node_id,
@@ -108,10 +110,7 @@ class SwarmNode:
         interval = self.settings.announce_ttl / 3
         while not self._stopped.wait(interval):
             self.record = ServerRecord(**{**self.record.to_dict(), "kv_free_bytes": self._kv_free_bytes()})
-            try:
-                swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)
-            except Exception:  # the DHT process may be going down with us; the next round retries
-                logger.exception("announcement refresh failed")
+            swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)  # a failure is retried next round
 
     @property
     def initial_peers(self) -> list[str]:
@@ -133,12 +132,9 @@ class SwarmNode:
     def stop(self, grace: float = 5.0) -> None:
         """Withdraws the announcement, lets open requests finish for up to `grace` seconds, and exits the DHT."""
         self._stopped.set()
-        if self.dht is not None:
-            if self.record is not None:
-                try:
-                    swarm_dht.withdraw(self.dht, self.record)
-                except Exception:
-                    logger.exception("could not withdraw the announcement; it will expire by itself")
+        if self.dht is not None and self.record is not None:
+            if not swarm_dht.withdraw(self.dht, self.record):
+                logger.warning("could not withdraw the announcement; it expires within %.0fs", self.settings.announce_ttl)
         if self.server is not None:
             self.server.stop(grace).wait()
         if self.dht is not None:

@@ -78,6 +78,7 @@ def start_node(
         stderr=stderr,
         text=True,
         env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches only the launcher
     )
     lines: list[str] = []
     ready = threading.Event()

@@ -34,9 +34,18 @@ class ServiceLimits:
 class BlockServicer(pb_grpc.BlockServiceServicer):
     """Serves one span of blocks. Forwards run one at a time; torch uses every core for each of them."""
 
-    def __init__(self, span: TransformerSpan, model_id: str, node_id: str, throughput: float, limits: ServiceLimits):
+    def __init__(
+        self,
+        span: TransformerSpan,
+        model_id: str,
+        node_id: str,
+        throughput: float,
+        limits: ServiceLimits,
+        load_rss_growth: int = 0,
+    ):
         self.span, self.model_id, self.node_id = span, model_id, node_id
         self.throughput = throughput
+        self.load_rss_growth = load_rss_growth
         self.limits = limits
         self._compute_lock = threading.Lock()
         self._sessions: dict[str, SpanCache] = {}
@@ -145,6 +154,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             active_sessions=active,
             kv_cache_bytes=self.kv_cache_bytes,
             throughput=self.throughput,
+            load_rss_growth_bytes=self.load_rss_growth,
         )
 
 

@@ -87,7 +87,7 @@ class NodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfoResponse(_message.Message):
-    __slots__ = ("node_id", "model_id", "start_block", "end_block", "num_parameters", "rss_bytes", "active_sessions", "kv_cache_bytes", "throughput")
+    __slots__ = ("node_id", "model_id", "start_block", "end_block", "num_parameters", "rss_bytes", "active_sessions", "kv_cache_bytes", "throughput", "load_rss_growth_bytes")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -97,6 +97,7 @@ class NodeInfoResponse(_message.Message):
     ACTIVE_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     THROUGHPUT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_RSS_GROWTH_BYTES_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_id: str
     start_block: int
@@ -106,4 +107,5 @@ class NodeInfoResponse(_message.Message):
     active_sessions: int
     kv_cache_bytes: int
     throughput: float
-    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ...) -> None: ...
+    load_rss_growth_bytes: int
+    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., load_rss_growth_bytes: _Optional[int] = ...) -> None: ...

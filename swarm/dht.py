@@ -32,22 +32,30 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [str(maddr) for maddr in dht.get_visible_maddrs()]
 
 
-def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float) -> bool:
-    """Stores `record` under its model's key for `ttl` seconds; returns whether the DHT accepted it."""
-    return bool(
-        dht.store(
-            servers_key(record.model_id),
-            subkey=record.node_id,
-            value=record.to_dict(),
-            expiration_time=get_dht_time() + ttl,
-        )
+def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float, timeout: float = 10.0) -> bool:
+    """Stores `record` under its model's key for `ttl` seconds; returns whether the DHT accepted it in time."""
+    if not dht.is_alive():
+        logger.warning("cannot announce %s: the DHT process has exited", record.node_id)
+        return False
+    future = dht.store(
+        servers_key(record.model_id),
+        subkey=record.node_id,
+        value=record.to_dict(),
+        expiration_time=get_dht_time() + ttl,
+        return_future=True,
     )
+    try:
+        return bool(future.result(timeout=timeout))
+    except Exception as error:  # a timeout, or a DHT process that is already gone
+        future.cancel()
+        logger.warning("announcement of %s failed: %r", record.node_id, error)
+        return False
 
 
 def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool:
     """Replaces `record` with an offline one, so readers stop routing to it before it would expire."""
     offline = ServerRecord(**{**record.to_dict(), "state": OFFLINE})
-    return announce(dht, offline, ttl)
+    return announce(dht, offline, ttl, timeout=5.0)
 
 
 def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[ServerRecord]:

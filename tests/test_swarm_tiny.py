@@ -1,0 +1,103 @@
+"""A swarm of a tiny random Llama saved as sharded safetensors: equality, joining, leaving and dead peers."""
+
+import os
+import signal
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from node.launcher import LocalSwarm, start_node
+from swarm.client import SwarmClient
+from swarm.errors import SwarmConnectionError
+from tests.swarm_helpers import until_eos
+
+pytestmark = pytest.mark.slow
+EOS = {2}
+
+
+@pytest.fixture(scope="module")
+def tiny_swarm(tiny_llama_dir):
+    model = ["--model", str(tiny_llama_dir)]
+    with LocalSwarm([[*model, "--blocks", span] for span in ("0:2", "2:4", "4:6")]) as local_swarm:
+        yield local_swarm
+
+
+@pytest.fixture(scope="module")
+def tiny_client(tiny_swarm, tiny_llama_dir):
+    with SwarmClient(tiny_swarm.initial_peers, model=str(tiny_llama_dir)) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+def test_greedy_tokens_equal_transformers(tiny_client, tiny_reference):
+    import torch
+
+    prompt = torch.tensor([[5, 77, 300, 12, 9, 401]])
+    expected = tiny_reference.generate(prompt, max_new_tokens=16, do_sample=False)[0, prompt.shape[1] :]
+    result = tiny_client.generate(prompt[0].tolist(), max_new_tokens=16)
+    assert result.token_ids == until_eos(expected, EOS)
+    assert result.text is None  # the tiny model has no tokenizer
+    assert len(result.route) == 3
+
+
+def test_left_padded_batch_of_ids_equals_transformers(tiny_client, tiny_reference):
+    import torch
+
+    rows = [[5, 77, 300, 12, 9, 401, 33], [250, 8]]
+    ids = torch.tensor([rows[0], [0] * 5 + rows[1]])
+    mask = torch.tensor([[1] * 7, [0] * 5 + [1] * 2])
+    expected = tiny_reference.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, 7:]
+    results = tiny_client.generate(rows, max_new_tokens=12)
+    assert [result.token_ids for result in results] == [until_eos(row, EOS) for row in expected]
+
+
+def test_graceful_leave_withdraws_the_announcement(tiny_swarm, tiny_client, tiny_llama_dir):
+    extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
+    assert any(record.address == extra.address for record in tiny_client.servers())
+    assert [hop.record.address for hop in tiny_client.route()] == [extra.address]  # one hop beats three
+    assert extra.stop(signal.SIGTERM) == 0
+    deadline = time.monotonic() + 10
+    while any(record.address == extra.address for record in tiny_client.servers()):
+        assert time.monotonic() < deadline, "the stopped node is still announced"
+        time.sleep(0.5)
+
+
+def test_a_node_that_stopped_answering_is_routed_around(tiny_swarm, tiny_client, tiny_llama_dir):
+    extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
+    os.killpg(extra.process.pid, signal.SIGKILL)  # the device dies: no withdrawal, its record stays until it expires
+    extra.process.wait(timeout=10)
+    assert any(record.address == extra.address for record in tiny_client.servers())
+    began = time.monotonic()
+    result = tiny_client.generate([5, 77, 300], max_new_tokens=4)
+    assert extra.address not in [hop.record.address for hop in result.route]
+    assert time.monotonic() - began < 15
+
+
+def test_signalling_the_whole_process_group_stops_every_process(tiny_swarm, tiny_llama_dir):
+    # as `timeout` or a terminal does: the DHT child and p2pd get the signal too, and nothing may hang
+    extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
+    os.killpg(extra.process.pid, signal.SIGTERM)
+    assert extra.process.wait(timeout=30) == 0
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            os.killpg(extra.process.pid, 0)
+        except ProcessLookupError:
+            break  # no process of the group is left
+        assert time.monotonic() < deadline, "a child of the node outlived it"
+        time.sleep(0.5)
+
+
+def test_client_with_a_dead_initial_peer_gets_a_clear_error(tiny_llama_dir):
+    dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCNNaFmPVdm3z1HQ5GfUo7QN21nXsHSr9nqna6cdsi1hq"
+    began = time.monotonic()
+    with pytest.raises(SwarmConnectionError, match="cannot join the swarm through"):
+        SwarmClient([dead], model=str(tiny_llama_dir))
+    assert time.monotonic() - began < 30
+    with pytest.raises(SwarmConnectionError, match="no initial peers"):
+        SwarmClient([], model=str(tiny_llama_dir))
