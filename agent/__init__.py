@@ -1,0 +1,1 @@
+"""The distributed agent runtime: agent runs as graphs of steps placed on swarm nodes (not built yet)."""
