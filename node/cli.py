@@ -42,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     span = join.add_mutually_exclusive_group()
     span.add_argument("--blocks", type=parse_span, default=None, metavar="START:END", help="serve exactly these blocks")
     span.add_argument("--num-blocks", type=int, default=None, metavar="N", help="serve N blocks where coverage is thinnest")
-    join.add_argument("--announce-ttl", type=float, default=30.0, help="seconds an announcement lives; refreshed every third of it")
+    join.add_argument("--announce-ttl", type=float, default=15.0, help="seconds an announcement lives; refreshed every third of it")
     join.add_argument("--max-session-length", type=int, default=8192, help="longest session (tokens) this node accepts")
+    join.add_argument("--redundancy", type=int, default=2, help="how many nodes should serve every block (rebalancing aims for it)")
+    join.add_argument("--rebalance-period", type=float, default=60.0, help="seconds between checks whether moving helps the swarm (0: never; nodes with --blocks never move)")
+    join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
     return parser
 
@@ -62,6 +65,9 @@ def run_join(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks,
         announce_ttl=args.announce_ttl,
         max_session_length=args.max_session_length,
+        redundancy=args.redundancy,
+        rebalance_period=args.rebalance_period,
+        drain_timeout=args.drain_timeout,
     )
     node = SwarmNode(settings)
     node.start()
@@ -76,7 +82,7 @@ def run_join(args: argparse.Namespace) -> int:
         print("to join this swarm, run:  swarm-node join --initial-peers " + node.initial_peers[0])
         print(node.ready_line(), flush=True)
         stop.wait()
-        print("stopping: withdrawing the announcement", flush=True)
+        print(f"stopping: withdrawing the announcement, draining {node.servicer.active_sessions} sessions", flush=True)
     finally:
         node.stop()
     return 0

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 
 import grpc
 import psutil
@@ -14,6 +16,7 @@ from node.model_files import ModelSource, open_model
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
 from node.span import TransformerSpan
 from partition.profiling import blocks_that_fit, kv_bytes_per_token, measure_decode_throughput
+from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
 from protocol.records import ServerRecord
 from swarm import dht as swarm_dht
@@ -35,8 +38,11 @@ class NodeSettings:
     initial_peers: list[str] = field(default_factory=list)
     blocks: tuple[int, int] | None = None
     num_blocks: int | None = None
-    announce_ttl: float = 30.0
+    announce_ttl: float = 15.0
     max_session_length: int = 8192
+    redundancy: int = 2
+    rebalance_period: float = 60.0
+    drain_timeout: float = 30.0
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -80,9 +86,8 @@ class SwarmNode:
         self.dht = swarm_dht.start_dht(settings.initial_peers, host=settings.host, port=settings.dht_port)
         node_id = self.dht.peer_id.to_base58()
         start, end = self._choose_span()
-        logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
         rss_before = psutil.Process().memory_info().rss
-        span = TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
+        span = self._load_span(start, end)
         load_rss_growth = psutil.Process().memory_info().rss - rss_before
         throughput = measure_decode_throughput(span)
         limits = ServiceLimits(max_session_length=settings.max_session_length)
@@ -100,6 +105,33 @@ class SwarmNode:
         if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
             logger.warning("the DHT did not accept the first announcement; retrying in the refresh loop")
         threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
+        if settings.blocks is None and settings.rebalance_period > 0:
+            threading.Thread(target=self._rebalance, name="rebalance", daemon=True).start()
+
+    def _load_span(self, start: int, end: int) -> TransformerSpan:
+        logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
+        return TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
+
+    def _rebalance(self) -> None:
+        """Every period (with jitter, so that nodes do not all move at once), moves if the swarm gains."""
+        settings = self.settings
+        while not self._stopped.wait(settings.rebalance_period * random.uniform(0.7, 1.3)):
+            records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
+            target = choose_move(records, self.record, self.model.num_blocks, settings.redundancy)
+            if target is not None and not self._stopped.is_set():
+                self.move_to(*target)
+
+    def move_to(self, start: int, end: int) -> None:
+        """Loads blocks [start, end) and serves them to new sessions; sessions in flight finish on the old ones."""
+        began = time.monotonic()
+        old = (self.record.start_block, self.record.end_block)
+        span = self._load_span(start, end)
+        throughput = measure_decode_throughput(span)
+        self.servicer.replace_span(span, throughput)
+        self.record = replace(self.record, start_block=start, end_block=end, throughput=throughput)
+        swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)
+        logger.info("moved from blocks %d:%d to %d:%d in %.1fs", *old, start, end, time.monotonic() - began)
+        print(f"moved from blocks {old[0]}:{old[1]} to {start}:{end}", flush=True)
 
     def _kv_free_bytes(self) -> int:
         span = self.servicer.span
@@ -109,7 +141,7 @@ class SwarmNode:
     def _refresh_announcement(self) -> None:
         interval = self.settings.announce_ttl / 3
         while not self._stopped.wait(interval):
-            self.record = ServerRecord(**{**self.record.to_dict(), "kv_free_bytes": self._kv_free_bytes()})
+            self.record = replace(self.record, kv_free_bytes=self._kv_free_bytes())
             swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)  # a failure is retried next round
 
     @property
@@ -130,11 +162,18 @@ class SwarmNode:
         return READY_PREFIX + json.dumps(info)
 
     def stop(self, grace: float = 5.0) -> None:
-        """Withdraws the announcement, lets open requests finish for up to `grace` seconds, and exits the DHT."""
+        """Leaves gracefully: refuses new requests, withdraws the announcement, lets open sessions finish
+        (for up to `drain_timeout` seconds; clients of sessions cut after that fail over), then exits the DHT."""
         self._stopped.set()
+        if self.servicer is not None:
+            self.servicer.stop_accepting()
         if self.dht is not None and self.record is not None:
             if not swarm_dht.withdraw(self.dht, self.record):
                 logger.warning("could not withdraw the announcement; it expires within %.0fs", self.settings.announce_ttl)
+        if self.servicer is not None:
+            deadline = time.monotonic() + self.settings.drain_timeout
+            while self.servicer.active_sessions and time.monotonic() < deadline:
+                time.sleep(0.1)
         if self.server is not None:
             self.server.stop(grace).wait()
         if self.dht is not None:

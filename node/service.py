@@ -38,7 +38,12 @@ class ServiceLimits:
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
-    """Serves one span of blocks. Forwards run one at a time; torch uses every core for each of them."""
+    """Serves one span of blocks. Forwards run one at a time; torch uses every core for each of them.
+
+    Each request keeps the span it started with, so `replace_span` (a rebalancing move) never breaks
+    a session in flight: old sessions finish on the old blocks while new ones get the new blocks.
+    After `stop_accepting` (a node leaving), new requests are refused as UNAVAILABLE.
+    """
 
     def __init__(
         self,
@@ -57,30 +62,36 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._max_threads = torch.get_num_threads()
         self._sessions: dict[str, SpanCache] = {}
         self._sessions_lock = threading.Lock()
+        self.accepting = True
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _check_span(self, model_id: str, start: int, end: int) -> None:
+    def _admit(self, context: grpc.ServicerContext, model_id: str, start: int, end: int) -> TransformerSpan:
+        """The span a new request will use, after checking that it may be served here."""
+        span = self.span
+        if not self.accepting:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "this node is leaving the swarm and takes no new requests")
         if model_id != self.model_id:
-            raise InvalidRequest(f"this node serves model {self.model_id!r}, not {model_id!r}")
-        if not self.span.start <= start < end <= self.span.end:
-            raise InvalidRequest(
-                f"blocks {start}:{end} are not within this node's span {self.span.start}:{self.span.end}"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this node serves model {self.model_id!r}, not {model_id!r}")
+        if not span.start <= start < end <= span.end:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"blocks {start}:{end} are not within this node's span {span.start}:{span.end}",
             )
+        return span
 
-    def _decode(self, hidden: pb.Tensor, positions: pb.Tensor, mask: pb.Tensor) -> StepInputs:
-        config = self.span.config
+    def _decode(self, span: TransformerSpan, hidden: pb.Tensor, positions: pb.Tensor, mask: pb.Tensor) -> StepInputs:
         return decode_step_inputs(
-            hidden, positions, mask, hidden_size=config.hidden_size, max_position=self.limits.max_session_length
+            hidden, positions, mask, hidden_size=span.config.hidden_size, max_position=self.limits.max_session_length
         )
 
-    def _run(self, inputs: StepInputs, start: int, end: int, cache: SpanCache | None) -> pb.Tensor:
+    def _run(
+        self, span: TransformerSpan, inputs: StepInputs, start: int, end: int, cache: SpanCache | None
+    ) -> pb.Tensor:
         tokens = inputs.hidden_states.shape[0] * inputs.hidden_states.shape[1]
         with self._compute_lock:
             torch.set_num_threads(1 if tokens <= SMALL_STEP_TOKENS else self._max_threads)
-            output = self.span(
-                inputs.hidden_states, inputs.position_ids, inputs.padding_mask, cache, start=start, end=end
-            )
+            output = span(inputs.hidden_states, inputs.position_ids, inputs.padding_mask, cache, start=start, end=end)
         return serialize_tensor(output.to(inputs.wire_dtype))
 
     @property
@@ -88,15 +99,27 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         with self._sessions_lock:
             return sum(cache.nbytes() for cache in self._sessions.values())
 
+    @property
+    def active_sessions(self) -> int:
+        with self._sessions_lock:
+            return len(self._sessions)
+
+    def replace_span(self, span: TransformerSpan, throughput: float) -> None:
+        """Serves `span` to new requests from now on; requests in flight keep the span they started with."""
+        self.span, self.throughput = span, throughput
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+
     # --- RPCs ------------------------------------------------------------------------------------
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
+        span = self._admit(context, request.model_id, request.start_block, request.end_block)
         try:
-            self._check_span(request.model_id, request.start_block, request.end_block)
-            inputs = self._decode(request.hidden_states, request.position_ids, request.attention_mask)
+            inputs = self._decode(span, request.hidden_states, request.position_ids, request.attention_mask)
         except InvalidRequest as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        output = self._run(inputs, request.start_block, request.end_block, cache=None)
+        output = self._run(span, inputs, request.start_block, request.end_block, cache=None)
         return pb.ForwardResponse(hidden_states=output)
 
     def InferenceSession(
@@ -106,20 +129,18 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         if first is None or not first.HasField("open"):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a session must start with an `open` message")
         opening = first.open
-        try:
-            self._check_span(opening.model_id, opening.start_block, opening.end_block)
-            if not 0 < opening.max_length <= self.limits.max_session_length:
-                raise InvalidRequest(f"max_length must be in [1, {self.limits.max_session_length}]")
-        except InvalidRequest as error:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        session_id = opening.session_id or f"anonymous-{id(context)}"
+        span = self._admit(context, opening.model_id, opening.start_block, opening.end_block)
+        if not 0 < opening.max_length <= self.limits.max_session_length:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in [1, {self.limits.max_session_length}]")
+        # one client session may pass through this node twice (e.g. after a move), once per span
+        session_id = f"{opening.session_id or id(context)}:{opening.start_block}:{opening.end_block}"
         cache = SpanCache()
         with self._sessions_lock:
             if session_id in self._sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} is already open here")
             self._sessions[session_id] = cache
         try:
-            yield from self._serve_session(request_iterator, context, opening, cache)
+            yield from self._serve_session(request_iterator, context, opening, span, cache)
         finally:
             with self._sessions_lock:
                 self._sessions.pop(session_id, None)
@@ -129,6 +150,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         request_iterator: Iterator[pb.SessionRequest],
         context: grpc.ServicerContext,
         opening: pb.SessionOpen,
+        span: TransformerSpan,
         cache: SpanCache,
     ) -> Iterator[pb.SessionResponse]:
         for request in request_iterator:
@@ -136,7 +158,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
             step = request.step
             try:
-                inputs = self._decode(step.hidden_states, step.position_ids, step.attention_mask)
+                inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask)
                 batch, length = inputs.hidden_states.shape[:2]
                 if cache.batch_size is not None and batch != cache.batch_size:
                     raise InvalidRequest(f"session has batch size {cache.batch_size}, step has {batch}")
@@ -147,12 +169,10 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                     )
             except InvalidRequest as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            output = self._run(inputs, opening.start_block, opening.end_block, cache)
+            output = self._run(span, inputs, opening.start_block, opening.end_block, cache)
             yield pb.SessionResponse(step_id=step.step_id, hidden_states=output, cache_length=cache.length)
 
     def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
-        with self._sessions_lock:
-            active = len(self._sessions)
         return pb.NodeInfoResponse(
             node_id=self.node_id,
             model_id=self.model_id,
@@ -160,7 +180,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             end_block=self.span.end,
             num_parameters=self.span.num_parameters,
             rss_bytes=psutil.Process().memory_info().rss,
-            active_sessions=active,
+            active_sessions=self.active_sessions,
             kv_cache_bytes=self.kv_cache_bytes,
             throughput=self.throughput,
             load_rss_growth_bytes=self.load_rss_growth,

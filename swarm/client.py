@@ -16,7 +16,7 @@ from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.records import ServerRecord
 from protocol.tensors import deserialize_tensor, serialize_tensor
 from swarm import dht as swarm_dht
-from swarm.errors import SwarmConnectionError
+from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
 from swarm.routing import Hop, plan_route
 from swarm.sampling import next_tokens
@@ -47,6 +47,11 @@ class TokenEvent:
 class SwarmClient:
     """A client of the swarm. It holds the embeddings, final norm and LM head; nodes run the blocks.
 
+    A node that dies or stalls mid-generation is replaced without losing a token: a step that takes
+    longer than `min_step_deadline` seconds, or several times the node's measured step time, counts
+    as a stall when another node could take over; otherwise the client waits up to `step_timeout`.
+    When no node serves a failed hop's blocks, it waits up to `replacement_wait` seconds for one.
+
     >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])
     >>> client.generate("The capital of France is", max_new_tokens=8).text
     """
@@ -55,8 +60,10 @@ class SwarmClient:
         self,
         initial_peers: Sequence[str],
         model: str = "default",
-        connect_timeout: float = 5.0,
+        connect_timeout: float = 3.0,
         step_timeout: float = 60.0,
+        min_step_deadline: float = 0.5,
+        replacement_wait: float = 30.0,
         max_route_attempts: int = 3,
     ):
         if not initial_peers:
@@ -64,6 +71,8 @@ class SwarmClient:
         self.model: ModelSource = open_model(model)
         self.connect_timeout = connect_timeout
         self.step_timeout = step_timeout
+        self.min_step_deadline = min_step_deadline
+        self.replacement_wait = replacement_wait
         self.max_route_attempts = max_route_attempts
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True)
 
@@ -100,8 +109,10 @@ class SwarmClient:
         while True:
             route = self.route(exclude=unreachable)
             try:
-                return InferenceSession(self, route, max_length, prefill_chunk, self.step_timeout)
-            except SwarmConnectionError as error:
+                return InferenceSession(
+                    self, route, max_length, prefill_chunk, self.step_timeout, self.min_step_deadline, self.replacement_wait
+                )
+            except NodeUnavailableError as error:
                 dead = next((hop.record.node_id for hop in route if hop.record.address in str(error)), None)
                 if dead is None or len(unreachable) + 1 >= self.max_route_attempts:
                     raise

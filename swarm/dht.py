@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import replace
 
 import hivemind
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
@@ -54,7 +55,7 @@ def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float, timeout: float
 
 def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool:
     """Replaces `record` with an offline one, so readers stop routing to it before it would expire."""
-    offline = ServerRecord(**{**record.to_dict(), "state": OFFLINE})
+    offline = replace(record, state=OFFLINE)
     return announce(dht, offline, ttl, timeout=5.0)
 
 

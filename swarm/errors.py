@@ -6,7 +6,11 @@ class SwarmError(RuntimeError):
 
 
 class SwarmConnectionError(SwarmError):
-    """The DHT could not be joined, or a node did not answer."""
+    """The DHT could not be joined, or a node could not be reached."""
+
+
+class NodeUnavailableError(SwarmConnectionError):
+    """A node is unreachable, stalled, leaving, busy or crashed: another node may well succeed."""
 
 
 class NoRouteError(SwarmError):
@@ -14,4 +18,4 @@ class NoRouteError(SwarmError):
 
 
 class RemoteError(SwarmError):
-    """A node refused or failed a request; the message carries its status and reason."""
+    """A node refused a request as invalid; sending it elsewhere would fail the same way."""

@@ -47,41 +47,44 @@ def plan_route(
     num_blocks: int,
     *,
     start_block: int = 0,
+    end_block: int | None = None,
     hop_cost: float = DEFAULT_HOP_COST,
     exclude: Collection[str] = (),
 ) -> list[Hop]:
-    """The fastest chain over blocks [start_block, num_blocks): Dijkstra over block boundaries.
+    """The fastest chain over blocks [start_block, end_block) (default: to the last block): Dijkstra over
+    block boundaries.
 
     An edge runs blocks [a, b) on one node serving them, costing `hop_cost` plus (b - a) / throughput.
     Nodes whose id is in `exclude` are not used.
     """
+    target = num_blocks if end_block is None else end_block
     usable = [record for record in records if record.node_id not in exclude]
     best = {start_block: 0.0}
     came_from: dict[int, Hop] = {}
     frontier = [(0.0, start_block)]
     while frontier:
         cost, block = heapq.heappop(frontier)
-        if block == num_blocks:
+        if block == target:
             break
         if cost > best.get(block, float("inf")):
             continue
         for record in usable:
             if not record.start_block <= block < record.end_block:
                 continue
-            for end in range(block + 1, record.end_block + 1):
+            for end in range(block + 1, min(record.end_block, target) + 1):
                 new_cost = cost + hop_cost + (end - block) / record.throughput
                 if new_cost < best.get(end, float("inf")):
                     best[end] = new_cost
                     came_from[end] = Hop(record, block, end)
                     heapq.heappush(frontier, (new_cost, end))
-    if num_blocks not in best:
+    if target not in best:
         gaps = coverage_gaps(usable, num_blocks)
-        described = ", ".join(f"{a}:{b}" for a, b in gaps if b > start_block) or "none"
+        described = ", ".join(f"{a}:{b}" for a, b in gaps if b > start_block and a < target) or "none"
         raise NoRouteError(
-            f"no chain of online nodes covers blocks {start_block}:{num_blocks} "
+            f"no chain of online nodes covers blocks {start_block}:{target} "
             f"({len(usable)} usable nodes; blocks served by none: {described})"
         )
-    route, block = [], num_blocks
+    route, block = [], target
     while block != start_block:
         hop = came_from[block]
         route.append(hop)

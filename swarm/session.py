@@ -1,13 +1,30 @@
-"""A client inference session: the chain of hops that holds one conversation's KV caches."""
+"""A client inference session: the chain of hops that holds one conversation's KV caches, and its failover.
+
+Every input a hop was sent is kept. When a node dies (a stream error) or stalls (no answer within a
+deadline derived from its measured speed), the session finds other nodes for that hop's blocks (one or
+several), replays the kept inputs there to rebuild the KV cache, and goes on from the step that failed.
+No token is lost or repeated, and greedy output stays that of a run without the failure.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 
-from swarm.routing import Hop
-from swarm.transport import SpanStream
+from swarm.errors import NoRouteError, NodeUnavailableError
+from swarm.routing import Hop, plan_route
+from swarm.transport import SpanStream, StepTimeout
+
+logger = logging.getLogger(__name__)
+
+# Steps of at most this many tokens are decode steps, timed apart from prefill chunks.
+_DECODE_TOKENS = 8
+# A step may take this many times its expected duration before the node counts as stalled.
+_DEADLINE_FACTOR = 4.0
 
 
 def positions_for(padding_mask: torch.Tensor, tokens_before: torch.Tensor) -> torch.Tensor:
@@ -18,6 +35,58 @@ def positions_for(padding_mask: torch.Tensor, tokens_before: torch.Tensor) -> to
     """
     counts = tokens_before[:, None] + padding_mask.long().cumsum(dim=1)
     return torch.where(padding_mask, counts - 1, torch.zeros_like(counts))
+
+
+@dataclass
+class SentStep:
+    """One step's inputs to a hop, kept so they can be replayed on a replacement node."""
+
+    hidden: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class FailoverEvent:
+    """What happened when a hop was replaced."""
+
+    failed_node: str
+    reason: str
+    replacement: list[Hop]
+    replayed_tokens: int
+    seconds: float  # from the failure being noticed to the step's output being ready again
+
+
+class _HopState:
+    """A hop in use: its stream, every input it was sent, and how fast it has been."""
+
+    def __init__(self, stream: SpanStream):
+        self.stream = stream
+        self.sent: list[SentStep] = []
+        self._decode_seconds: float | None = None
+        self._prefill_seconds_per_token: float | None = None
+
+    @property
+    def hop(self) -> Hop:
+        return self.stream.hop
+
+    def deadline(self, tokens: int, floor: float) -> float:
+        """How long a step of `tokens` tokens may take before this node counts as stalled."""
+        if tokens <= _DECODE_TOKENS and self._decode_seconds is not None:
+            expected = self._decode_seconds
+        elif tokens > _DECODE_TOKENS and self._prefill_seconds_per_token is not None:
+            expected = self._prefill_seconds_per_token * tokens
+        else:  # nothing measured yet: trust the node's announced decode speed
+            expected = tokens * (self.hop.end - self.hop.start) / self.hop.record.throughput
+        return max(floor, _DEADLINE_FACTOR * expected)
+
+    def observe(self, seconds: float, tokens: int) -> None:
+        if tokens <= _DECODE_TOKENS:
+            previous = self._decode_seconds
+            self._decode_seconds = seconds if previous is None else 0.8 * previous + 0.2 * seconds
+        else:
+            per_token, previous = seconds / tokens, self._prefill_seconds_per_token
+            self._prefill_seconds_per_token = per_token if previous is None else 0.8 * previous + 0.2 * per_token
 
 
 class InferenceSession:
@@ -34,21 +103,26 @@ class InferenceSession:
         max_length: int,
         prefill_chunk: int = 256,
         step_timeout: float = 60.0,
+        min_step_deadline: float = 0.5,
+        replacement_wait: float = 30.0,
+        max_failover_attempts: int = 3,
     ):
         self.client = client
-        self.route = route
         self.max_length = max_length
         self.prefill_chunk = prefill_chunk
         self.step_timeout = step_timeout
+        self.min_step_deadline = min_step_deadline
+        self.replacement_wait = replacement_wait
+        self.max_failover_attempts = max_failover_attempts
         self.session_id = uuid.uuid4().hex
         self.length = 0  # positions appended so far (padding included)
+        self.failovers: list[FailoverEvent] = []
         self._tokens_seen: torch.Tensor | None = None  # [batch] real tokens so far
-        self._streams: list[SpanStream] = []
+        self._excluded: set[str] = set()
+        self._hops: list[_HopState] = []
         try:
             for hop in route:
-                self._streams.append(
-                    SpanStream(hop, self.session_id, client.model.model_id, max_length, client.connect_timeout)
-                )
+                self._hops.append(_HopState(self._open_stream(hop)))
         except Exception:
             self.close()
             raise
@@ -59,10 +133,18 @@ class InferenceSession:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    @property
+    def route(self) -> list[Hop]:
+        """The hops this session runs through now (it changes when a node is replaced)."""
+        return [state.hop for state in self._hops]
+
     def close(self) -> None:
-        for stream in self._streams:
-            stream.close()
-        self._streams = []
+        for state in self._hops:
+            state.stream.close()
+        self._hops = []
+
+    def _open_stream(self, hop: Hop) -> SpanStream:
+        return SpanStream(hop, self.session_id, self.client.model.model_id, self.max_length, self.client.connect_timeout)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feeds [batch, length] token ids (0 in attention_mask marks left padding); returns [batch, vocab] logits."""
@@ -88,10 +170,93 @@ class InferenceSession:
             self.length += chunk_ids.shape[1]
         return self.client.head.logits(hidden[:, -1])
 
+    # --- running the chain, and replacing hops that fail -------------------------------------------
+
     def _run_hops(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        for stream in self._streams:
-            hidden = stream.step(hidden, positions, mask, self.step_timeout)
+        index = 0
+        while index < len(self._hops):
+            step = SentStep(hidden, positions, mask)
+            try:
+                hidden = self._step_hop(self._hops[index], step)
+                index += 1
+            except NodeUnavailableError as error:
+                replacements, hidden = self._fail_over(index, step, error)
+                self._hops[index : index + 1] = replacements
+                index += len(replacements)
         return hidden
 
-    def describe_route(self) -> str:
-        return " -> ".join(hop.describe() for hop in self.route)
+    def _step_hop(self, state: _HopState, step: SentStep) -> torch.Tensor:
+        tokens = step.hidden.shape[0] * step.hidden.shape[1]
+        began = time.monotonic()
+        state.stream.send(step.hidden, step.positions, step.mask)
+        try:
+            output = state.stream.receive(state.deadline(tokens, self.min_step_deadline))
+        except StepTimeout:
+            if self._replacement_route(state.hop, extra_exclude=state.hop.record.node_id) is not None:
+                raise
+            # nobody else could take over: a slow node is better than none
+            output = state.stream.receive(self.step_timeout)
+        state.observe(time.monotonic() - began, tokens)
+        state.sent.append(step)
+        return output
+
+    def _replacement_route(self, hop: Hop, extra_exclude: str | None = None) -> list[Hop] | None:
+        exclude = self._excluded | ({extra_exclude} if extra_exclude else set())
+        try:
+            return plan_route(
+                self.client.servers(), self.client.model.num_blocks, start_block=hop.start, end_block=hop.end, exclude=exclude
+            )
+        except NoRouteError:
+            return None
+
+    def _fail_over(self, index: int, current: SentStep, error: NodeUnavailableError) -> tuple[list[_HopState], torch.Tensor]:
+        """Replaces hop `index` after `error`; returns the new hops and their output for `current`."""
+        began = time.monotonic()
+        failed = self._hops[index]
+        failed.stream.close()
+        history = [*failed.sent, current]
+        replay = SentStep(*(torch.cat([getattr(step, name) for step in history], dim=1) for name in ("hidden", "positions", "mask")))
+        blamed, reason = failed.hop.record.node_id, str(error)
+        for _ in range(self.max_failover_attempts):
+            self._excluded.add(blamed)
+            logger.warning("replacing blocks %d:%d after: %s", failed.hop.start, failed.hop.end, reason)
+            route = self._wait_for_replacement(failed.hop)
+            if route is None:
+                raise NoRouteError(
+                    f"blocks {failed.hop.start}:{failed.hop.end} lost their node ({reason}) and no other node "
+                    f"served them within {self.replacement_wait:.0f}s"
+                ) from error
+            replacements: list[_HopState] = []
+            try:
+                output = replay.hidden
+                for hop in route:
+                    blamed = hop.record.node_id
+                    replacements.append(_HopState(self._open_stream(hop)))
+                    output = self._replay(replacements[-1], SentStep(output, replay.positions, replay.mask))
+            except NodeUnavailableError as replacement_error:
+                for state in replacements:
+                    state.stream.close()
+                reason = str(replacement_error)
+                continue
+            self.failovers.append(
+                FailoverEvent(failed.hop.record.node_id, str(error), route, replay.hidden.shape[1], time.monotonic() - began)
+            )
+            return replacements, output[:, -current.hidden.shape[1] :]
+        raise NodeUnavailableError(f"blocks {failed.hop.start}:{failed.hop.end} could not be replaced: {reason}") from error
+
+    def _wait_for_replacement(self, hop: Hop) -> list[Hop] | None:
+        """A route for `hop`'s blocks, waiting up to `replacement_wait` for a node to take them (a joining or
+        rebalancing node may be on its way)."""
+        deadline = time.monotonic() + self.replacement_wait
+        while (route := self._replacement_route(hop)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return route
+
+    def _replay(self, state: _HopState, inputs: SentStep) -> torch.Tensor:
+        """Sends a hop everything its predecessor had been sent, in prefill-sized chunks; returns all outputs."""
+        outputs = []
+        for begin in range(0, inputs.hidden.shape[1], self.prefill_chunk):
+            chunk = SentStep(*(tensor[:, begin : begin + self.prefill_chunk] for tensor in (inputs.hidden, inputs.positions, inputs.mask)))
+            outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.step_timeout))
+            state.sent.append(chunk)
+        return torch.cat(outputs, dim=1)

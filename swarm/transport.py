@@ -12,7 +12,7 @@ from node.service import MAX_MESSAGE_BYTES
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.tensors import TensorDecodeError, deserialize_tensor, serialize_tensor
-from swarm.errors import RemoteError, SwarmConnectionError
+from swarm.errors import NodeUnavailableError, RemoteError
 from swarm.routing import Hop
 
 _CHANNEL_OPTIONS = [
@@ -22,14 +22,27 @@ _CHANNEL_OPTIONS = [
 _END = object()
 
 
+# Statuses that say the request itself is wrong: any other node would refuse it too.
+_CALLER_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
+
+
 def open_channel(address: str, connect_timeout: float) -> grpc.Channel:
-    """A channel to `address` that is known to answer, or SwarmConnectionError within `connect_timeout`."""
+    """A channel to `address` that is known to answer, or NodeUnavailableError within `connect_timeout`."""
     channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as error:
         channel.close()
-        raise SwarmConnectionError(f"node at {address} did not answer within {connect_timeout:.1f}s") from error
+        raise NodeUnavailableError(f"node at {address} did not answer within {connect_timeout:.1f}s") from error
     return channel
 
 
@@ -38,9 +51,10 @@ def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
     where = f"node {hop.record.node_id} at {hop.record.address} (blocks {hop.start}:{hop.end})"
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return SwarmConnectionError(f"{where} is unreachable: {code.name}: {details}")
-    return RemoteError(f"{where} refused the request: {code.name if code else 'error'}: {details}")
+    name = code.name if code is not None else "error"
+    if code in _CALLER_ERRORS:
+        return RemoteError(f"{where} refused the request: {name}: {details}")
+    return NodeUnavailableError(f"{where} failed: {name}: {details}")
 
 
 def step_message(step_id: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> pb.SessionStep:
@@ -50,6 +64,10 @@ def step_message(step_id: int, hidden: torch.Tensor, positions: torch.Tensor, ma
         position_ids=serialize_tensor(positions),
         attention_mask=serialize_tensor(mask),
     )
+
+
+class StepTimeout(NodeUnavailableError):
+    """A node has not answered a step within its deadline; it may still answer later."""
 
 
 class SpanStream:
@@ -83,20 +101,27 @@ class SpanStream:
             self._responses.put(error)
 
     def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, timeout: float) -> torch.Tensor:
-        """Sends one step and returns this hop's output hidden states."""
-        step_id = self._next_step_id
+        """Sends one step and returns this hop's output hidden states (see `send` and `receive`)."""
+        self.send(hidden, positions, mask)
+        return self.receive(timeout)
+
+    def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
+        """Queues one step for the node."""
+        self._requests.put(pb.SessionRequest(step=step_message(self._next_step_id, hidden, positions, mask)))
         self._next_step_id += 1
-        self._requests.put(pb.SessionRequest(step=step_message(step_id, hidden, positions, mask)))
+
+    def receive(self, timeout: float) -> torch.Tensor:
+        """The output of the oldest unanswered step; StepTimeout if it takes longer than `timeout` seconds."""
+        step_id = self._next_step_id - 1
         try:
             response = self._responses.get(timeout=timeout)
         except queue.Empty:
-            self.close()
             where = f"node {self.hop.record.node_id} at {self.hop.record.address}"
-            raise SwarmConnectionError(f"{where} gave no answer to step {step_id} within {timeout:.1f}s") from None
+            raise StepTimeout(f"{where} gave no answer to step {step_id} within {timeout:.2f}s") from None
         if isinstance(response, grpc.RpcError):
             raise remote_error(self.hop, response)
         if response is _END or response.step_id != step_id:
-            raise RemoteError(f"node {self.hop.record.node_id} ended the session or answered out of order")
+            raise NodeUnavailableError(f"node {self.hop.record.node_id} ended the session or answered out of order")
         try:
             return deserialize_tensor(response.hidden_states)
         except TensorDecodeError as error:

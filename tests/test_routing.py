@@ -35,6 +35,11 @@ def test_route_skips_excluded_nodes():
     assert spans(plan_route(records, 30, exclude={"a"})) == [("b", 0, 15), ("c", 15, 30)]
 
 
+def test_route_over_a_sub_range_replaces_one_lost_hop():
+    records = [record("a", 0, 10), record("b", 10, 20), record("c", 20, 30), record("d", 10, 15), record("e", 15, 30)]
+    assert spans(plan_route(records, 30, start_block=10, end_block=20, exclude={"b"})) == [("d", 10, 15), ("e", 15, 20)]
+
+
 def test_missing_blocks_are_named_in_the_error():
     records = [record("a", 0, 10), record("c", 20, 30)]
     assert coverage_gaps(records, 30) == [(10, 20)]
@@ -83,3 +88,29 @@ def test_malformed_records_are_rejected_with_a_reason(value, reason):
 def test_record_round_trips_through_a_dict():
     original = record("a", 3, 9)
     assert ServerRecord.from_dict(original.to_dict(), num_blocks=30) == original
+
+
+def test_node_moves_into_a_gap_left_by_a_crash():
+    from partition.rebalancing import choose_move
+
+    me = record("me", 0, 10)
+    records = [record("a", 0, 10), record("b", 10, 20), me]  # blocks 20:30 lost their only node
+    assert choose_move(records, me, 30) == (20, 30)
+
+
+def test_node_stays_when_moving_gains_too_little():
+    from partition.rebalancing import choose_move
+
+    me = record("me", 0, 10, throughput=100.0)
+    records = [record("a", 0, 10, throughput=100.0), record("b", 10, 20, throughput=110.0), record("c", 20, 30, throughput=105.0), me]
+    # without this node, blocks 0:10 would be the thinnest: its own span is already the best place
+    assert choose_move(records, me, 30) is None
+
+
+def test_node_moves_to_reach_the_redundancy_target():
+    from partition.rebalancing import choose_move
+
+    me = record("me", 0, 10)
+    records = [record("a", 0, 10), record("x", 0, 10), record("b", 10, 20), record("y", 10, 20), record("c", 20, 30), me]
+    assert choose_move(records, me, 30, redundancy=2) == (20, 30)
+    assert choose_move(records, me, 30, redundancy=1, min_gain=10.0) is None

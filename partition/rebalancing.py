@@ -1,0 +1,42 @@
+"""Whether a node should move to other blocks: Petals-style, judged on the whole swarm's coverage.
+
+A swarm is scored by (a) the fewest nodes serving any block, counted up to the redundancy target,
+then (b) its bottleneck throughput: the lowest total throughput of any block. A node moves only if
+taking the least-covered window instead of its current span raises (a), or raises (b) by `min_gain`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from partition.span_selection import block_throughputs, choose_least_covered_span
+from protocol.records import ONLINE, ServerRecord
+
+
+def swarm_score(records: Sequence[ServerRecord], num_blocks: int, redundancy: int) -> tuple[int, float]:
+    """(fewest servers of any block, capped at `redundancy`; lowest total throughput of any block)."""
+    counts = [0] * num_blocks
+    for record in records:
+        if record.state == ONLINE:
+            for block in range(record.start_block, record.end_block):
+                counts[block] += 1
+    return min(min(counts), redundancy), min(block_throughputs(records, num_blocks))
+
+
+def choose_move(
+    records: Sequence[ServerRecord], me: ServerRecord, num_blocks: int, redundancy: int = 2, min_gain: float = 1.2
+) -> tuple[int, int] | None:
+    """The span `me` should move to, or None if staying is as good (within `min_gain`)."""
+    others = [record for record in records if record.node_id != me.node_id]
+    target = choose_least_covered_span(others, num_blocks, me.num_blocks)
+    if target == (me.start_block, me.end_block):
+        return None
+    moved = replace(me, start_block=target[0], end_block=target[1])
+    now_count, now_bottleneck = swarm_score([*others, me], num_blocks, redundancy)
+    new_count, new_bottleneck = swarm_score([*others, moved], num_blocks, redundancy)
+    if new_count > now_count:
+        return target
+    if new_count == now_count and new_bottleneck > now_bottleneck * min_gain:
+        return target
+    return None

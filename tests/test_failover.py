@@ -1,0 +1,145 @@
+"""Nodes that die, stall, leave, join or move in the middle of a session: no token lost or altered."""
+
+import os
+import signal
+import time
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from node.launcher import LocalSwarm, start_node
+from swarm.client import SwarmClient
+from swarm.routing import Hop
+from swarm.session import InferenceSession
+from tests.swarm_helpers import greedy_tokens, reference_greedy_tokens
+
+pytestmark = pytest.mark.slow
+PROMPT = [5, 77, 300, 12, 9, 401]
+TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def base_swarm(tiny_llama_dir):
+    with LocalSwarm([["--model", str(tiny_llama_dir), "--blocks", span] for span in ("0:2", "2:4", "4:6")]) as swarm:
+        yield swarm
+
+
+@pytest.fixture(scope="module")
+def client(base_swarm, tiny_llama_dir):
+    with SwarmClient(base_swarm.initial_peers, model=str(tiny_llama_dir), replacement_wait=20) as swarm_client:
+        yield swarm_client
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    return reference_greedy_tokens(model, PROMPT, TOKENS)
+
+
+def session_through(client, nodes_by_span: dict[tuple[int, int], str]) -> InferenceSession:
+    """A session whose route uses the node at the given address for each span."""
+    records = {record.address: record for record in client.servers()}
+    route = [Hop(records[address], start, end) for (start, end), address in sorted(nodes_by_span.items())]
+    return InferenceSession(client, route, max_length=64, replacement_wait=client.replacement_wait)
+
+
+def start_victim(base_swarm, tiny_llama_dir, *extra_args):
+    return start_node(["--model", str(tiny_llama_dir), "--blocks", "2:4", *extra_args], base_swarm.initial_peers)
+
+
+def route_with(base_swarm, middle_address: str) -> dict:
+    return {(0, 2): base_swarm.nodes[0].address, (2, 4): middle_address, (4, 6): base_swarm.nodes[2].address}
+
+
+def test_a_killed_middle_node_is_replaced_without_losing_a_token(base_swarm, client, expected, tiny_llama_dir):
+    victim = start_victim(base_swarm, tiny_llama_dir)
+    with session_through(client, route_with(base_swarm, victim.address)) as session:
+        kill = lambda i: i == 4 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
+        assert greedy_tokens(session, PROMPT, TOKENS, after_token=kill) == expected
+        [event] = session.failovers
+        assert event.failed_node == victim.info["node_id"]
+        assert [hop.record.address for hop in event.replacement] == [base_swarm.nodes[1].address]
+        assert event.replayed_tokens == len(PROMPT) + 5
+        assert session.route[1].record.address == base_swarm.nodes[1].address
+
+
+def test_a_stalled_node_is_detected_and_the_session_rerouted(base_swarm, client, expected, tiny_llama_dir):
+    victim = start_victim(base_swarm, tiny_llama_dir)
+    stalled_at = {}
+
+    def stall(index):
+        if index == 4:
+            victim.process.send_signal(signal.SIGSTOP)
+            stalled_at["time"] = time.monotonic()
+
+    try:
+        with session_through(client, route_with(base_swarm, victim.address)) as session:
+            assert greedy_tokens(session, PROMPT, TOKENS, after_token=stall) == expected
+            [event] = session.failovers
+            assert event.failed_node == victim.info["node_id"] and "no answer" in event.reason
+            assert event.seconds < 5
+    finally:
+        victim.process.send_signal(signal.SIGCONT)
+        victim.stop()
+
+
+def test_a_graceful_leave_drains_the_session_first(base_swarm, client, expected, tiny_llama_dir):
+    victim = start_victim(base_swarm, tiny_llama_dir)
+    with session_through(client, route_with(base_swarm, victim.address)) as session:
+        leave = lambda i: i == 4 and victim.process.send_signal(signal.SIGTERM)  # noqa: E731
+        assert greedy_tokens(session, PROMPT, TOKENS, after_token=leave) == expected
+        assert session.failovers == []  # the leaving node kept serving its open session
+        assert victim.process.poll() is None
+        # while draining it is withdrawn, and takes no new sessions
+        assert victim.address not in [record.address for record in client.servers()]
+    assert victim.process.wait(timeout=20) == 0  # once the session closed, it left
+
+
+def test_a_leave_that_outlasts_its_drain_timeout_fails_over(base_swarm, client, expected, tiny_llama_dir):
+    victim = start_victim(base_swarm, tiny_llama_dir, "--drain-timeout", "1")
+
+    def leave(index):
+        if index == 4:
+            victim.process.send_signal(signal.SIGTERM)
+            victim.process.wait(timeout=20)
+
+    with session_through(client, route_with(base_swarm, victim.address)) as session:
+        assert greedy_tokens(session, PROMPT, TOKENS, after_token=leave) == expected
+        assert [event.failed_node for event in session.failovers] == [victim.info["node_id"]]
+
+
+def test_a_node_joining_mid_session_raises_coverage_and_breaks_nothing(base_swarm, client, expected, tiny_llama_dir):
+    joined = []
+    before = len(client.servers())
+
+    def join(index):
+        if index == 4:
+            joined.append(start_node(["--model", str(tiny_llama_dir), "--num-blocks", "2"], base_swarm.initial_peers))
+
+    try:
+        with client.inference_session(max_length=64) as session:
+            assert greedy_tokens(session, PROMPT, TOKENS, after_token=join) == expected
+            assert session.failovers == []
+        assert len(client.servers()) == before + 1
+    finally:
+        for node in joined:
+            node.stop()
+
+
+def test_a_gap_left_by_a_crash_is_filled_by_a_rebalancing_node(tiny_llama_dir, expected):
+    model = ["--model", str(tiny_llama_dir)]
+    pinned = [[*model, "--blocks", span, "--announce-ttl", "3"] for span in ("0:2", "2:4", "4:6")]
+    with LocalSwarm(pinned) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), replacement_wait=30) as client:
+        mover = swarm.add_node([*model, "--num-blocks", "2", "--rebalance-period", "1"])
+        by_span = {node.blocks: node.address for node in swarm.nodes[:3]}
+        by_span[mover.blocks] = mover.address  # the session uses the mover for the blocks it took first
+        victim = next(node for node in swarm.nodes[:3] if node.blocks != mover.blocks)
+        with session_through(client, by_span) as session:
+            crash = lambda i: i == 4 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
+            assert greedy_tokens(session, PROMPT, TOKENS, after_token=crash) == expected
+            [event] = session.failovers
+            # the only node that could take the lost blocks is the mover, after moving to them; its old
+            # blocks kept serving this same session meanwhile
+            assert [hop.record.address for hop in event.replacement] == [mover.address]
+            assert [hop.record.address for hop in session.route].count(mover.address) == 2
+        assert any(line.startswith(f"moved from blocks {mover.blocks[0]}:{mover.blocks[1]} to {victim.blocks[0]}:{victim.blocks[1]}") for line in mover.output)
