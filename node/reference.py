@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.cache_utils import DynamicCache
 
 from node.model_files import ModelSource
 
@@ -28,3 +29,15 @@ def load_reference_model(source: ModelSource) -> PreTrainedModel:
     if missing:
         raise ValueError(f"the model files lack weights for: {missing[:5]}")
     return model.eval()
+
+
+def reference_greedy_tokens(model: PreTrainedModel, prompt: list[int], count: int) -> list[int]:
+    """`count` greedy tokens from a whole model with its own KV cache, one step at a time (no EOS stop)."""
+    cache, tokens = DynamicCache(), []
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(count):
+            logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits
+            tokens.append(int(logits[0, -1].argmax()))
+            ids = torch.tensor([[tokens[-1]]])
+    return tokens

@@ -289,7 +289,7 @@ class _PipelineSearch:
         return [i for i in self.by_speed if mask >> i & 1]
 
     def _min_total_compute(self, mask: int, caps: Sequence[int]) -> dict[int, int] | None:
-        """Blocks per member minimising total compute (one each, then fastest first up to caps), or None if impossible."""
+        """Blocks per member minimising total compute (one each, then fastest first up to caps); None if impossible."""
         members = self._members(mask)
         if any(caps[i] < 1 for i in members) or len(members) > self.num_blocks:
             return None
@@ -373,7 +373,7 @@ def _blocks_within(seconds: float, decode_seconds_per_block: float, cap: int) ->
 
 
 def _candidates(profiles: Sequence[NodeProfile], num_blocks: int, limit: int) -> list[NodeProfile]:
-    """All nodes if at most `limit`; else the `limit` fastest, swapping in larger ones while they cannot hold the model."""
+    """All nodes if at most `limit`, else the `limit` fastest, larger ones swapped in until they can hold the model."""
     ranked = sorted(profiles, key=lambda p: (p.decode_seconds_per_block, p.node_id))
     chosen = ranked[:limit]
     spare = sorted(ranked[limit:], key=lambda p: p.max_blocks)

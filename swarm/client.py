@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -65,6 +66,7 @@ class SwarmClient:
         min_step_deadline: float = 0.5,
         replacement_wait: float = 30.0,
         max_route_attempts: int = 3,
+        ban_seconds: float = 60.0,
     ):
         if not initial_peers:
             raise SwarmConnectionError("no initial peers given: pass the multiaddr a node printed when it started")
@@ -74,6 +76,8 @@ class SwarmClient:
         self.min_step_deadline = min_step_deadline
         self.replacement_wait = replacement_wait
         self.max_route_attempts = max_route_attempts
+        self.ban_seconds = ban_seconds
+        self._banned_until: dict[str, float] = {}  # node id -> monotonic time
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True)
 
     @cached_property
@@ -99,25 +103,35 @@ class SwarmClient:
         """The online nodes announced for this model."""
         return swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
 
-    def route(self, exclude: Sequence[str] = ()) -> list[Hop]:
-        """The fastest chain of nodes over all blocks, from the DHT's current records."""
-        return plan_route(self.servers(), self.model.num_blocks, exclude=exclude)
+    def ban(self, node_id: str) -> None:
+        """Stops routing to a node that failed, for `ban_seconds` (longer than a dead node's record lives)."""
+        self._banned_until[node_id] = time.monotonic() + self.ban_seconds
+
+    def usable_servers(self) -> list[ServerRecord]:
+        """The announced nodes minus those banned after failing."""
+        now = time.monotonic()
+        return [record for record in self.servers() if self._banned_until.get(record.node_id, 0.0) <= now]
+
+    def route(self) -> list[Hop]:
+        """The fastest chain of usable nodes over all blocks, from the DHT's current records."""
+        return plan_route(self.usable_servers(), self.model.num_blocks)
 
     def inference_session(self, max_length: int = 2048, prefill_chunk: int = 256) -> InferenceSession:
-        """Opens a session through the swarm; nodes that do not answer are routed around."""
-        unreachable: list[str] = []
+        """Opens a session through the swarm; nodes that do not answer are banned and routed around."""
+        attempt = 1
         while True:
-            route = self.route(exclude=unreachable)
+            route = self.route()
             try:
                 return InferenceSession(
                     self, route, max_length, prefill_chunk, self.step_timeout, self.min_step_deadline, self.replacement_wait
                 )
             except NodeUnavailableError as error:
                 dead = next((hop.record.node_id for hop in route if hop.record.address in str(error)), None)
-                if dead is None or len(unreachable) + 1 >= self.max_route_attempts:
+                if dead is None or attempt >= self.max_route_attempts:
                     raise
                 logger.warning("routing around an unreachable node: %s", error)
-                unreachable.append(dead)
+                self.ban(dead)
+                attempt += 1
 
     # --- inputs ----------------------------------------------------------------------------------
 

@@ -118,7 +118,6 @@ class InferenceSession:
         self.length = 0  # positions appended so far (padding included)
         self.failovers: list[FailoverEvent] = []
         self._tokens_seen: torch.Tensor | None = None  # [batch] real tokens so far
-        self._excluded: set[str] = set()
         self._hops: list[_HopState] = []
         try:
             for hop in route:
@@ -201,10 +200,14 @@ class InferenceSession:
         return output
 
     def _replacement_route(self, hop: Hop, extra_exclude: str | None = None) -> list[Hop] | None:
-        exclude = self._excluded | ({extra_exclude} if extra_exclude else set())
+        exclude = {extra_exclude} if extra_exclude else set()
         try:
             return plan_route(
-                self.client.servers(), self.client.model.num_blocks, start_block=hop.start, end_block=hop.end, exclude=exclude
+                self.client.usable_servers(),
+                self.client.model.num_blocks,
+                start_block=hop.start,
+                end_block=hop.end,
+                exclude=exclude,
             )
         except NoRouteError:
             return None
@@ -218,7 +221,7 @@ class InferenceSession:
         replay = SentStep(*(torch.cat([getattr(step, name) for step in history], dim=1) for name in ("hidden", "positions", "mask")))
         blamed, reason = failed.hop.record.node_id, str(error)
         for _ in range(self.max_failover_attempts):
-            self._excluded.add(blamed)
+            self.client.ban(blamed)
             logger.warning("replacing blocks %d:%d after: %s", failed.hop.start, failed.hop.end, reason)
             route = self._wait_for_replacement(failed.hop)
             if route is None:
@@ -260,3 +263,16 @@ class InferenceSession:
             outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.step_timeout))
             state.sent.append(chunk)
         return torch.cat(outputs, dim=1)
+
+
+def greedy_decode(session: InferenceSession, prompt: list[int], count: int, after_token=None) -> list[int]:
+    """`count` greedy tokens through `session`, one step each (no EOS stop); `after_token(i)` runs after
+    token i is chosen and before it is fed back: the place to inject a failure in tests and benchmarks."""
+    logits = session.step(torch.tensor([prompt]))
+    tokens: list[int] = []
+    for index in range(count):
+        tokens.append(int(logits[0].argmax()))
+        if after_token is not None:
+            after_token(index)
+        logits = session.step(torch.tensor([[tokens[-1]]]))
+    return tokens

@@ -8,10 +8,10 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from node.launcher import LocalSwarm, start_node
+from node.reference import reference_greedy_tokens
 from swarm.client import SwarmClient
 from swarm.routing import Hop
-from swarm.session import InferenceSession
-from tests.swarm_helpers import greedy_tokens, reference_greedy_tokens
+from swarm.session import InferenceSession, greedy_decode
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 77, 300, 12, 9, 401]
@@ -55,7 +55,7 @@ def test_a_killed_middle_node_is_replaced_without_losing_a_token(base_swarm, cli
     victim = start_victim(base_swarm, tiny_llama_dir)
     with session_through(client, route_with(base_swarm, victim.address)) as session:
         kill = lambda i: i == 4 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
-        assert greedy_tokens(session, PROMPT, TOKENS, after_token=kill) == expected
+        assert greedy_decode(session, PROMPT, TOKENS, after_token=kill) == expected
         [event] = session.failovers
         assert event.failed_node == victim.info["node_id"]
         assert [hop.record.address for hop in event.replacement] == [base_swarm.nodes[1].address]
@@ -74,7 +74,7 @@ def test_a_stalled_node_is_detected_and_the_session_rerouted(base_swarm, client,
 
     try:
         with session_through(client, route_with(base_swarm, victim.address)) as session:
-            assert greedy_tokens(session, PROMPT, TOKENS, after_token=stall) == expected
+            assert greedy_decode(session, PROMPT, TOKENS, after_token=stall) == expected
             [event] = session.failovers
             assert event.failed_node == victim.info["node_id"] and "no answer" in event.reason
             assert event.seconds < 5
@@ -87,7 +87,7 @@ def test_a_graceful_leave_drains_the_session_first(base_swarm, client, expected,
     victim = start_victim(base_swarm, tiny_llama_dir)
     with session_through(client, route_with(base_swarm, victim.address)) as session:
         leave = lambda i: i == 4 and victim.process.send_signal(signal.SIGTERM)  # noqa: E731
-        assert greedy_tokens(session, PROMPT, TOKENS, after_token=leave) == expected
+        assert greedy_decode(session, PROMPT, TOKENS, after_token=leave) == expected
         assert session.failovers == []  # the leaving node kept serving its open session
         assert victim.process.poll() is None
         # while draining it is withdrawn, and takes no new sessions
@@ -104,7 +104,7 @@ def test_a_leave_that_outlasts_its_drain_timeout_fails_over(base_swarm, client, 
             victim.process.wait(timeout=20)
 
     with session_through(client, route_with(base_swarm, victim.address)) as session:
-        assert greedy_tokens(session, PROMPT, TOKENS, after_token=leave) == expected
+        assert greedy_decode(session, PROMPT, TOKENS, after_token=leave) == expected
         assert [event.failed_node for event in session.failovers] == [victim.info["node_id"]]
 
 
@@ -118,7 +118,7 @@ def test_a_node_joining_mid_session_raises_coverage_and_breaks_nothing(base_swar
 
     try:
         with client.inference_session(max_length=64) as session:
-            assert greedy_tokens(session, PROMPT, TOKENS, after_token=join) == expected
+            assert greedy_decode(session, PROMPT, TOKENS, after_token=join) == expected
             assert session.failovers == []
         assert len(client.servers()) == before + 1
     finally:
@@ -136,7 +136,7 @@ def test_a_gap_left_by_a_crash_is_filled_by_a_rebalancing_node(tiny_llama_dir, e
         victim = next(node for node in swarm.nodes[:3] if node.blocks != mover.blocks)
         with session_through(client, by_span) as session:
             crash = lambda i: i == 4 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
-            assert greedy_tokens(session, PROMPT, TOKENS, after_token=crash) == expected
+            assert greedy_decode(session, PROMPT, TOKENS, after_token=crash) == expected
             [event] = session.failovers
             # the only node that could take the lost blocks is the mover, after moving to them; its old
             # blocks kept serving this same session meanwhile

@@ -1,10 +1,14 @@
 """A real 3-node swarm of SmolLM2-135M-Instruct on loopback, checked against transformers in one process."""
 
+import os
+import signal
+
 import grpc
 import pytest
 import torch
 
-from node.launcher import LocalSwarm
+from node.launcher import LocalSwarm, start_node
+from node.reference import reference_greedy_tokens
 from partition.profiling import block_parameter_bytes
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
@@ -12,6 +16,7 @@ from protocol.tensors import serialize_tensor
 from swarm.client import SwarmClient
 from swarm.errors import RemoteError
 from swarm.routing import Hop
+from swarm.session import InferenceSession, greedy_decode
 from swarm.transport import SpanStream
 from tests.swarm_helpers import node_info, until_eos
 
@@ -158,3 +163,21 @@ def test_session_cannot_grow_past_its_max_length(client):
     with pytest.raises(RemoteError, match="grow the session to 5 tokens, above its max_length 4"):
         stream.step(torch.zeros(1, 5, 576), torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool), 10)
     stream.close()
+
+
+def test_killing_the_middle_node_mid_generation_changes_no_token(swarm, client, smollm_reference):
+    prompt = client.tokenizer(client.apply_chat_template(CHAT)).input_ids
+    expected = reference_greedy_tokens(smollm_reference, prompt, 20)
+    victim = start_node(["--blocks", "10:20"], swarm.initial_peers)
+    records = {record.address: record for record in client.servers()}
+    route = [
+        Hop(records[swarm.nodes[0].address], 0, 10),
+        Hop(records[victim.address], 10, 20),
+        Hop(records[swarm.nodes[2].address], 20, 30),
+    ]
+    with InferenceSession(client, route, max_length=128) as session:
+        kill = lambda i: i == 7 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
+        assert greedy_decode(session, prompt, 20, after_token=kill) == expected
+        [event] = session.failovers
+        assert event.failed_node == victim.info["node_id"]
+        assert [hop.record.address for hop in session.route] == [node.address for node in swarm.nodes]
