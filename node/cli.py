@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--max-session-length", type=int, default=8192, help="longest session (tokens) this node accepts")
     join.add_argument("--redundancy", type=int, default=2, help="how many nodes should serve every block (rebalancing aims for it)")
     join.add_argument("--rebalance-period", type=float, default=60.0, help="seconds between checks whether moving helps the swarm (0: never; nodes with --blocks never move)")
+    join.add_argument("--partition", choices=["auto", "pipeline", "ring"], default="auto", help="auto: take the least-covered blocks; pipeline/ring: follow a swarm-wide plan made from every such node's profile")
+    join.add_argument("--plan-objective", choices=["throughput", "latency"], default="throughput", help="what the pipeline planner optimises")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
     return parser
@@ -68,6 +70,8 @@ def run_join(args: argparse.Namespace) -> int:
         redundancy=args.redundancy,
         rebalance_period=args.rebalance_period,
         drain_timeout=args.drain_timeout,
+        partition=args.partition,
+        plan_objective=args.plan_objective,
     )
     node = SwarmNode(settings)
     node.start()

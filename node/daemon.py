@@ -15,7 +15,15 @@ import psutil
 from node.model_files import ModelSource, open_model
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
 from node.span import TransformerSpan
-from partition.profiling import blocks_that_fit, kv_bytes_per_token, measure_decode_throughput
+from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key
+from partition.planner import Plan
+from partition.profiling import (
+    blocks_that_fit,
+    kv_bytes_per_token,
+    measure_decode_throughput,
+    measure_link,
+    measure_prefill_throughput,
+)
 from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
 from protocol.records import ServerRecord
@@ -43,6 +51,8 @@ class NodeSettings:
     redundancy: int = 2
     rebalance_period: float = 60.0
     drain_timeout: float = 30.0
+    partition: str = "auto"  # "auto" (least covered), "pipeline" or "ring" (a swarm-wide plan)
+    plan_objective: str = "throughput"  # what the pipeline planner optimises: "throughput" or "latency"
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -90,6 +100,7 @@ class SwarmNode:
         span = self._load_span(start, end)
         load_rss_growth = psutil.Process().memory_info().rss - rss_before
         throughput = measure_decode_throughput(span)
+        prefill_throughput = measure_prefill_throughput(span)
         limits = ServiceLimits(max_session_length=settings.max_session_length)
         self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
         self.server, port = start_grpc_server(self.servicer, settings.host, settings.port)
@@ -101,7 +112,12 @@ class SwarmNode:
             end_block=end,
             throughput=throughput,
             kv_free_bytes=self._kv_free_bytes(),
+            prefill_throughput=prefill_throughput,
+            max_blocks=settings.num_blocks or blocks_that_fit(self.model.config),
+            memory_bytes=psutil.virtual_memory().available,
+            partition=settings.partition,
         )
+        self._measure_links()
         if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
             logger.warning("the DHT did not accept the first announcement; retrying in the refresh loop")
         threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
@@ -112,14 +128,66 @@ class SwarmNode:
         logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
         return TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
 
+    def _measure_links(self) -> None:
+        """Measures bandwidth and RTT to every announced peer not measured yet, and keeps them in the record."""
+        links = dict(self.record.links)
+        for record in swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks):
+            if record.node_id != self.record.node_id and record.node_id not in links:
+                try:
+                    links[record.node_id] = list(measure_link(record.address))
+                except Exception as error:  # an unreachable peer is simply not measured
+                    logger.info("could not measure the link to %s: %r", record.node_id, error)
+        self.record = replace(self.record, links=links)
+
     def _rebalance(self) -> None:
-        """Every period (with jitter, so that nodes do not all move at once), moves if the swarm gains."""
+        """Every period (with jitter, so that nodes do not all move at once), moves if the swarm gains,
+        or, with --partition pipeline|ring, to the stage the swarm-wide plan gives this node."""
         settings = self.settings
         while not self._stopped.wait(settings.rebalance_period * random.uniform(0.7, 1.3)):
-            records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
-            target = choose_move(records, self.record, self.model.num_blocks, settings.redundancy)
-            if target is not None and not self._stopped.is_set():
-                self.move_to(*target)
+            try:
+                if settings.partition == "auto":
+                    records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
+                    target = choose_move(records, self.record, self.model.num_blocks, settings.redundancy)
+                else:
+                    self._measure_links()
+                    target = self._planned_span()
+                if target is not None and target != (self.record.start_block, self.record.end_block):
+                    if not self._stopped.is_set():
+                        self.move_to(*target)
+            except Exception:  # a failed round must not end rebalancing: the next one retries
+                logger.exception("rebalancing round failed")
+
+    def _planned_span(self) -> tuple[int, int] | None:
+        """This node's stage in the recorded plan, after recording a new plan if this node coordinates."""
+        settings, model = self.settings, self.model
+        records = swarm_dht.fetch_servers(self.dht, model.model_id, model.num_blocks)
+        records = [self.record if r.node_id == self.record.node_id else r for r in records]
+        members = participants(records, settings.partition)
+        key = plan_key(model.model_id)
+        recorded, recorded_members = self._recorded_plan(key)
+        activation_bytes = model.config.hidden_size * 4
+        if members and members[0].node_id == self.record.node_id:  # the coordinator
+            new = make_plan(members, settings.partition, model.num_blocks, activation_bytes, settings.plan_objective)
+            if not keep_recorded_plan(
+                recorded, recorded_members, new, members, model.num_blocks, activation_bytes, settings.plan_objective
+            ):
+                recorded, recorded_members = new, [member.node_id for member in members]
+                logger.info("recording a new %s plan: %s", settings.partition, new.to_dict())
+            value = {"partition": settings.partition, "plan": recorded.to_dict(), "members": recorded_members}
+            swarm_dht.store_value(self.dht, key, value, 3 * settings.rebalance_period)
+        stage = next((s for s in recorded.stages if s.node_id == self.record.node_id), None) if recorded else None
+        return None if stage is None else (stage.start, stage.end)
+
+    def _recorded_plan(self, key: str) -> tuple[Plan | None, list[str]]:
+        """The plan in the DHT and the participants it was made for (None, [] if absent or malformed)."""
+        value = swarm_dht.fetch_value(self.dht, key)
+        if not isinstance(value, dict) or value.get("partition") != self.settings.partition:
+            return None, []
+        try:
+            return Plan.from_dict(value["plan"]), [str(member) for member in value["members"]]
+        except (KeyError, TypeError, ValueError) as error:
+            logger.warning("ignoring a malformed plan: %r", error)
+            return None, []
 
     def move_to(self, start: int, end: int) -> None:
         """Loads blocks [start, end) and serves them to new sessions; sessions in flight finish on the old ones."""
@@ -127,8 +195,11 @@ class SwarmNode:
         old = (self.record.start_block, self.record.end_block)
         span = self._load_span(start, end)
         throughput = measure_decode_throughput(span)
+        prefill_throughput = measure_prefill_throughput(span)
         self.servicer.replace_span(span, throughput)
-        self.record = replace(self.record, start_block=start, end_block=end, throughput=throughput)
+        self.record = replace(
+            self.record, start_block=start, end_block=end, throughput=throughput, prefill_throughput=prefill_throughput
+        )
         swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)
         logger.info("moved from blocks %d:%d to %d:%d in %.1fs", *old, start, end, time.monotonic() - began)
         print(f"moved from blocks {old[0]}:{old[1]} to {start}:{end}", flush=True)

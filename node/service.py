@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 # ~10 ops per block costs about 1 ms per 10 blocks (measured on 2 cores, 3 loopback nodes).
 SMALL_STEP_TOKENS = 8
 
+MAX_ECHO_BYTES = 8 * 1024 * 1024
+
 # gRPC refuses messages above this size with RESOURCE_EXHAUSTED before our code sees them.
 MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + 1024 * 1024
 
@@ -185,6 +187,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             throughput=self.throughput,
             load_rss_growth_bytes=self.load_rss_growth,
         )
+
+    def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoResponse:
+        if not 0 <= request.reply_bytes <= MAX_ECHO_BYTES:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes must be in [0, {MAX_ECHO_BYTES}]")
+        return pb.EchoResponse(payload=bytes(request.reply_bytes))
 
 
 def start_grpc_server(servicer: BlockServicer, host: str, port: int) -> tuple[grpc.Server, int]:

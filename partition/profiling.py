@@ -49,3 +49,40 @@ def measure_decode_throughput(span: TransformerSpan, context_tokens: int = 32, s
         timings.append(time.perf_counter() - began)
     median_step = sorted(timings)[len(timings) // 2]
     return (span.end - span.start) / median_step
+
+
+def measure_prefill_throughput(span: TransformerSpan, tokens: int = 64) -> float:
+    """Prefill tokens/s through ONE block of `span`, from the best of three timed prompts."""
+    hidden = torch.randn(1, tokens, span.config.hidden_size)
+    positions, mask = torch.arange(tokens)[None], torch.ones(1, tokens, dtype=torch.bool)
+    best = float("inf")
+    for _ in range(3):
+        began = time.perf_counter()
+        span(hidden, positions, mask)
+        best = min(best, time.perf_counter() - began)
+    return tokens * (span.end - span.start) / best
+
+
+def measure_link(address: str, probe_bytes: int = 1024 * 1024, timeout: float = 10.0) -> tuple[float, float]:
+    """(bandwidth in bytes/s, round-trip seconds) to a node, from its Echo RPC.
+
+    RTT is the best of three empty echoes; bandwidth comes from one echo of `probe_bytes` each way,
+    less that round trip.
+    """
+    import grpc
+
+    from proto import dataplane_pb2 as pb
+    from proto import dataplane_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        echo = pb_grpc.BlockServiceStub(channel).Echo
+        echo(pb.EchoRequest(), timeout=timeout)  # connect outside the timings
+        rtt = float("inf")
+        for _ in range(3):
+            began = time.perf_counter()
+            echo(pb.EchoRequest(), timeout=timeout)
+            rtt = min(rtt, time.perf_counter() - began)
+        began = time.perf_counter()
+        echo(pb.EchoRequest(payload=bytes(probe_bytes), reply_bytes=probe_bytes), timeout=timeout)
+        transfer = max(time.perf_counter() - began - rtt, 1e-6)
+    return 2 * probe_bytes / transfer, rtt

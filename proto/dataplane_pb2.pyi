@@ -109,3 +109,17 @@ class NodeInfoResponse(_message.Message):
     throughput: float
     load_rss_growth_bytes: int
     def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., load_rss_growth_bytes: _Optional[int] = ...) -> None: ...
+
+class EchoRequest(_message.Message):
+    __slots__ = ("payload", "reply_bytes")
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    REPLY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    reply_bytes: int
+    def __init__(self, payload: _Optional[bytes] = ..., reply_bytes: _Optional[int] = ...) -> None: ...
+
+class EchoResponse(_message.Message):
+    __slots__ = ("payload",)
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    payload: bytes
+    def __init__(self, payload: _Optional[bytes] = ...) -> None: ...

@@ -49,6 +49,11 @@ class BlockServiceStub:
                 request_serializer=proto_dot_dataplane__pb2.NodeInfoRequest.SerializeToString,
                 response_deserializer=proto_dot_dataplane__pb2.NodeInfoResponse.FromString,
                 _registered_method=True)
+        self.Echo = channel.unary_unary(
+                '/edgeswarm.v1.BlockService/Echo',
+                request_serializer=proto_dot_dataplane__pb2.EchoRequest.SerializeToString,
+                response_deserializer=proto_dot_dataplane__pb2.EchoResponse.FromString,
+                _registered_method=True)
 
 
 class BlockServiceServicer:
@@ -72,6 +77,12 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Echo(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +100,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.NodeInfo,
                     request_deserializer=proto_dot_dataplane__pb2.NodeInfoRequest.FromString,
                     response_serializer=proto_dot_dataplane__pb2.NodeInfoResponse.SerializeToString,
+            ),
+            'Echo': grpc.unary_unary_rpc_method_handler(
+                    servicer.Echo,
+                    request_deserializer=proto_dot_dataplane__pb2.EchoRequest.FromString,
+                    response_serializer=proto_dot_dataplane__pb2.EchoResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +188,33 @@ class BlockService:
             '/edgeswarm.v1.BlockService/NodeInfo',
             proto_dot_dataplane__pb2.NodeInfoRequest.SerializeToString,
             proto_dot_dataplane__pb2.NodeInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Echo(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeswarm.v1.BlockService/Echo',
+            proto_dot_dataplane__pb2.EchoRequest.SerializeToString,
+            proto_dot_dataplane__pb2.EchoResponse.FromString,
             options,
             channel_credentials,
             insecure,

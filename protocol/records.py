@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 ONLINE = "online"
 OFFLINE = "offline"
+PARTITIONS = ("auto", "pipeline", "ring")
+MAX_LINKS = 256  # a record lists at most this many measured links
 
 
 def servers_key(model_id: str) -> str:
@@ -26,6 +28,12 @@ class ServerRecord:
     throughput: float  # measured decode tokens/s through one of its blocks
     kv_free_bytes: int
     state: str = ONLINE
+    # the node's profile, for the planners (0 means not measured)
+    prefill_throughput: float = 0.0  # prefill tokens/s through one of its blocks
+    max_blocks: int = 0  # how many blocks fit in its memory
+    memory_bytes: int = 0  # free memory when it joined
+    partition: str = "auto"  # how it is placed: least-covered ("auto") or by a swarm-wide plan
+    links: dict[str, list[float]] = field(default_factory=dict)  # peer node id -> [bytes/s, RTT seconds]
 
     @property
     def num_blocks(self) -> int:
@@ -49,6 +57,11 @@ class ServerRecord:
                 throughput=float(value["throughput"]),
                 kv_free_bytes=int(value["kv_free_bytes"]),
                 state=str(value.get("state", ONLINE)),
+                prefill_throughput=float(value.get("prefill_throughput", 0.0)),
+                max_blocks=int(value.get("max_blocks", 0)),
+                memory_bytes=int(value.get("memory_bytes", 0)),
+                partition=str(value.get("partition", "auto")),
+                links=_parse_links(value.get("links", {})),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed record: {error!r}") from error
@@ -58,4 +71,20 @@ class ServerRecord:
             raise ValueError(f"unknown state {record.state!r}")
         if not record.throughput > 0:
             raise ValueError(f"throughput {record.throughput} is not positive")
+        if record.partition not in PARTITIONS:
+            raise ValueError(f"unknown partition {record.partition!r}")
+        if record.prefill_throughput < 0 or record.max_blocks < 0 or record.memory_bytes < 0:
+            raise ValueError("negative profile value")
         return record
+
+
+def _parse_links(value: Any) -> dict[str, list[float]]:
+    if not isinstance(value, dict) or len(value) > MAX_LINKS:
+        raise ValueError(f"links must be a dict of at most {MAX_LINKS} entries")
+    links = {}
+    for peer, measured in value.items():
+        bandwidth, rtt = (float(number) for number in measured)
+        if not (bandwidth > 0 and rtt >= 0):
+            raise ValueError(f"link to {peer} has bandwidth {bandwidth} and RTT {rtt}")
+        links[str(peer)] = [bandwidth, rtt]
+    return links

@@ -77,3 +77,20 @@ def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[Ser
         if record.state == ONLINE:
             records.append(record)
     return sorted(records, key=lambda record: (record.start_block, record.node_id))
+
+
+def store_value(dht: hivemind.DHT, key: str, value, ttl: float, timeout: float = 10.0) -> bool:
+    """Stores a plain msgpack-able value under `key` for `ttl` seconds."""
+    future = dht.store(key, value=value, expiration_time=get_dht_time() + ttl, return_future=True)
+    try:
+        return bool(future.result(timeout=timeout))
+    except Exception as error:
+        future.cancel()
+        logger.warning("storing %s failed: %r", key, error)
+        return False
+
+
+def fetch_value(dht: hivemind.DHT, key: str):
+    """The latest unexpired value under `key`, or None."""
+    found = dht.get(key, latest=True)
+    return None if found is None else found.value
