@@ -79,6 +79,7 @@ class SwarmNode:
         if settings.num_blocks is not None and not 0 < settings.num_blocks <= self.model.num_blocks:
             raise ValueError(f"--num-blocks must be in [1, {self.model.num_blocks}], got {settings.num_blocks}")
         self._stopped = threading.Event()
+        self._record_lock = threading.Lock()  # the announce, rebalance and link threads all update the record
         self.dht = None
         self.server: grpc.Server | None = None
         self.record: ServerRecord | None = None
@@ -124,6 +125,12 @@ class SwarmNode:
         if settings.blocks is None and settings.rebalance_period > 0:
             threading.Thread(target=self._rebalance, name="rebalance", daemon=True).start()
 
+    def _update_record(self, **changes) -> ServerRecord:
+        """Changes fields of this node's record atomically and returns the new record."""
+        with self._record_lock:
+            self.record = replace(self.record, **changes)
+            return self.record
+
     def _load_span(self, start: int, end: int) -> TransformerSpan:
         logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
         return TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
@@ -137,7 +144,7 @@ class SwarmNode:
                     links[record.node_id] = list(measure_link(record.address))
                 except Exception as error:  # an unreachable peer is simply not measured
                     logger.info("could not measure the link to %s: %r", record.node_id, error)
-        self.record = replace(self.record, links=links)
+        self._update_record(links=links)
 
     def _rebalance(self) -> None:
         """Every period (with jitter, so that nodes do not all move at once), moves if the swarm gains,
@@ -197,10 +204,10 @@ class SwarmNode:
         throughput = measure_decode_throughput(span)
         prefill_throughput = measure_prefill_throughput(span)
         self.servicer.replace_span(span, throughput)
-        self.record = replace(
-            self.record, start_block=start, end_block=end, throughput=throughput, prefill_throughput=prefill_throughput
+        record = self._update_record(
+            start_block=start, end_block=end, throughput=throughput, prefill_throughput=prefill_throughput
         )
-        swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)
+        swarm_dht.announce(self.dht, record, self.settings.announce_ttl)
         logger.info("moved from blocks %d:%d to %d:%d in %.1fs", *old, start, end, time.monotonic() - began)
         print(f"moved from blocks {old[0]}:{old[1]} to {start}:{end}", flush=True)
 
@@ -212,8 +219,8 @@ class SwarmNode:
     def _refresh_announcement(self) -> None:
         interval = self.settings.announce_ttl / 3
         while not self._stopped.wait(interval):
-            self.record = replace(self.record, kv_free_bytes=self._kv_free_bytes())
-            swarm_dht.announce(self.dht, self.record, self.settings.announce_ttl)  # a failure is retried next round
+            record = self._update_record(kv_free_bytes=self._kv_free_bytes())
+            swarm_dht.announce(self.dht, record, self.settings.announce_ttl)  # a failure is retried next round
 
     @property
     def initial_peers(self) -> list[str]:

@@ -66,9 +66,13 @@ def start_node(
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
     log_file: Path | None = None,
+    prefix: Sequence[str] = (),
 ) -> NodeProcess:
-    """Runs `swarm-node join ARGS --initial-peers ...` and waits until it reports ready."""
-    command = [sys.executable, "-m", "node.cli", "join", "--host", "127.0.0.1", *args]
+    """Runs `swarm-node join ARGS --initial-peers ...` and waits until it reports ready.
+
+    `prefix` goes before the command, e.g. a shell that first puts itself in a CPU-limited cgroup.
+    """
+    command = [*prefix, sys.executable, "-m", "node.cli", "join", "--host", "127.0.0.1", *args]
     if initial_peers:
         command += ["--initial-peers", *initial_peers]
     stderr = open(log_file, "a") if log_file else subprocess.DEVNULL
