@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import random
+import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -68,6 +72,15 @@ def reachable_host(host: str, announce_host: str | None) -> str:
     return "127.0.0.1"
 
 
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """Runs in every child this process forks (hivemind's DHT process): the kernel kills the child when
+    this process dies, even by SIGKILL, so no orphaned DHT peer (nor its p2pd, which exits with it) is left."""
+    ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class SwarmNode:
     """A running node. `start()` returns once it serves and is announced; `stop()` withdraws and shuts down."""
 
@@ -94,6 +107,8 @@ class SwarmNode:
 
     def start(self) -> None:
         settings = self.settings
+        if sys.platform == "linux":
+            os.register_at_fork(after_in_child=_die_with_parent)
         self.dht = swarm_dht.start_dht(settings.initial_peers, host=settings.host, port=settings.dht_port)
         node_id = self.dht.peer_id.to_base58()
         start, end = self._choose_span()

@@ -40,16 +40,20 @@ class NodeProcess:
     def blocks(self) -> tuple[int, int]:
         return tuple(self.info["blocks"])
 
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        """Sends `sig` and waits for the process to exit (killing it after `timeout`); returns its exit code."""
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 40.0) -> int:
+        """Sends `sig` to the node and waits for it to exit; after `timeout`, or once it has exited, every
+        process left in its group (its DHT process, p2pd) is killed. Returns the node's exit code."""
         if self.process.poll() is None:
             self.process.send_signal(sig)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # the whole group is gone already
+        return self.process.wait()
 
 
 def _pump(stream, lines: list[str], ready: threading.Event) -> None:

@@ -62,10 +62,23 @@ def synthetic_comparison() -> list[dict]:
 
 
 def slow_prefix(cpu_fraction: float) -> list[str]:
+    """A command prefix that runs the node in a cgroup limited to `cpu_fraction` of one CPU.
+
+    The period is short (10 ms) so that the limit slows every step alike; with the default 100 ms, a
+    short step runs at full speed on its unused quota and only long profiling loops are slowed.
+    """
     CGROUP.mkdir(exist_ok=True)
-    (CGROUP / "cpu.cfs_period_us").write_text("100000")
-    (CGROUP / "cpu.cfs_quota_us").write_text(str(int(100000 * cpu_fraction)))
+    (CGROUP / "cpu.cfs_period_us").write_text("10000")
+    (CGROUP / "cpu.cfs_quota_us").write_text(str(int(10000 * cpu_fraction)))
     return ["sh", "-c", f'echo $$ > {CGROUP}/cgroup.procs && exec "$@"', "sh"]
+
+
+def remove_cgroup() -> None:
+    """Removes the cgroup once the slow node's processes (the node, its DHT process, p2pd) are gone."""
+    deadline = time.monotonic() + 30
+    while (CGROUP / "cgroup.procs").read_text().split() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    CGROUP.rmdir()
 
 
 def measure_session(client: SwarmClient, tokens: int) -> dict:
@@ -181,7 +194,7 @@ def main() -> None:
             print(f"{name:<30} {row['predicted_pipeline_ms']:>8.1f}ms {row['measured_pipeline_ms']:>8.1f}ms {row['error']:>+6.0%} {row['slow_node_blocks']:>12} {row['measured_token_ms']:>8.1f}ms")
         names = list(real)
         print(f"measured speed-up of the plan over the memory split: {real[names[0]]['measured_token_ms'] / real[names[1]]['measured_token_ms']:.2f}x")
-        CGROUP.rmdir()
+        remove_cgroup()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_planner.json").write_text(json.dumps({"synthetic": synthetic, "real": real}, indent=2))
     plot(synthetic, real, RESULTS / "bench_planner.png")

@@ -21,7 +21,7 @@ from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
 from swarm.routing import Hop, plan_route
 from swarm.sampling import next_tokens
-from swarm.session import InferenceSession, positions_for
+from swarm.session import InferenceSession, SessionPolicy, positions_for
 from swarm.transport import open_channel, remote_error
 
 logger = logging.getLogger(__name__)
@@ -48,10 +48,8 @@ class TokenEvent:
 class SwarmClient:
     """A client of the swarm. It holds the embeddings, final norm and LM head; nodes run the blocks.
 
-    A node that dies or stalls mid-generation is replaced without losing a token: a step that takes
-    longer than `min_step_deadline` seconds, or several times the node's measured step time, counts
-    as a stall when another node could take over; otherwise the client waits up to `step_timeout`.
-    When no node serves a failed hop's blocks, it waits up to `replacement_wait` seconds for one.
+    A node that dies or stalls mid-generation is replaced without losing a token (see `SessionPolicy`);
+    a node that failed is not routed to again for `ban_seconds`.
 
     >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])
     >>> client.generate("The capital of France is", max_new_tokens=8).text
@@ -61,20 +59,14 @@ class SwarmClient:
         self,
         initial_peers: Sequence[str],
         model: str = "default",
-        connect_timeout: float = 3.0,
-        step_timeout: float = 60.0,
-        min_step_deadline: float = 0.5,
-        replacement_wait: float = 30.0,
+        policy: SessionPolicy = SessionPolicy(),
         max_route_attempts: int = 3,
         ban_seconds: float = 60.0,
     ):
         if not initial_peers:
             raise SwarmConnectionError("no initial peers given: pass the multiaddr a node printed when it started")
         self.model: ModelSource = open_model(model)
-        self.connect_timeout = connect_timeout
-        self.step_timeout = step_timeout
-        self.min_step_deadline = min_step_deadline
-        self.replacement_wait = replacement_wait
+        self.policy = policy
         self.max_route_attempts = max_route_attempts
         self.ban_seconds = ban_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
@@ -122,9 +114,7 @@ class SwarmClient:
         while True:
             route = self.route()
             try:
-                return InferenceSession(
-                    self, route, max_length, prefill_chunk, self.step_timeout, self.min_step_deadline, self.replacement_wait
-                )
+                return InferenceSession(self, route, max_length, prefill_chunk)
             except NodeUnavailableError as error:
                 dead = next((hop.record.node_id for hop in route if hop.record.address in str(error)), None)
                 if dead is None or attempt >= self.max_route_attempts:
@@ -303,7 +293,7 @@ class SwarmClient:
         positions = positions_for(mask, torch.zeros(input_ids.shape[0], dtype=torch.long))
         hidden = self.head.embed(input_ids)
         for hop in self.route():
-            channel = open_channel(hop.record.address, self.connect_timeout)
+            channel = open_channel(hop.record.address, self.policy.connect_timeout)
             try:
                 request = pb.ForwardRequest(
                     model_id=self.model.model_id,

@@ -37,6 +37,22 @@ def positions_for(padding_mask: torch.Tensor, tokens_before: torch.Tensor) -> to
     return torch.where(padding_mask, counts - 1, torch.zeros_like(counts))
 
 
+@dataclass(frozen=True)
+class SessionPolicy:
+    """How patient a session is with nodes, and how it replaces them.
+
+    A step that takes longer than `min_step_deadline` seconds, or several times the node's measured step
+    time, counts as a stall when another node could take over; otherwise the session waits up to
+    `step_timeout`. When no node serves a failed hop's blocks, it waits up to `replacement_wait` for one.
+    """
+
+    connect_timeout: float = 3.0
+    step_timeout: float = 60.0
+    min_step_deadline: float = 0.5
+    replacement_wait: float = 30.0
+    max_failover_attempts: int = 3
+
+
 @dataclass
 class SentStep:
     """One step's inputs to a hop, kept so they can be replayed on a replacement node."""
@@ -102,18 +118,12 @@ class InferenceSession:
         route: list[Hop],
         max_length: int,
         prefill_chunk: int = 256,
-        step_timeout: float = 60.0,
-        min_step_deadline: float = 0.5,
-        replacement_wait: float = 30.0,
-        max_failover_attempts: int = 3,
+        policy: SessionPolicy | None = None,
     ):
         self.client = client
         self.max_length = max_length
         self.prefill_chunk = prefill_chunk
-        self.step_timeout = step_timeout
-        self.min_step_deadline = min_step_deadline
-        self.replacement_wait = replacement_wait
-        self.max_failover_attempts = max_failover_attempts
+        self.policy = policy or client.policy
         self.session_id = uuid.uuid4().hex
         self.length = 0  # positions appended so far (padding included)
         self.failovers: list[FailoverEvent] = []
@@ -143,7 +153,7 @@ class InferenceSession:
         self._hops = []
 
     def _open_stream(self, hop: Hop) -> SpanStream:
-        return SpanStream(hop, self.session_id, self.client.model.model_id, self.max_length, self.client.connect_timeout)
+        return SpanStream(hop, self.session_id, self.client.model.model_id, self.max_length, self.policy.connect_timeout)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feeds [batch, length] token ids (0 in attention_mask marks left padding); returns [batch, vocab] logits."""
@@ -189,12 +199,12 @@ class InferenceSession:
         began = time.monotonic()
         state.stream.send(step.hidden, step.positions, step.mask)
         try:
-            output = state.stream.receive(state.deadline(tokens, self.min_step_deadline))
+            output = state.stream.receive(state.deadline(tokens, self.policy.min_step_deadline))
         except StepTimeout:
             if self._replacement_route(state.hop, extra_exclude=state.hop.record.node_id) is not None:
                 raise
             # nobody else could take over: a slow node is better than none
-            output = state.stream.receive(self.step_timeout)
+            output = state.stream.receive(self.policy.step_timeout)
         state.observe(time.monotonic() - began, tokens)
         state.sent.append(step)
         return output
@@ -220,14 +230,14 @@ class InferenceSession:
         history = [*failed.sent, current]
         replay = SentStep(*(torch.cat([getattr(step, name) for step in history], dim=1) for name in ("hidden", "positions", "mask")))
         blamed, reason = failed.hop.record.node_id, str(error)
-        for _ in range(self.max_failover_attempts):
+        for _ in range(self.policy.max_failover_attempts):
             self.client.ban(blamed)
             logger.warning("replacing blocks %d:%d after: %s", failed.hop.start, failed.hop.end, reason)
             route = self._wait_for_replacement(failed.hop)
             if route is None:
                 raise NoRouteError(
                     f"blocks {failed.hop.start}:{failed.hop.end} lost their node ({reason}) and no other node "
-                    f"served them within {self.replacement_wait:.0f}s"
+                    f"served them within {self.policy.replacement_wait:.0f}s"
                 ) from error
             replacements: list[_HopState] = []
             try:
@@ -250,7 +260,7 @@ class InferenceSession:
     def _wait_for_replacement(self, hop: Hop) -> list[Hop] | None:
         """A route for `hop`'s blocks, waiting up to `replacement_wait` for a node to take them (a joining or
         rebalancing node may be on its way)."""
-        deadline = time.monotonic() + self.replacement_wait
+        deadline = time.monotonic() + self.policy.replacement_wait
         while (route := self._replacement_route(hop)) is None and time.monotonic() < deadline:
             time.sleep(0.5)
         return route
@@ -260,7 +270,7 @@ class InferenceSession:
         outputs = []
         for begin in range(0, inputs.hidden.shape[1], self.prefill_chunk):
             chunk = SentStep(*(tensor[:, begin : begin + self.prefill_chunk] for tensor in (inputs.hidden, inputs.positions, inputs.mask)))
-            outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.step_timeout))
+            outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.policy.step_timeout))
             state.sent.append(chunk)
         return torch.cat(outputs, dim=1)
 

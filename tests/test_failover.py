@@ -11,7 +11,7 @@ from node.launcher import LocalSwarm, start_node
 from node.reference import reference_greedy_tokens
 from swarm.client import SwarmClient
 from swarm.routing import Hop
-from swarm.session import InferenceSession, greedy_decode
+from swarm.session import InferenceSession, SessionPolicy, greedy_decode
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 77, 300, 12, 9, 401]
@@ -26,7 +26,7 @@ def base_swarm(tiny_llama_dir):
 
 @pytest.fixture(scope="module")
 def client(base_swarm, tiny_llama_dir):
-    with SwarmClient(base_swarm.initial_peers, model=str(tiny_llama_dir), replacement_wait=20) as swarm_client:
+    with SwarmClient(base_swarm.initial_peers, model=str(tiny_llama_dir), policy=SessionPolicy(replacement_wait=20)) as swarm_client:
         yield swarm_client
 
 
@@ -40,7 +40,7 @@ def session_through(client, nodes_by_span: dict[tuple[int, int], str]) -> Infere
     """A session whose route uses the node at the given address for each span."""
     records = {record.address: record for record in client.servers()}
     route = [Hop(records[address], start, end) for (start, end), address in sorted(nodes_by_span.items())]
-    return InferenceSession(client, route, max_length=64, replacement_wait=client.replacement_wait)
+    return InferenceSession(client, route, max_length=64)
 
 
 def start_victim(base_swarm, tiny_llama_dir, *extra_args):
@@ -129,7 +129,7 @@ def test_a_node_joining_mid_session_raises_coverage_and_breaks_nothing(base_swar
 def test_a_gap_left_by_a_crash_is_filled_by_a_rebalancing_node(tiny_llama_dir, expected):
     model = ["--model", str(tiny_llama_dir)]
     pinned = [[*model, "--blocks", span, "--announce-ttl", "3"] for span in ("0:2", "2:4", "4:6")]
-    with LocalSwarm(pinned) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), replacement_wait=30) as client:
+    with LocalSwarm(pinned) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=SessionPolicy(replacement_wait=30)) as client:
         mover = swarm.add_node([*model, "--num-blocks", "2", "--rebalance-period", "1"])
         by_span = {node.blocks: node.address for node in swarm.nodes[:3]}
         by_span[mover.blocks] = mover.address  # the session uses the mover for the blocks it took first

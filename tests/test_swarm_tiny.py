@@ -78,19 +78,30 @@ def test_a_node_that_stopped_answering_is_routed_around(tiny_swarm, tiny_client,
     assert time.monotonic() - began < 15
 
 
+def wait_until_group_is_gone(pgid: int, seconds: float = 15.0) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return  # no process of the group is left
+        assert time.monotonic() < deadline, "a child of the node outlived it"
+        time.sleep(0.5)
+
+
 def test_signalling_the_whole_process_group_stops_every_process(tiny_swarm, tiny_llama_dir):
     # as `timeout` or a terminal does: the DHT child and p2pd get the signal too, and nothing may hang
     extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
     os.killpg(extra.process.pid, signal.SIGTERM)
     assert extra.process.wait(timeout=30) == 0
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            os.killpg(extra.process.pid, 0)
-        except ProcessLookupError:
-            break  # no process of the group is left
-        assert time.monotonic() < deadline, "a child of the node outlived it"
-        time.sleep(0.5)
+    wait_until_group_is_gone(extra.process.pid)
+
+
+def test_a_node_killed_alone_leaves_no_orphan_dht_process(tiny_swarm, tiny_llama_dir):
+    extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
+    extra.process.send_signal(signal.SIGKILL)  # only the main process, as the OOM killer would
+    extra.process.wait(timeout=10)
+    wait_until_group_is_gone(extra.process.pid)
 
 
 def test_client_with_a_dead_initial_peer_gets_a_clear_error(tiny_llama_dir):
