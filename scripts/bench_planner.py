@@ -114,6 +114,7 @@ def real_layout(args_per_node: list[list[str]], slow_index: int, cpu_fraction: f
         for index, args in enumerate(args_per_node):
             prefix = slow_prefix(cpu_fraction) if index == slow_index else ()
             nodes.append(start_node(args, nodes[0].initial_peers if nodes else (), prefix=prefix))
+        last_joined = time.monotonic()
         with SwarmClient(nodes[0].initial_peers) as client:
             if planned:
                 deadline = time.monotonic() + 120
@@ -128,11 +129,14 @@ def real_layout(args_per_node: list[list[str]], slow_index: int, cpu_fraction: f
                         raise RuntimeError("the nodes did not reach a plan")
                     time.sleep(1)
                 stages = {s.node_id: (s.start, s.end) for s in plan.stages}
+                replanned_after_join = time.monotonic() - last_joined
             else:
                 stages = {r.node_id: (r.start_block, r.end_block) for r in client.servers()}
             slow_id = nodes[slow_index].info["node_id"]
             result = measure_session(client, tokens)
             result["predicted_pipeline_ms"] = predicted(client, stages)
+            if planned:
+                result["last_join_to_plan_followed_s"] = replanned_after_join
             result["slow_node_blocks"] = stages.get(slow_id, (0, 0))[1] - stages.get(slow_id, (0, 0))[0]
             result["profiles"] = [
                 {"node": r.node_id[-8:], "decode_ms_per_block": 1000 / r.throughput, "max_blocks": r.max_blocks}
@@ -194,6 +198,7 @@ def main() -> None:
             print(f"{name:<30} {row['predicted_pipeline_ms']:>8.1f}ms {row['measured_pipeline_ms']:>8.1f}ms {row['error']:>+6.0%} {row['slow_node_blocks']:>12} {row['measured_token_ms']:>8.1f}ms")
         names = list(real)
         print(f"measured speed-up of the plan over the memory split: {real[names[0]]['measured_token_ms'] / real[names[1]]['measured_token_ms']:.2f}x")
+        print(f"from the last node's join to every node following the new plan: {real[names[1]]['last_join_to_plan_followed_s']:.1f}s (rebalance period 3 s)")
         remove_cgroup()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_planner.json").write_text(json.dumps({"synthetic": synthetic, "real": real}, indent=2))
