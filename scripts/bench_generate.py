@@ -117,7 +117,6 @@ def main() -> None:
     reference = load_reference_model(source)
     bench_single_process(reference, prompt, 4)  # warm-up
     rows.append({"setup": "single process", "nodes": 0, **median_run(lambda: bench_single_process(reference, prompt, args.new_tokens), args.repeats)})
-    del reference
 
     for nodes in range(1, args.max_nodes + 1):
         spans = even_spans(source.num_blocks, nodes)

@@ -22,7 +22,17 @@ import torch
 from node.launcher import start_node
 from node.model_files import open_model
 from partition.coordination import participants, plan_key, profiles_from_records
-from partition.planner import Link, NetworkProfile, NodeProfile, Plan, evaluate_plan, memory_proportional_plan, plan_pipeline, plan_ring
+from partition.planner import (
+    Link,
+    NetworkProfile,
+    NodeProfile,
+    Plan,
+    Stage,
+    evaluate_plan,
+    memory_proportional_plan,
+    plan_pipeline,
+    plan_ring,
+)
 from swarm import dht as swarm_dht
 from swarm.client import SwarmClient
 
@@ -102,8 +112,6 @@ def measure_session(client: SwarmClient, tokens: int) -> dict:
 def predicted(client: SwarmClient, stages_by_node: dict[str, tuple[int, int]]) -> float:
     records = [r for r in client.servers() if r.node_id in stages_by_node]
     profiles, network = profiles_from_records(records)
-    from partition.planner import Stage
-
     stages = sorted((Stage(node, *span) for node, span in stages_by_node.items()), key=lambda stage: stage.start)
     return evaluate_plan(stages, profiles, network, 576 * 4).predicted_token_seconds * 1000
 
@@ -180,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
 
     synthetic = synthetic_comparison()
-    print(f"\nA. synthetic swarm (big-slow 4x slower; fast-far behind 5 Mbit / 40 ms)")
+    print("\nA. synthetic swarm (big-slow 4x slower; fast-far behind 5 Mbit / 40 ms)")
     print(f"{'planner':<22} {'tok/s':>8} {'vs memory':>10} {'ms/token':>9}  stages")
     for row in synthetic:
         print(f"{row['planner']:<22} {row['predicted_throughput']:>8.1f} {row['throughput_vs_memory_split']:>9.2f}x {row['predicted_token_ms']:>9.1f}  {' '.join(row['stages'])}")
