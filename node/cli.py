@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--rebalance-period", type=float, default=60.0, help="seconds between checks whether moving helps the swarm (0: never; nodes with --blocks never move)")
     join.add_argument("--partition", choices=["auto", "pipeline", "ring"], default="auto", help="auto: take the least-covered blocks; pipeline/ring: follow a swarm-wide plan made from every such node's profile")
     join.add_argument("--plan-objective", choices=["throughput", "latency"], default="throughput", help="what the pipeline planner optimises")
+    join.add_argument("--no-mdns", dest="mdns", action="store_false", help="neither look for peers on the LAN by mDNS nor advertise this node there")
+    join.add_argument("--swarm-id", default="edgeswarm", help="the swarm to find and advertise on the LAN; swarms with other ids are ignored")
+    join.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public DHT multiaddrs to announce (a node behind NAT with a forwarded port)")
+    join.add_argument("--no-relay", dest="use_relay", action="store_false", help="do not accept connections through libp2p relays")
+    join.add_argument("--use-auto-relay", action="store_true", help="find relays by itself when peers cannot reach it directly (behind NAT)")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
     return parser
@@ -72,6 +77,11 @@ def run_join(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         partition=args.partition,
         plan_objective=args.plan_objective,
+        mdns=args.mdns,
+        swarm_id=args.swarm_id,
+        announce_maddrs=args.announce_maddrs,
+        use_relay=args.use_relay,
+        use_auto_relay=args.use_auto_relay,
     )
     node = SwarmNode(settings)
     node.start()

@@ -32,6 +32,7 @@ from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
 from protocol.records import ServerRecord
 from swarm import dht as swarm_dht
+from swarm.mdns import DEFAULT_SWARM_ID, LanPresence, discover_peers
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,11 @@ class NodeSettings:
     drain_timeout: float = 30.0
     partition: str = "auto"  # "auto" (least covered), "pipeline" or "ring" (a swarm-wide plan)
     plan_objective: str = "throughput"  # what the pipeline planner optimises: "throughput" or "latency"
+    mdns: bool = True  # find peers on the LAN when none are given, and advertise this node there
+    swarm_id: str = DEFAULT_SWARM_ID  # swarms with different ids on one LAN never mix
+    announce_maddrs: list[str] = field(default_factory=list)  # public DHT addresses, for nodes behind NAT
+    use_relay: bool = True  # let peers reach this node through libp2p relays
+    use_auto_relay: bool = False  # look for relays by itself when it is not reachable directly
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -97,6 +103,7 @@ class SwarmNode:
         self.server: grpc.Server | None = None
         self.record: ServerRecord | None = None
         self.servicer: BlockServicer | None = None
+        self.lan_presence: LanPresence | None = None
 
     def _choose_span(self) -> tuple[int, int]:
         if self.settings.blocks is not None:
@@ -109,7 +116,18 @@ class SwarmNode:
         settings = self.settings
         if sys.platform == "linux":
             os.register_at_fork(after_in_child=_die_with_parent)
-        self.dht = swarm_dht.start_dht(settings.initial_peers, host=settings.host, port=settings.dht_port)
+        initial_peers = list(settings.initial_peers)
+        if not initial_peers and settings.mdns:
+            initial_peers = discover_peers(settings.swarm_id)
+            logger.info("mDNS found %d peers of swarm %r", len(initial_peers), settings.swarm_id)
+        self.dht = swarm_dht.start_dht(
+            initial_peers,
+            host=settings.host,
+            port=settings.dht_port,
+            announce_maddrs=settings.announce_maddrs or None,
+            use_relay=settings.use_relay,
+            use_auto_relay=settings.use_auto_relay,
+        )
         node_id = self.dht.peer_id.to_base58()
         start, end = self._choose_span()
         rss_before = psutil.Process().memory_info().rss
@@ -137,8 +155,18 @@ class SwarmNode:
         if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
             logger.warning("the DHT did not accept the first announcement; retrying in the refresh loop")
         threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
+        if settings.mdns:
+            try:
+                self.lan_presence = LanPresence(node_id, settings.swarm_id, self.initial_peers, self._join_lan_peers)
+            except ValueError as error:  # e.g. a node on loopback only: there is no LAN to advertise on
+                logger.info("not advertising over mDNS: %s", error)
         if settings.blocks is None and settings.rebalance_period > 0:
             threading.Thread(target=self._rebalance, name="rebalance", daemon=True).start()
+
+    def _join_lan_peers(self, maddrs: list[str]) -> None:
+        """Adds peers that appeared on the LAN to the DHT (merging swarms that bootstrapped apart)."""
+        reached = swarm_dht.connect_peers(self.dht, maddrs)
+        logger.info("mDNS: %d of %d new LAN peers answered", reached, len(maddrs))
 
     def _update_record(self, **changes) -> ServerRecord:
         """Changes fields of this node's record atomically and returns the new record."""
@@ -258,6 +286,8 @@ class SwarmNode:
         """Leaves gracefully: refuses new requests, withdraws the announcement, lets open sessions finish
         (for up to `drain_timeout` seconds; clients of sessions cut after that fail over), then exits the DHT."""
         self._stopped.set()
+        if self.lan_presence is not None:
+            self.lan_presence.close()
         if self.servicer is not None:
             self.servicer.stop_accepting()
         if self.dht is not None and self.record is not None:

@@ -71,12 +71,18 @@ def start_node(
     env: dict[str, str] | None = None,
     log_file: Path | None = None,
     prefix: Sequence[str] = (),
+    host: str = "127.0.0.1",
+    mdns: bool = False,
 ) -> NodeProcess:
-    """Runs `swarm-node join ARGS --initial-peers ...` and waits until it reports ready.
+    """Runs `swarm-node join ARGS --initial-peers ...` on `host` and waits until it reports ready.
 
-    `prefix` goes before the command, e.g. a shell that first puts itself in a CPU-limited cgroup.
+    `prefix` goes before the command: a shell that first puts itself in a CPU-limited cgroup, or
+    `ip netns exec HOST` for a testbed host. mDNS is off unless asked for, so that loopback swarms
+    never join (or get joined by) a LAN swarm running on the same machine.
     """
-    command = [*prefix, sys.executable, "-m", "node.cli", "join", "--host", "127.0.0.1", *args]
+    command = [*prefix, sys.executable, "-m", "node.cli", "join", "--host", host, *args]
+    if not mdns:
+        command.append("--no-mdns")
     if initial_peers:
         command += ["--initial-peers", *initial_peers]
     stderr = open(log_file, "a") if log_file else subprocess.DEVNULL

@@ -19,6 +19,7 @@ from protocol.tensors import deserialize_tensor, serialize_tensor
 from swarm import dht as swarm_dht
 from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
+from swarm.mdns import DEFAULT_SWARM_ID, discover_peers
 from swarm.routing import Hop, plan_route
 from swarm.sampling import next_tokens
 from swarm.session import InferenceSession, SessionPolicy, positions_for
@@ -51,20 +52,27 @@ class SwarmClient:
     A node that dies or stalls mid-generation is replaced without losing a token (see `SessionPolicy`);
     a node that failed is not routed to again for `ban_seconds`.
 
-    >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])
+    >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])  # or SwarmClient() on a LAN
     >>> client.generate("The capital of France is", max_new_tokens=8).text
     """
 
     def __init__(
         self,
-        initial_peers: Sequence[str],
+        initial_peers: Sequence[str] | None = None,
         model: str = "default",
         policy: SessionPolicy = SessionPolicy(),
         max_route_attempts: int = 3,
         ban_seconds: float = 60.0,
+        swarm_id: str = DEFAULT_SWARM_ID,
+        mdns: bool = True,
     ):
+        if not initial_peers and mdns:  # look for the swarm on the LAN
+            initial_peers = discover_peers(swarm_id)
         if not initial_peers:
-            raise SwarmConnectionError("no initial peers given: pass the multiaddr a node printed when it started")
+            searched = f"mDNS found no node of swarm {swarm_id!r} on the LAN" if mdns else "mDNS is off"
+            raise SwarmConnectionError(
+                f"no initial peers given, and {searched}: pass the multiaddr a node printed when it started"
+            )
         self.model: ModelSource = open_model(model)
         self.policy = policy
         self.max_route_attempts = max_route_attempts

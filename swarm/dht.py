@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import hivemind
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
@@ -17,10 +18,18 @@ logger = logging.getLogger(__name__)
 
 
 def start_dht(
-    initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 0, client_mode: bool = False
+    initial_peers: Sequence[str],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    client_mode: bool = False,
+    **p2p_options,
 ) -> hivemind.DHT:
-    """Starts a DHT peer (a child process of hivemind's) and joins it to `initial_peers`, if any."""
-    options = {} if client_mode else {"host_maddrs": [f"/ip4/{host}/tcp/{port}"]}
+    """Starts a DHT peer (a child process of hivemind's) and joins it to `initial_peers`, if any.
+
+    `p2p_options` go to hivemind's libp2p daemon: for nodes behind NAT, `announce_maddrs` (the public
+    addresses to announce), `use_relay` and `use_auto_relay` (reach and be reached through relays).
+    """
+    options = dict(p2p_options) if client_mode else {"host_maddrs": [f"/ip4/{host}/tcp/{port}"], **p2p_options}
     try:
         return hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True, **options)
     except P2PDaemonError as error:
@@ -94,3 +103,36 @@ def fetch_value(dht: hivemind.DHT, key: str):
     """The latest unexpired value under `key`, or None."""
     found = dht.get(key, latest=True)
     return None if found is None else found.value
+
+
+async def _ping_peers(maddrs: Sequence[str], dht: hivemind.DHT, node) -> int:
+    """Runs inside the DHT process: connects to each peer, pings it into the routing table, then looks
+    up this node's own neighbours so that both sides learn each other's part of the DHT."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    reached = 0
+    for maddr in maddrs:
+        address = Multiaddr(maddr)
+        peer_id = PeerID.from_base58(address["p2p"])
+        transport = address.decapsulate(Multiaddr(f"/p2p/{address['p2p']}"))  # the daemon dials transports
+        try:
+            await node.p2p._client.connect(peer_id, [transport])
+            reached += await node.protocol.call_ping(peer_id) is not None
+        except Exception as error:  # an unreachable peer is skipped; the others may still answer
+            logger.info("could not reach %s: %r", maddr, error)
+    if reached:
+        await node.find_nearest_nodes([node.node_id])
+    return reached
+
+
+def connect_peers(dht: hivemind.DHT, maddrs: Sequence[str], timeout: float = 15.0) -> int:
+    """Adds peers found after start-up (e.g. on the LAN) to a running DHT; returns how many answered.
+
+    Two nodes that started at the same moment on a LAN each bootstrap a DHT of their own; this merges them.
+    """
+    try:
+        return int(dht.run_coroutine(partial(_ping_peers, list(maddrs)), return_future=True).result(timeout=timeout))
+    except Exception as error:
+        logger.warning("could not add peers %s: %r", list(maddrs), error)
+        return 0
