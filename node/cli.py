@@ -55,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--use-auto-relay", action="store_true", help="find relays by itself when peers cannot reach it directly (behind NAT)")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
+
+    status = commands.add_parser("status", help="show the swarm's nodes and block coverage")
+    status.add_argument("--model", default="default", help="the model whose swarm to show (as given to join)")
+    status.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="any node of the swarm (default: find one on the LAN by mDNS)")
+    status.add_argument("--swarm-id", default="edgeswarm", help="the swarm to look for on the LAN")
+    status.add_argument("--announce-ttl", type=float, default=15.0, help="the nodes' --announce-ttl, to tell how long ago each was seen")
+    status.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    status.add_argument("--plot", metavar="FILE.png", help="also draw the swarm: spans over the block axis, one row per node")
+    status.add_argument("--log-level", default="WARNING")
     return parser
 
 
@@ -102,6 +111,31 @@ def run_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_status(args: argparse.Namespace) -> int:
+    import json
+
+    from node.model_files import open_model
+    from swarm import dht as swarm_dht
+    from swarm.mdns import discover_peers
+    from swarm.status import collect_status, plot_status, render_table
+
+    model = open_model(args.model)
+    peers = args.initial_peers or discover_peers(args.swarm_id)
+    if not peers:
+        raise SwarmError(f"no --initial-peers given and no node of swarm {args.swarm_id!r} found on the LAN")
+    dht = swarm_dht.start_dht(peers, client_mode=True)
+    try:
+        status = collect_status(dht, model.model_id, model.num_blocks, ttl=args.announce_ttl)
+    finally:
+        dht.shutdown()
+    print(json.dumps(status.to_json(), indent=2) if args.json else render_table(status))
+    if args.plot:
+        plot_status(status, args.plot)
+        if not args.json:
+            print(f"wrote {args.plot}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -109,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "join":
             return run_join(args)
+        if args.command == "status":
+            return run_status(args)
     except (ModelNotFoundError, UnsupportedModelError, ValueError, SwarmError, OSError) as error:
         print(f"swarm-node: error: {error}", file=sys.stderr)
         return 2

@@ -112,3 +112,20 @@ def test_client_with_a_dead_initial_peer_gets_a_clear_error(tiny_llama_dir):
     assert time.monotonic() - began < 30
     with pytest.raises(SwarmConnectionError, match="no initial peers given, and mDNS is off"):
         SwarmClient([], model=str(tiny_llama_dir), mdns=False)  # discovery itself is tested on the testbed
+
+
+def test_status_command_shows_nodes_coverage_and_a_plot(tiny_swarm, tiny_llama_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "node.cli", "status", "--model", str(tiny_llama_dir), "--initial-peers", *tiny_swarm.initial_peers]
+    table = subprocess.run(command + ["--plot", str(tmp_path / "swarm.png")], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0, table.stderr[-2000:]
+    for node in tiny_swarm.nodes:
+        assert node.address in table.stdout and f"{node.blocks[0]}:{node.blocks[1]}" in table.stdout
+    assert "min coverage 1" in table.stdout and "GAP" not in table.stdout
+    assert (tmp_path / "swarm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    as_json = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=120).stdout)
+    assert as_json["gaps"] == [] and as_json["coverage"] == [1] * 6
+    assert sorted(node["address"] for node in as_json["nodes"]) == sorted(node.address for node in tiny_swarm.nodes)

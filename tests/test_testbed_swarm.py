@@ -1,0 +1,88 @@
+"""Swarms on real separate hosts: network namespaces on a bridge (scripts/testbed.sh), mDNS and all.
+
+Skipped, with the reason, where namespaces cannot be made (not root, no `ip netns`). Every test tears
+its testbed down, and the processes inside it, even when it fails.
+"""
+
+import json
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from node.launcher import NodeProcess, start_node
+from node.reference import reference_greedy_tokens
+from swarm.client import SwarmClient
+from swarm.routing import Hop
+from swarm.session import InferenceSession, greedy_decode
+from swarm.testbed import Testbed, testbed_available
+from tests.swarm_helpers import until_eos
+
+AVAILABLE, WHY_NOT = testbed_available()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not AVAILABLE, reason=f"no testbed here: {WHY_NOT}")]
+PROMPT = [5, 77, 300, 12, 9, 401]
+
+# Runs inside a testbed host: a client given no address at all finds the swarm by mDNS.
+ZERO_CONFIG_CLIENT = """
+import json, sys, time
+from swarm.client import SwarmClient
+with SwarmClient(model=sys.argv[1]) as client:
+    deadline = time.monotonic() + 60
+    while len(client.servers()) < int(sys.argv[2]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    spans = sorted([r.start_block, r.end_block] for r in client.servers())
+    print(json.dumps({"spans": spans, "tokens": client.generate(json.loads(sys.argv[3]), max_new_tokens=8).token_ids}))
+"""
+
+
+def node_on(testbed: Testbed, host: int, args: list[str]) -> NodeProcess:
+    """A node on a testbed host, told no peer: it finds the others over mDNS."""
+    return start_node(args, prefix=testbed.exec_args(host, []), host=testbed.host_ip(host), mdns=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_llama_dir):
+    return reference_greedy_tokens(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), PROMPT, 16)
+
+
+def test_hosts_find_each_other_over_mdns_and_serve_a_generation(tiny_llama_dir, expected):
+    model = ["--model", str(tiny_llama_dir)]
+    with Testbed(4, force=True) as testbed:
+        nodes = []
+        try:
+            for host, span in ((1, "0:2"), (2, "2:4"), (3, "4:6")):
+                nodes.append(node_on(testbed, host, [*model, "--blocks", span]))
+            # a swarm with another id on the same LAN, serving everything: it must stay apart
+            nodes.append(node_on(testbed, 4, [*model, "--blocks", "0:6", "--swarm-id", "another-swarm"]))
+            finished = testbed.run(
+                4, [sys.executable, "-c", ZERO_CONFIG_CLIENT, str(tiny_llama_dir), "3", json.dumps(PROMPT)], timeout=180
+            )
+            assert finished.returncode == 0, finished.stderr[-3000:]
+            result = json.loads(finished.stdout.strip().splitlines()[-1])
+            assert result["spans"] == [[0, 2], [2, 4], [4, 6]]  # all three hosts, and not the other swarm
+            assert result["tokens"] == until_eos(expected[:8], {2})
+        finally:
+            for node in nodes:
+                node.stop()
+
+
+def test_a_cut_link_mid_generation_fails_over_to_another_host(tiny_llama_dir, expected):
+    model = ["--model", str(tiny_llama_dir)]
+    with Testbed(4, force=True) as testbed:
+        nodes = []
+        try:
+            for host, span in ((1, "0:2"), (2, "2:4"), (3, "2:4"), (4, "4:6")):
+                nodes.append(node_on(testbed, host, [*model, "--blocks", span]))
+            # the test process is the client, in the root namespace, reaching the hosts over the bridge
+            with SwarmClient(nodes[0].initial_peers, model=str(tiny_llama_dir), mdns=False) as client:
+                records = {record.address: record for record in client.servers()}
+                route = [Hop(records[nodes[0].address], 0, 2), Hop(records[nodes[1].address], 2, 4), Hop(records[nodes[3].address], 4, 6)]
+                with InferenceSession(client, route, max_length=64) as session:
+                    cut = lambda i: i == 4 and testbed.cut(2)  # noqa: E731
+                    assert greedy_decode(session, PROMPT, 16, after_token=cut) == expected
+                    [event] = session.failovers
+                    assert event.failed_node == nodes[1].info["node_id"]
+                    assert [hop.record.address for hop in event.replacement] == [nodes[2].address]
+        finally:
+            for node in nodes:
+                node.stop()
