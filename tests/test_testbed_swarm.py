@@ -15,10 +15,11 @@ from node.reference import reference_greedy_tokens
 from swarm.client import SwarmClient
 from swarm.routing import Hop
 from swarm.session import InferenceSession, greedy_decode
-from swarm.testbed import Testbed, testbed_available
+from swarm import testbed as edge_testbed
+from swarm.testbed import Testbed
 from tests.swarm_helpers import until_eos
 
-AVAILABLE, WHY_NOT = testbed_available()
+AVAILABLE, WHY_NOT = edge_testbed.testbed_available()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not AVAILABLE, reason=f"no testbed here: {WHY_NOT}")]
 PROMPT = [5, 77, 300, 12, 9, 401]
 
@@ -86,3 +87,43 @@ def test_a_cut_link_mid_generation_fails_over_to_another_host(tiny_llama_dir, ex
         finally:
             for node in nodes:
                 node.stop()
+
+
+ADVERTISE = """
+import socket, sys, time
+from swarm.mdns import LanPresence
+listener = socket.socket()
+listener.bind((sys.argv[1], 0))
+port = listener.getsockname()[1]
+if sys.argv[2] == "closed":
+    listener.close()  # the advertised address no longer answers: a host whose node vanished
+else:
+    listener.listen()
+presence = LanPresence("12D3KooWfake" + sys.argv[2], "edgeswarm", [f"/ip4/{sys.argv[1]}/tcp/{port}/p2p/12D3KooWfake"], print)
+print("advertising", flush=True)
+time.sleep(30)
+"""
+
+DISCOVER = """
+import json, time
+from swarm.mdns import discover_peers
+began = time.monotonic()
+peers = discover_peers("edgeswarm", timeout=3.0)
+print(json.dumps({"peers": peers, "seconds": time.monotonic() - began}))
+"""
+
+
+def test_stale_advertisements_are_dropped_without_hanging():
+    import subprocess
+
+    with Testbed(3, force=True) as testbed:
+        advertisers = [
+            testbed.popen(host, [sys.executable, "-c", ADVERTISE, testbed.host_ip(host), state], stdout=subprocess.PIPE, text=True)
+            for host, state in ((1, "closed"), (2, "open"))
+        ]
+        for advertiser in advertisers:
+            assert advertiser.stdout.readline().strip() == "advertising"
+        finished = testbed.run(3, [sys.executable, "-c", DISCOVER], timeout=60)
+        found = json.loads(finished.stdout.strip().splitlines()[-1])
+        assert [peer.split("/")[2] for peer in found["peers"]] == [testbed.host_ip(2)]  # host 1's is dropped
+        assert found["seconds"] < 10
