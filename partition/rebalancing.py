@@ -1,8 +1,9 @@
 """Whether a node should move to other blocks: Petals-style, judged on the whole swarm's coverage.
 
-A swarm is scored by (a) the fewest nodes serving any block, counted up to the redundancy target,
-then (b) its bottleneck throughput: the lowest total throughput of any block. A node moves only if
-taking the least-covered window instead of its current span raises (a), or raises (b) by `min_gain`.
+A swarm is scored by (a) how many nodes serve each block, counted up to the redundancy target and
+compared as a sorted list (so covering some of several gaps already counts as progress), then (b) its
+bottleneck throughput: the lowest total throughput of any block. A node moves only if taking the
+least-covered window instead of its current span raises (a), or keeps (a) and raises (b) by `min_gain`.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from partition.span_selection import block_throughputs, choose_least_covered_spa
 from protocol.records import ONLINE, ServerRecord
 
 
-def swarm_score(records: Sequence[ServerRecord], num_blocks: int, redundancy: int) -> tuple[int, float]:
-    """(fewest servers of any block, capped at `redundancy`; lowest total throughput of any block)."""
+def swarm_score(records: Sequence[ServerRecord], num_blocks: int, redundancy: int) -> tuple[tuple[int, ...], float]:
+    """(servers of each block capped at `redundancy`, sorted ascending; lowest total throughput of any block)."""
     counts = [0] * num_blocks
     for record in records:
         if record.state == ONLINE:
             for block in range(record.start_block, record.end_block):
                 counts[block] += 1
-    return min(min(counts), redundancy), min(block_throughputs(records, num_blocks))
+    return tuple(sorted(min(count, redundancy) for count in counts)), min(block_throughputs(records, num_blocks))
 
 
 def choose_move(

@@ -98,6 +98,14 @@ def test_node_moves_into_a_gap_left_by_a_crash():
     assert choose_move(records, me, 30) == (20, 30)
 
 
+def test_nodes_that_all_took_the_same_blocks_spread_out():
+    from partition.rebalancing import choose_move
+
+    # four nodes started at once all saw an empty swarm and took 0:8; moving still leaves gaps, but fewer
+    crowd = [record(name, 0, 8) for name in "abcd"]
+    assert choose_move(crowd, crowd[0], 30) == (8, 16)
+
+
 def test_node_stays_when_moving_gains_too_little():
     from partition.rebalancing import choose_move
 
