@@ -124,8 +124,11 @@ def test_status_command_shows_nodes_coverage_and_a_plot(tiny_swarm, tiny_llama_d
     assert table.returncode == 0, table.stderr[-2000:]
     for node in tiny_swarm.nodes:
         assert node.address in table.stdout and f"{node.blocks[0]}:{node.blocks[1]}" in table.stdout
-    assert "min coverage 1" in table.stdout and "GAP" not in table.stdout
+    assert "gaps: none" in table.stdout and "GAP" not in table.stdout
     assert (tmp_path / "swarm.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     as_json = json.loads(subprocess.run(command + ["--json"], capture_output=True, text=True, timeout=120).stdout)
-    assert as_json["gaps"] == [] and as_json["coverage"] == [1] * 6
-    assert sorted(node["address"] for node in as_json["nodes"]) == sorted(node.address for node in tiny_swarm.nodes)
+    # earlier tests in this module add and kill nodes of their own: the three of the fixture must be there
+    assert as_json["gaps"] == [] and len(as_json["coverage"]) == 6 and min(as_json["coverage"]) >= 1
+    listed = {node["address"]: node for node in as_json["nodes"]}
+    for node in tiny_swarm.nodes:
+        assert listed[node.address]["reachable"] and [listed[node.address]["start_block"], listed[node.address]["end_block"]] == list(node.blocks)
