@@ -53,8 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--announce-maddrs", nargs="*", default=[], metavar="MADDR", help="public DHT multiaddrs to announce (a node behind NAT with a forwarded port)")
     join.add_argument("--no-relay", dest="use_relay", action="store_false", help="do not accept connections through libp2p relays")
     join.add_argument("--use-auto-relay", action="store_true", help="find relays by itself when peers cannot reach it directly (behind NAT)")
+    join.add_argument("--quant", choices=["none", "bf16", "int8"], default="none", help="how to hold weights: none (float32), bf16, or int8 (weight-only, per-channel scales)")
+    join.add_argument("--semantic-basis", default="auto", metavar="auto|off|FILE", help="the semantic activation codec's basis: auto (cached, else fitted from the model in the background), off, or a basis file")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
+
+    generate = commands.add_parser("generate", help="answer a prompt with the swarm (a chat turn) and print the reply")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default="default", help="the swarm's model (as given to join)")
+    generate.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="any node of the swarm (default: find one on the LAN by mDNS)")
+    generate.add_argument("--swarm-id", default="edgeswarm", help="the swarm to look for on the LAN")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--link-quality", default="lossless", metavar="BUDGET", help="activation compression on the links: lossless, high, balanced, max (or prefill=...,decode=..., or a codec name)")
+    generate.add_argument("--log-level", default="WARNING")
 
     status = commands.add_parser("status", help="show the swarm's nodes and block coverage")
     status.add_argument("--model", default="default", help="the model whose swarm to show (as given to join)")
@@ -91,6 +102,8 @@ def run_join(args: argparse.Namespace) -> int:
         announce_maddrs=args.announce_maddrs,
         use_relay=args.use_relay,
         use_auto_relay=args.use_auto_relay,
+        quant=args.quant,
+        semantic_basis=args.semantic_basis,
     )
     node = SwarmNode(settings)
     node.start()
@@ -136,6 +149,17 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_generate(args: argparse.Namespace) -> int:
+    from swarm.client import SwarmClient
+
+    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, link_quality=args.link_quality) as client:
+        prompt = client.apply_chat_template([{"role": "user", "content": args.prompt}])
+        for event in client.stream(prompt, max_new_tokens=args.max_new_tokens):
+            print(event.text, end="", flush=True)
+    print()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -145,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_join(args)
         if args.command == "status":
             return run_status(args)
+        if args.command == "generate":
+            return run_generate(args)
     except (ModelNotFoundError, UnsupportedModelError, ValueError, SwarmError, OSError) as error:
         print(f"swarm-node: error: {error}", file=sys.stderr)
         return 2

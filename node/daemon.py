@@ -18,7 +18,9 @@ import psutil
 
 from node.model_files import ModelSource, open_model
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
+from node.calibration import load_or_fit_basis
 from node.span import TransformerSpan
+from protocol.codecs import SemanticBasis
 from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key
 from partition.planner import Plan
 from partition.profiling import (
@@ -63,6 +65,8 @@ class NodeSettings:
     announce_maddrs: list[str] = field(default_factory=list)  # public DHT addresses, for nodes behind NAT
     use_relay: bool = True  # let peers reach this node through libp2p relays
     use_auto_relay: bool = False  # look for relays by itself when it is not reachable directly
+    quant: str = "none"  # how weights are held: "none" (float32), "bf16" or "int8" (see node.quantization)
+    semantic_basis: str = "auto"  # "auto" (cached, else fitted in the background), "off", or a basis file
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -108,7 +112,7 @@ class SwarmNode:
     def _choose_span(self) -> tuple[int, int]:
         if self.settings.blocks is not None:
             return self.settings.blocks
-        length = self.settings.num_blocks or blocks_that_fit(self.model.config)
+        length = self.settings.num_blocks or blocks_that_fit(self.model.config, quant=self.settings.quant)
         records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
         return choose_least_covered_span(records, self.model.num_blocks, length)
 
@@ -147,9 +151,11 @@ class SwarmNode:
             throughput=throughput,
             kv_free_bytes=self._kv_free_bytes(),
             prefill_throughput=prefill_throughput,
-            max_blocks=settings.num_blocks or blocks_that_fit(self.model.config),
+            max_blocks=settings.num_blocks or blocks_that_fit(self.model.config, quant=self.settings.quant),
             memory_bytes=psutil.virtual_memory().available,
             partition=settings.partition,
+            codecs=tuple(self.servicer.codecs),
+            weight_quant=settings.quant,
         )
         self._measure_links()
         if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
@@ -162,6 +168,25 @@ class SwarmNode:
                 logger.info("not advertising over mDNS: %s", error)
         if settings.blocks is None and settings.rebalance_period > 0:
             threading.Thread(target=self._rebalance, name="rebalance", daemon=True).start()
+        if settings.semantic_basis != "off":
+            threading.Thread(target=self._prepare_semantic_basis, name="semantic-basis", daemon=True).start()
+
+    def _prepare_semantic_basis(self) -> None:
+        """Loads (or fits and caches) the semantic codec's basis, then offers the codec to clients."""
+        try:
+            if self.settings.semantic_basis == "auto":
+                basis = load_or_fit_basis(self.model)
+            else:
+                basis = SemanticBasis.load(self.settings.semantic_basis)
+        except Exception as error:  # the node serves on without the semantic codec
+            logger.warning("no semantic codec on this node: %s", error)
+            return
+        if basis.hidden_size != self.model.config.hidden_size or max(basis.boundaries) != self.model.num_blocks:
+            logger.warning("semantic basis %s does not fit model %s; not using it", basis.digest, self.model.model_id)
+            return
+        self.servicer.semantic_basis = basis
+        self._update_record(codecs=tuple(self.servicer.codecs), semantic_basis=basis.digest)
+        logger.info("semantic codec ready (basis %s)", basis.digest)
 
     def _join_lan_peers(self, maddrs: list[str]) -> None:
         """Adds peers that appeared on the LAN to the DHT (merging swarms that bootstrapped apart)."""
@@ -176,7 +201,8 @@ class SwarmNode:
 
     def _load_span(self, start: int, end: int) -> TransformerSpan:
         logger.info("loading blocks %d:%d of %s", start, end, self.model.model_id)
-        return TransformerSpan(self.model.config, start, end, [self.model.block_state(i) for i in range(start, end)])
+        states = (self.model.block_state(index) for index in range(start, end))
+        return TransformerSpan(self.model.config, start, end, states, quant=self.settings.quant)
 
     def _measure_links(self) -> None:
         """Measures bandwidth and RTT to every announced peer not measured yet, and keeps them in the record."""

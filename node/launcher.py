@@ -78,11 +78,14 @@ def start_node(
 
     `prefix` goes before the command: a shell that first puts itself in a CPU-limited cgroup, or
     `ip netns exec HOST` for a testbed host. mDNS is off unless asked for, so that loopback swarms
-    never join (or get joined by) a LAN swarm running on the same machine.
+    never join (or get joined by) a LAN swarm running on the same machine. The semantic codec is off
+    unless `--semantic-basis` is among `args`, so that no node spends its first seconds fitting a basis.
     """
     command = [*prefix, sys.executable, "-m", "node.cli", "join", "--host", host, *args]
     if not mdns:
         command.append("--no-mdns")
+    if "--semantic-basis" not in args:
+        command += ["--semantic-basis", "off"]
     if initial_peers:
         command += ["--initial-peers", *initial_peers]
     stderr = open(log_file, "a") if log_file else subprocess.DEVNULL

@@ -13,9 +13,10 @@ import psutil
 import torch
 
 from node.span import SpanCache, TransformerSpan
-from node.validation import InvalidRequest, StepInputs, decode_step_inputs
+from node.validation import InvalidRequest, StepInputs, check_reply_codec, decode_step_inputs
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
 from protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._sessions: dict[str, SpanCache] = {}
         self._sessions_lock = threading.Lock()
         self.accepting = True
+        self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see node.calibration)
+
+    @property
+    def bases(self) -> dict[str, SemanticBasis]:
+        basis = self.semantic_basis
+        return {} if basis is None else {basis.digest: basis}
 
     # --- helpers ---------------------------------------------------------------------------------
 
@@ -82,19 +89,45 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             )
         return span
 
-    def _decode(self, span: TransformerSpan, hidden: pb.Tensor, positions: pb.Tensor, mask: pb.Tensor) -> StepInputs:
+    def _decode(
+        self, span: TransformerSpan, hidden: pb.Tensor, positions: pb.Tensor, mask: pb.Tensor, reply_codec: str
+    ) -> StepInputs:
+        bases = self.bases
+        check_reply_codec(reply_codec, bases)
         return decode_step_inputs(
-            hidden, positions, mask, hidden_size=span.config.hidden_size, max_position=self.limits.max_session_length
+            hidden,
+            positions,
+            mask,
+            hidden_size=span.config.hidden_size,
+            max_position=self.limits.max_session_length,
+            bases=bases,
         )
 
     def _run(
-        self, span: TransformerSpan, inputs: StepInputs, start: int, end: int, cache: SpanCache | None
+        self,
+        span: TransformerSpan,
+        inputs: StepInputs,
+        start: int,
+        end: int,
+        cache: SpanCache | None,
+        reply_codec: str,
     ) -> pb.Tensor:
         tokens = inputs.hidden_states.shape[0] * inputs.hidden_states.shape[1]
         with self._compute_lock:
             torch.set_num_threads(1 if tokens <= SMALL_STEP_TOKENS else self._max_threads)
             output = span(inputs.hidden_states, inputs.position_ids, inputs.padding_mask, cache, start=start, end=end)
-        return serialize_tensor(output.to(inputs.wire_dtype))
+        return self._encode_reply(output.to(inputs.wire_dtype), reply_codec, boundary=end)
+
+    def _encode_reply(self, output: torch.Tensor, codec: str, boundary: int) -> pb.Tensor:
+        """The output in the codec the client asked for; the lossless codec when that codec cannot carry it
+        (e.g. values beyond float16's range). The message names the codec used, so the client can tell."""
+        if not codec:
+            return serialize_tensor(output)
+        try:
+            return encode_tensor(output, codec, basis=self.semantic_basis, boundary=boundary)
+        except CodecError as error:
+            logger.info("reply codec %s cannot carry this output (%s); sending it lossless", codec, error)
+            return encode_tensor(output, "lossless")
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -118,10 +151,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardResponse:
         span = self._admit(context, request.model_id, request.start_block, request.end_block)
         try:
-            inputs = self._decode(span, request.hidden_states, request.position_ids, request.attention_mask)
+            inputs = self._decode(
+                span, request.hidden_states, request.position_ids, request.attention_mask, request.reply_codec
+            )
         except InvalidRequest as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        output = self._run(span, inputs, request.start_block, request.end_block, cache=None)
+        output = self._run(span, inputs, request.start_block, request.end_block, None, request.reply_codec)
         return pb.ForwardResponse(hidden_states=output)
 
     def InferenceSession(
@@ -160,7 +195,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
             step = request.step
             try:
-                inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask)
+                inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask, step.reply_codec)
                 batch, length = inputs.hidden_states.shape[:2]
                 if cache.batch_size is not None and batch != cache.batch_size:
                     raise InvalidRequest(f"session has batch size {cache.batch_size}, step has {batch}")
@@ -171,7 +206,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                     )
             except InvalidRequest as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            output = self._run(span, inputs, opening.start_block, opening.end_block, cache)
+            output = self._run(span, inputs, opening.start_block, opening.end_block, cache, step.reply_codec)
             yield pb.SessionResponse(step_id=step.step_id, hidden_states=output, cache_length=cache.length)
 
     def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
@@ -186,7 +221,16 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             kv_cache_bytes=self.kv_cache_bytes,
             throughput=self.throughput,
             load_rss_growth_bytes=self.load_rss_growth,
+            codecs=self.codecs,
+            semantic_basis=self.semantic_basis.digest if self.semantic_basis else "",
+            weight_quant=self.span.quant,
+            weight_bytes=self.span.weight_bytes,
         )
+
+    @property
+    def codecs(self) -> list[str]:
+        """The activation codecs this node reads and writes now (semantic only once it holds a basis)."""
+        return [name for name in CODECS if name != "semantic" or self.semantic_basis is not None]
 
     def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoResponse:
         if not 0 <= request.reply_bytes <= MAX_ECHO_BYTES:

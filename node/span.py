@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
 from node.architectures import architecture_of
+from node.quantization import quantize_block, weight_bytes
 
 
 class SpanCache:
@@ -60,12 +63,19 @@ def attention_mask_for(padding_mask: torch.Tensor, query_length: int) -> torch.T
 class TransformerSpan(nn.Module):
     """Blocks [start, end) of a model, with the rotary embedding they need."""
 
-    def __init__(self, config: PretrainedConfig, start: int, end: int, block_states: list[dict[str, torch.Tensor]]):
+    def __init__(
+        self,
+        config: PretrainedConfig,
+        start: int,
+        end: int,
+        block_states: Iterable[dict[str, torch.Tensor]],
+        quant: str = "none",
+    ):
+        """`block_states` may be a generator: each block is loaded, then quantized (`quant`, see
+        node.quantization) before the next is read, so float32 weights of only one block exist at a time."""
         super().__init__()
-        if len(block_states) != end - start:
-            raise ValueError(f"got {len(block_states)} block states for span {start}:{end}")
         architecture = architecture_of(config)
-        self.config, self.start, self.end = config, start, end
+        self.config, self.start, self.end, self.quant = config, start, end, quant
         # Layers are created on the meta device (no memory) and receive the loaded tensors by assignment.
         # Pitfall: layer_idx must be relative to the span. It indexes this span's own KV cache; absolute
         # indices would make the cache grow empty layers 0..start-1, and transformers' mask helpers read
@@ -73,8 +83,13 @@ class TransformerSpan(nn.Module):
         with torch.device("meta"):
             layers = [architecture.decoder_layer(config, layer_idx=i) for i in range(end - start)]
         self.layers = nn.ModuleList(layers)
+        loaded = 0
         for layer, state in zip(self.layers, block_states):
             layer.load_state_dict(state, strict=True, assign=True)
+            quantize_block(layer, quant)
+            loaded += 1
+        if loaded != end - start:
+            raise ValueError(f"got {loaded} block states for span {start}:{end}")
         # Pitfall: rotary `inv_freq` is a non-persistent buffer, absent from any state dict, so after a
         # meta-device build it must be created for real; building the module outside `meta` does that.
         self.rotary_emb = architecture.rotary_embedding(config=config)
@@ -82,7 +97,13 @@ class TransformerSpan(nn.Module):
 
     @property
     def num_parameters(self) -> int:
-        return sum(parameter.numel() for parameter in self.parameters())
+        """Values held by the blocks: weights (quantized ones included) and quantization scales."""
+        return sum(tensor.numel() for tensor in [*self.layers.parameters(), *self.layers.buffers()])
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the blocks' weights take as held (after quantization)."""
+        return weight_bytes(self.layers)
 
     @torch.inference_mode()
     def forward(

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
+from collections.abc import Mapping
+
+from protocol.codecs import CODECS, SemanticBasis, decode_tensor
 from protocol.tensors import TensorDecodeError, deserialize_tensor
 from proto import dataplane_pb2 as pb
 
@@ -31,10 +34,14 @@ def decode_step_inputs(
     *,
     hidden_size: int,
     max_position: int,
+    bases: Mapping[str, SemanticBasis] | None = None,
 ) -> StepInputs:
-    """Decodes and validates the three tensors of a step, raising InvalidRequest with a precise reason."""
+    """Decodes and validates the three tensors of a step, raising InvalidRequest with a precise reason.
+
+    hidden_states may come in any codec of protocol.codecs (semantic ones need their basis in `bases`).
+    """
     try:
-        hidden = deserialize_tensor(hidden_states)
+        hidden = decode_tensor(hidden_states, bases=bases)
         positions = deserialize_tensor(position_ids)
         mask = deserialize_tensor(attention_mask)
     except TensorDecodeError as error:
@@ -62,3 +69,11 @@ def decode_step_inputs(
         padding_mask=mask.to(torch.bool),
         wire_dtype=hidden.dtype,
     )
+
+
+def check_reply_codec(name: str, bases: Mapping[str, SemanticBasis]) -> None:
+    """Refuses a reply codec this node cannot produce."""
+    if name and name not in CODECS:
+        raise InvalidRequest(f"unknown reply codec {name!r}; this node speaks {', '.join(sorted(CODECS))}")
+    if name == "semantic" and not bases:
+        raise InvalidRequest("reply codec 'semantic' asked for, but this node holds no semantic basis")

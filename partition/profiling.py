@@ -9,15 +9,17 @@ import torch
 from transformers import PretrainedConfig
 
 from node.architectures import architecture_of
+from node.quantization import quantize_block, weight_bytes
 from node.span import SpanCache, TransformerSpan
 
 
-def block_parameter_bytes(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of one decoder block's weights, counted on a layer built on the meta device (no memory used)."""
+def block_parameter_bytes(config: PretrainedConfig, quant: str = "none") -> int:
+    """Bytes of one decoder block's weights held as `quant` (see node.quantization), counted on a layer
+    built on the meta device (no memory used)."""
     architecture = architecture_of(config)
     with torch.device("meta"):
-        layer = architecture.decoder_layer(config, layer_idx=0)
-    return sum(parameter.numel() for parameter in layer.parameters()) * dtype.itemsize
+        layer = quantize_block(architecture.decoder_layer(config, layer_idx=0), quant)
+    return weight_bytes(layer)
 
 
 def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -26,9 +28,11 @@ def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype = torch.floa
     return 2 * config.num_key_value_heads * head_dim * dtype.itemsize
 
 
-def blocks_that_fit(config: PretrainedConfig, memory_fraction: float = 0.5, reserved_tokens: int = 8192) -> int:
+def blocks_that_fit(
+    config: PretrainedConfig, memory_fraction: float = 0.5, reserved_tokens: int = 8192, quant: str = "none"
+) -> int:
     """How many blocks fit in `memory_fraction` of available memory, with KV room for `reserved_tokens`."""
-    per_block = block_parameter_bytes(config) + reserved_tokens * kv_bytes_per_token(config)
+    per_block = block_parameter_bytes(config, quant) + reserved_tokens * kv_bytes_per_token(config)
     budget = psutil.virtual_memory().available * memory_fraction
     return max(1, min(int(config.num_hidden_layers), int(budget // per_block)))
 

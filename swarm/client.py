@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,19 +12,23 @@ from functools import cached_property
 import grpc
 import torch
 
+from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.codecs import SemanticBasis
+from protocol.link_policy import LinkQuality
 from protocol.records import ServerRecord
-from protocol.tensors import deserialize_tensor, serialize_tensor
+from protocol.tensors import serialize_tensor
 from swarm import dht as swarm_dht
 from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
 from swarm.mdns import DEFAULT_SWARM_ID, discover_peers
 from swarm.routing import Hop, plan_route
 from swarm.sampling import next_tokens
+from swarm.links import LinkCodecs
 from swarm.session import InferenceSession, SessionPolicy, positions_for
-from swarm.transport import open_channel, remote_error
+from swarm.transport import decode_hidden, encode_hidden, open_channel, remote_error
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ class SwarmClient:
         ban_seconds: float = 60.0,
         swarm_id: str = DEFAULT_SWARM_ID,
         mdns: bool = True,
+        link_quality: LinkQuality | str = "lossless",
     ):
         if not initial_peers and mdns:  # look for the swarm on the LAN
             initial_peers = discover_peers(swarm_id)
@@ -79,6 +85,23 @@ class SwarmClient:
         self.ban_seconds = ban_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True)
+        if isinstance(link_quality, str):
+            link_quality = LinkQuality.parse(link_quality)
+        self.links = LinkCodecs(link_quality, self.model.config.hidden_size, self._semantic_basis)
+        self._basis_lock = threading.Lock()
+        self._basis: SemanticBasis | None = None
+        self._basis_tried = False
+
+    def _semantic_basis(self) -> SemanticBasis | None:
+        """The semantic codec's basis for this model, loaded (or fitted: see node.calibration) on first use."""
+        with self._basis_lock:
+            if not self._basis_tried:
+                self._basis_tried = True
+                try:
+                    self._basis = load_or_fit_basis(self.model)
+                except Exception as error:  # then the semantic codec is simply not used
+                    logger.warning("the semantic codec is unavailable: %s", error)
+            return self._basis
 
     @cached_property
     def head(self) -> ClientHead:
@@ -301,20 +324,22 @@ class SwarmClient:
         positions = positions_for(mask, torch.zeros(input_ids.shape[0], dtype=torch.long))
         hidden = self.head.embed(input_ids)
         for hop in self.route():
+            codecs = self.links.for_step(hop, *hidden.shape[:2])
             channel = open_channel(hop.record.address, self.policy.connect_timeout)
             try:
                 request = pb.ForwardRequest(
                     model_id=self.model.model_id,
                     start_block=hop.start,
                     end_block=hop.end,
-                    hidden_states=serialize_tensor(hidden),
+                    hidden_states=encode_hidden(hidden, codecs, hop.start),
                     position_ids=serialize_tensor(positions),
                     attention_mask=serialize_tensor(mask),
+                    reply_codec=codecs.reply,
                 )
                 response = pb_grpc.BlockServiceStub(channel).Forward(request, timeout=timeout)
             except grpc.RpcError as error:
                 raise remote_error(hop, error) from error
             finally:
                 channel.close()
-            hidden = deserialize_tensor(response.hidden_states)
+            hidden = decode_hidden(hop, response.hidden_states, codecs)
         return self.head.logits(hidden)

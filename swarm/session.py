@@ -147,6 +147,11 @@ class InferenceSession:
         """The hops this session runs through now (it changes when a node is replaced)."""
         return [state.hop for state in self._hops]
 
+    @property
+    def link_bytes(self) -> int:
+        """Hidden-state bytes sent to and received from the current hops so far, as encoded on the links."""
+        return sum(state.stream.bytes_sent + state.stream.bytes_received for state in self._hops)
+
     def close(self) -> None:
         for state in self._hops:
             state.stream.close()
@@ -196,8 +201,9 @@ class InferenceSession:
 
     def _step_hop(self, state: _HopState, step: SentStep) -> torch.Tensor:
         tokens = step.hidden.shape[0] * step.hidden.shape[1]
+        codecs = self.client.links.for_step(state.hop, *step.hidden.shape[:2])
         began = time.monotonic()
-        state.stream.send(step.hidden, step.positions, step.mask)
+        state.stream.send(step.hidden, step.positions, step.mask, codecs)
         try:
             output = state.stream.receive(state.deadline(tokens, self.policy.min_step_deadline))
         except StepTimeout:
@@ -270,7 +276,8 @@ class InferenceSession:
         outputs = []
         for begin in range(0, inputs.hidden.shape[1], self.prefill_chunk):
             chunk = SentStep(*(tensor[:, begin : begin + self.prefill_chunk] for tensor in (inputs.hidden, inputs.positions, inputs.mask)))
-            outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.policy.step_timeout))
+            codecs = self.client.links.for_step(state.hop, *chunk.hidden.shape[:2])
+            outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.policy.step_timeout, codecs))
             state.sent.append(chunk)
         return torch.cat(outputs, dim=1)
 

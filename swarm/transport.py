@@ -11,8 +11,10 @@ import torch
 from node.service import MAX_MESSAGE_BYTES
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.tensors import TensorDecodeError, deserialize_tensor, serialize_tensor
+from protocol.codecs import decode_tensor, encode_tensor, encoded_size
+from protocol.tensors import TensorDecodeError, serialize_tensor
 from swarm.errors import NodeUnavailableError, RemoteError
+from swarm.links import RAW, StepCodecs
 from swarm.routing import Hop
 
 _CHANNEL_OPTIONS = [
@@ -57,13 +59,20 @@ def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
     return NodeUnavailableError(f"{where} failed: {name}: {details}")
 
 
-def step_message(step_id: int, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> pb.SessionStep:
-    return pb.SessionStep(
-        step_id=step_id,
-        hidden_states=serialize_tensor(hidden),
-        position_ids=serialize_tensor(positions),
-        attention_mask=serialize_tensor(mask),
-    )
+def encode_hidden(hidden: torch.Tensor, codecs: StepCodecs, boundary: int) -> pb.Tensor:
+    """Hidden states entering block `boundary`, in the step's request codec."""
+    if not codecs.compressed:
+        return serialize_tensor(hidden)
+    return encode_tensor(hidden, codecs.request, basis=codecs.basis, boundary=boundary)
+
+
+def decode_hidden(hop: Hop, message: pb.Tensor, codecs: StepCodecs) -> torch.Tensor:
+    """A node's output hidden states, whatever codec it used; RemoteError if they do not decode."""
+    bases = {codecs.basis.digest: codecs.basis} if codecs.basis is not None else None
+    try:
+        return decode_tensor(message, bases=bases)
+    except TensorDecodeError as error:
+        raise RemoteError(f"node {hop.record.node_id} sent a malformed tensor: {error}") from error
 
 
 class StepTimeout(NodeUnavailableError):
@@ -91,6 +100,9 @@ class SpanStream:
         self._reader = threading.Thread(target=self._read_responses, daemon=True, name=f"hop-{hop.start}")
         self._reader.start()
         self._next_step_id = 0
+        self._codecs: list[StepCodecs] = []  # of each step not answered yet, oldest first
+        self.bytes_sent = 0  # hidden-state bytes on the link, as encoded
+        self.bytes_received = 0
 
     def _read_responses(self) -> None:
         try:
@@ -100,14 +112,26 @@ class SpanStream:
         except grpc.RpcError as error:
             self._responses.put(error)
 
-    def step(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, timeout: float) -> torch.Tensor:
+    def step(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, timeout: float, codecs: StepCodecs = RAW
+    ) -> torch.Tensor:
         """Sends one step and returns this hop's output hidden states (see `send` and `receive`)."""
-        self.send(hidden, positions, mask)
+        self.send(hidden, positions, mask, codecs)
         return self.receive(timeout)
 
-    def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> None:
-        """Queues one step for the node."""
-        self._requests.put(pb.SessionRequest(step=step_message(self._next_step_id, hidden, positions, mask)))
+    def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW) -> None:
+        """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`."""
+        encoded = encode_hidden(hidden, codecs, self.hop.start)
+        self.bytes_sent += encoded_size(encoded)
+        step = pb.SessionStep(
+            step_id=self._next_step_id,
+            hidden_states=encoded,
+            position_ids=serialize_tensor(positions),
+            attention_mask=serialize_tensor(mask),
+            reply_codec=codecs.reply,
+        )
+        self._requests.put(pb.SessionRequest(step=step))
+        self._codecs.append(codecs)
         self._next_step_id += 1
 
     def receive(self, timeout: float) -> torch.Tensor:
@@ -122,10 +146,8 @@ class SpanStream:
             raise remote_error(self.hop, response)
         if response is _END or response.step_id != step_id:
             raise NodeUnavailableError(f"node {self.hop.record.node_id} ended the session or answered out of order")
-        try:
-            return deserialize_tensor(response.hidden_states)
-        except TensorDecodeError as error:
-            raise RemoteError(f"node {self.hop.record.node_id} sent a malformed tensor: {error}") from error
+        self.bytes_received += encoded_size(response.hidden_states)
+        return decode_hidden(self.hop, response.hidden_states, self._codecs.pop(0))
 
     def close(self) -> None:
         """Ends the stream (the server frees the session's cache) and the channel."""

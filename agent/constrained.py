@@ -1,0 +1,652 @@
+"""Schema-constrained tool calls: even a 135M model emits calls that parse and match their schemas.
+
+The model is asked (by `tool_prompt`) to answer either in plain text or with one or more calls
+written as ``<tool_call>{"name": "<name>", "arguments": {...}}</tool_call>``. `decode_tool_calls`
+then writes that output itself, asking the model only at *decision points* and letting it choose,
+greedily, among the tokens that keep the output valid:
+
+  * call or answer: the best logit of a token that starts ``<tool_call>`` against the best other one;
+  * the function name, enum values, booleans and object keys: step-wise through a token trie of the
+    allowed texts, each tokenised on its own (a node with a single child costs no model step);
+  * optional properties: by the trie over the keys that may come next (optional ones up to the next
+    required key), or, when only optional ones are left, by the best ``,`` token against the best ``}``;
+  * strings: any token whose bytes hold no quote, backslash or control character, until the model
+    prefers a token that closes the string (content, then ``"``, then maybe more, such as ``",``);
+  * numbers: digits (after an optional ``-``, and for `number` one ``.``) while the model's overall
+    best token continues the number; arrays: ``,`` against ``]``; another call after a call: as above.
+
+Everything else (punctuation, keys, ``<tool_call>``) is *forced*: appended as text without asking the
+model. Forced text is buffered and tokenised as a whole when the model is next asked, so runs of forced
+text are tokenised canonically and reach the stepper in a single multi-token step together with the
+token chosen just before them. Chosen tokens keep their own ids, so at the seams between chosen and
+forced text the tokenisation may be non-canonical; it always spells exactly the output text, which is
+what the model needs. When a string ends with a token that carries text past its quote (``"}``, ``",``),
+that tail is kept only if it is the start of the text forced next, which then skips it; otherwise the
+token is replaced by its content and a lone quote.
+
+Masks over the vocabulary (string content, digits, tokens starting with a given character, ...) are
+built once per tokenizer from the tokens' bytes and cached, so a decision costs a few tensor operations.
+
+Supported schema keywords: type (a list picks its first non-null type), properties, required, items,
+enum, const, minItems/maxItems, minLength/maxLength, anyOf/oneOf (the first branch). Not enforced:
+pattern, format, minimum/maximum (except that a minimum >= 0 forbids a sign), multipleOf, uniqueItems;
+additional properties are never generated. allOf, not and $ref raise `UnsupportedSchemaError`.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.cache_utils import DynamicCache
+
+CALL_OPEN = "<tool_call>"
+CALL_CLOSE = "</tool_call>"
+_MAX_DIGITS = 15  # digits in one number, fraction included
+_DEFAULT_MAX_ITEMS = 8  # items in an array whose schema sets no maxItems
+_MAX_LEADING_WHITESPACE = 2  # whitespace tokens passed through before a call/answer decision
+
+_SYSTEM_PROMPT = """You are a helpful assistant that can call functions. You have access to these functions:
+<tools>
+{tools}
+</tools>
+
+To call a function, reply with only:
+<tool_call>{{"name": "<function name>", "arguments": {{<the arguments as a JSON object>}}}}</tool_call>
+For several calls, put each <tool_call> on its own line. If no function is needed, answer in plain text."""
+
+
+class TokenStepper(Protocol):
+    """Incremental decoding with a cache kept by the stepper: feed tokens, get the last position's logits."""
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor: ...  # [1, n] -> [1, vocab] logits of the last position
+
+
+class UnsupportedSchemaError(ValueError):
+    """A tool's parameter schema uses a construct that constrained decoding cannot follow."""
+
+
+class LocalStepper:
+    """A `TokenStepper` over a transformers causal LM in this process, with a DynamicCache."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.cache = DynamicCache()
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            output = self.model(input_ids=torch.as_tensor(input_ids), past_key_values=self.cache, use_cache=True)
+        return output.logits[:, -1]
+
+    def reset(self) -> None:
+        """Forgets everything fed so far."""
+        self.cache = DynamicCache()
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class Decision:
+    """What the model decided: `calls` (non-empty) or a plain-text `answer`."""
+
+    calls: list[ToolCall]
+    answer: str | None
+    text: str  # everything generated after the prompt
+    tokens: int  # generated tokens, forced ones included
+    steps: int  # stepper calls, the prompt's included
+    token_ids: list[int] = field(default_factory=list)  # the generated tokens
+    fed_tokens: int = 0  # how many of `token_ids` the stepper has seen (trailing forced text may be unfed)
+
+    @property
+    def is_call(self) -> bool:
+        return bool(self.calls)
+
+
+# --- the prompt ------------------------------------------------------------------------------------
+
+
+def tool_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict]) -> list[int]:
+    """Prompt ids: the chat template over `messages`, with a system message listing `tools` and the format."""
+    listing = "\n".join(json.dumps(tool) for tool in tools)
+    system = _SYSTEM_PROMPT.format(tools=listing)
+    messages = list(messages)
+    if messages and messages[0].get("role") == "system":
+        system = f"{messages[0]['content']}\n\n{system}"
+        messages = messages[1:]
+    chat = [{"role": "system", "content": system}, *messages]
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+# --- the vocabulary as bytes, and masks over it ------------------------------------------------------
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character standing for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            chars[chr(byte)] = byte
+        else:
+            chars[chr(256 + extra)] = byte
+            extra += 1
+    return chars
+
+
+def _token_bytes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[bytes], set[int]]:
+    """Each token's bytes, and the ids of special tokens.
+
+    Byte-level BPE tokens (SmolLM2, Qwen2, Llama 3) are mapped back to bytes exactly; other tokenizers
+    fall back to decoding each token alone.
+    """
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    special = {index for index, token in added.items() if getattr(token, "special", False)}
+    alphabet = _byte_level_alphabet()
+    ordinary = [piece for index, piece in enumerate(pieces) if index not in added and piece]
+    if all(char in alphabet for piece in ordinary for char in piece):
+        convert = lambda piece: bytes(alphabet[char] for char in piece)  # noqa: E731
+    else:
+        convert = None
+    result = []
+    for index, piece in enumerate(pieces):
+        if index in added or piece is None:
+            result.append(str(added[index].content if index in added else "").encode())
+        elif convert is not None:
+            result.append(convert(piece))
+        else:
+            result.append(tokenizer.decode([index]).encode())
+    return result, special
+
+
+class Vocab:
+    """Token bytes and boolean masks over the vocabulary, built once per tokenizer (see `vocab_for`)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        self.bytes, self.special_ids = _token_bytes(tokenizer)
+        self.size = len(self.bytes)
+        self.ids_by_bytes = {text: index for index, text in enumerate(self.bytes) if index not in self.special_ids}
+        self.special = self._mask(lambda index, text: index in self.special_ids)
+        self.string_body = self._mask(lambda index, text: bool(text) and _is_string_content(text))
+        self.quote_split = self._quote_splits()
+        self.string_end = self._mask(lambda index, text: index in self.quote_split)
+        self.digits = self._mask(lambda index, text: text.isdigit() and text.isascii())
+        self.lead_digits = self.digits & self._mask(lambda index, text: text == b"0" or not text.startswith(b"0"))
+        self.char_counts = torch.tensor([sum(1 for byte in text if byte & 0xC0 != 0x80) for text in self.bytes])
+        self.whitespace = self._mask(lambda index, text: bool(text) and not text.strip() and index not in self.special_ids)
+        opening = CALL_OPEN.encode()
+        self.call_start = self._mask(
+            lambda index, text: bool(text.lstrip()) and (opening.startswith(text.lstrip()) or text.lstrip().startswith(opening))
+        )
+        self._starts: dict[bytes, torch.Tensor] = {}
+
+    def _mask(self, predicate) -> torch.Tensor:
+        return torch.tensor([predicate(index, text) for index, text in enumerate(self.bytes)], dtype=torch.bool)
+
+    def _quote_splits(self) -> dict[int, tuple[bytes, bytes]]:
+        """Tokens that can close a string: valid content, a quote, anything -> (content, text after the quote)."""
+        splits = {}
+        for index, text in enumerate(self.bytes):
+            head, quote, tail = text.partition(b'"')
+            if quote and index not in self.special_ids and _is_string_content(head):
+                splits[index] = (head, tail)
+        return splits
+
+    def starts_with(self, prefix: bytes) -> torch.Tensor:
+        """Tokens whose bytes start with `prefix` (cached per prefix)."""
+        if prefix not in self._starts:
+            self._starts[prefix] = self._mask(lambda index, text: text.startswith(prefix) and index not in self.special_ids)
+        return self._starts[prefix]
+
+    def token_id(self, text: bytes) -> int | None:
+        return self.ids_by_bytes.get(text)
+
+
+def _is_string_content(text: bytes) -> bool:
+    """True when `text` may appear verbatim inside a JSON string: no quote, backslash or control character."""
+    return not any(byte < 0x20 or byte in (0x22, 0x5C) for byte in text)
+
+
+_VOCABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def vocab_for(tokenizer: PreTrainedTokenizerBase) -> Vocab:
+    """The `Vocab` of `tokenizer`, built on first use and then cached."""
+    vocab = _VOCABS.get(tokenizer)
+    if vocab is None:
+        vocab = _VOCABS[tokenizer] = Vocab(tokenizer)
+    return vocab
+
+
+# --- the writer: forced text, chosen tokens, and the stepper -----------------------------------------
+
+
+class _Writer:
+    """Builds the output: buffers forced text, appends chosen tokens, and steps the model only when asked."""
+
+    def __init__(self, stepper: TokenStepper, vocab: Vocab, prompt_ids: list[int]):
+        self.stepper = stepper
+        self.vocab = vocab
+        self.out = bytearray()  # the output text so far, forced and chosen
+        self.ids: list[int] = []  # generated ids (forced text tokenised when it is flushed)
+        self.steps = 0
+        self._unfed = list(prompt_ids)
+        self._fed_generated = 0
+        self._text = ""  # forced text not tokenised yet
+        self._skip = b""  # text already emitted by a string-closing token, to drop from the next forced text
+        self._logits: torch.Tensor | None = None
+
+    def force(self, text: str) -> None:
+        """Appends `text` without asking the model."""
+        data = text.encode()
+        overlap = min(len(self._skip), len(data))
+        if data[:overlap] != self._skip[:overlap]:
+            raise AssertionError(f"forced {text!r} does not continue the emitted {self._skip!r}")
+        self._skip, data = self._skip[overlap:], data[overlap:]
+        self._text += data.decode()
+        self.out += data
+
+    def emit(self, token_id: int, skip: bytes = b"") -> None:
+        """Appends a chosen token; `skip` is the part of it that the next forced text will repeat."""
+        if self._skip:
+            raise AssertionError(f"a token was chosen while {self._skip!r} awaited forced text")
+        self._tokenize_text()
+        self._append_ids([token_id])
+        self.out += self.vocab.bytes[token_id]
+        self._skip = skip
+
+    def logits(self) -> torch.Tensor:
+        """The model's logits after everything written so far (one step for all of it)."""
+        self._tokenize_text()
+        if self._unfed:
+            logits = self.stepper.step(torch.tensor([self._unfed], dtype=torch.long))
+            self._logits = logits[0].float()
+            self._fed_generated = len(self.ids)
+            self._unfed = []
+            self.steps += 1
+        assert self._logits is not None, "logits were asked for before anything was fed"
+        return self._logits
+
+    def pick(self, allowed: torch.Tensor | None = None) -> int:
+        """The id of the best token among `allowed` (all tokens when None)."""
+        logits = self.logits()
+        if allowed is not None:
+            logits = logits.masked_fill(~self._fit(allowed, logits.shape[0]), float("-inf"))
+        return int(logits.argmax())
+
+    def best(self, allowed: torch.Tensor) -> float:
+        """The best logit among `allowed` (-inf when none is)."""
+        logits = self.logits()
+        allowed = self._fit(allowed, logits.shape[0])
+        return float(logits[allowed].max()) if bool(allowed.any()) else float("-inf")
+
+    def finish(self) -> None:
+        """Tokenises pending forced text without feeding it (nothing more will be asked)."""
+        self._tokenize_text()
+
+    @property
+    def fed_tokens(self) -> int:
+        return self._fed_generated
+
+    def _tokenize_text(self) -> None:
+        if self._text:
+            ids = list(self.vocab.tokenizer.encode(self._text, add_special_tokens=False))
+            if b"".join(self.vocab.bytes[index] for index in ids) != self._text.encode():
+                raise ValueError(f"the tokenizer does not spell {self._text!r} back exactly; it cannot be constrained")
+            self._append_ids(ids)
+            self._text = ""
+
+    def _append_ids(self, ids: list[int]) -> None:
+        self.ids += ids
+        self._unfed += ids
+
+    @staticmethod
+    def _fit(mask: torch.Tensor, size: int) -> torch.Tensor:
+        """`mask` resized to the logits' vocabulary (ids beyond the tokenizer's are never allowed)."""
+        if mask.shape[0] == size:
+            return mask
+        if mask.shape[0] > size:
+            return mask[:size]
+        return torch.cat([mask, torch.zeros(size - mask.shape[0], dtype=torch.bool)])
+
+
+# --- choosing among fixed texts --------------------------------------------------------------------
+
+
+def _prefix_tokens(vocab: Vocab, remainder: bytes) -> list[int]:
+    """Ids of the tokens that spell a non-empty prefix of `remainder` ending on a character boundary."""
+    ids = []
+    for length in range(1, len(remainder) + 1):
+        if length < len(remainder) and remainder[length] & 0xC0 == 0x80:
+            continue
+        token_id = vocab.token_id(remainder[:length])
+        if token_id is not None:
+            ids.append(token_id)
+    return ids
+
+
+def _choose_text(writer: _Writer, options: list[str]) -> int:
+    """Writes the option the model prefers, token by token, and returns its index.
+
+    Any token spelling a prefix of an option's unwritten rest counts for that option (not only the
+    option's own tokenisation: the model may prefer `calc` to `calcul`). Each option scores the
+    log-sum-exp of its tokens' logits; the best option's best token is written and the options it
+    rules out are dropped. Once a single option is left, its rest is forced without asking the model.
+    """
+    rests = {index: option.encode() for index, option in enumerate(options) if option not in options[:index]}
+    while len(rests) > 1:
+        logits = writer.logits()
+        finished = [index for index, rest in rests.items() if not rest]
+        tokens = {index: _prefix_tokens(writer.vocab, rest) for index, rest in rests.items() if rest}
+        scores = {index: float(torch.logsumexp(logits[ids], dim=0)) for index, ids in tokens.items() if ids}
+        if not scores:
+            break
+        best = max(scores, key=scores.__getitem__)
+        if finished and _prefers_stopping(writer, tokens):
+            return finished[0]
+        token_id = max(tokens[best], key=lambda index: float(logits[index]))
+        writer.emit(token_id)
+        spelled = writer.vocab.bytes[token_id]
+        rests = {index: rest[len(spelled) :] for index, rest in rests.items() if rest and rest.startswith(spelled)}
+    index, rest = next(iter(rests.items()))
+    writer.force(rest.decode())
+    return index
+
+
+def _prefers_stopping(writer: _Writer, tokens: dict[int, list[int]]) -> bool:
+    """Whether the best token continuing no option beats every token that continues one."""
+    mask = torch.zeros(writer.vocab.size, dtype=torch.bool)
+    for ids in tokens.values():
+        mask[ids] = True
+    return writer.best(~mask) > writer.best(mask)
+
+
+# --- values following a schema -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Limits:
+    max_string_tokens: int
+
+
+def _kind(schema: dict) -> tuple[str, dict]:
+    """The kind of value to write ('object', 'string', 'enum', ...) and the schema branch to follow."""
+    for keyword in ("allOf", "not", "$ref"):
+        if keyword in schema:
+            raise UnsupportedSchemaError(f"schemas with {keyword!r} are not supported")
+    for keyword in ("anyOf", "oneOf"):
+        if keyword in schema:
+            branches = [branch for branch in schema[keyword] if branch.get("type") != "null"] or schema[keyword]
+            return _kind(branches[0])
+    if "const" in schema:
+        return "const", schema
+    if "enum" in schema:
+        return "enum", schema
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((name for name in kind if name != "null"), "null")
+    if kind is None:
+        kind = "object" if "properties" in schema else "array" if "items" in schema else "string"
+    if kind not in ("object", "array", "string", "integer", "number", "boolean", "null"):
+        raise UnsupportedSchemaError(f"unknown type {kind!r}")
+    return kind, schema
+
+
+def _write_value(writer: _Writer, schema: dict, prefix: str, follow: str, limits: _Limits) -> None:
+    """Writes `prefix` and a value valid for `schema`; `follow` is the text known to come next, or ''."""
+    kind, schema = _kind(schema)
+    if kind == "object":
+        _write_object(writer, schema, prefix, follow, limits)
+    elif kind == "array":
+        _write_array(writer, schema, prefix, follow, limits)
+    elif kind == "string":
+        _write_string(writer, schema, prefix, follow, limits)
+    elif kind in ("integer", "number"):
+        _write_number(writer, schema, prefix, integer=kind == "integer")
+    elif kind == "boolean":
+        _choose_text(writer, [prefix + "true", prefix + "false"])
+    elif kind == "null":
+        writer.force(prefix + "null")
+    elif kind == "const":
+        writer.force(prefix + json.dumps(schema["const"]))
+    else:  # enum
+        options = list(dict.fromkeys(prefix + json.dumps(value) for value in schema["enum"]))
+        _choose_text(writer, options)
+
+
+def _write_object(writer: _Writer, schema: dict, prefix: str, follow: str, limits: _Limits) -> None:
+    """Properties in schema order: required ones always, optional ones when the model chooses them."""
+    properties = schema.get("properties") or {}
+    required = set(schema.get("required") or []) & set(properties)
+    remaining = list(properties)
+    writer.force(prefix + "{")
+    first = True
+    while remaining:
+        key = _next_key(writer, remaining, required, first)
+        if key is None:
+            break
+        remaining = remaining[remaining.index(key) + 1 :]
+        value_follow = _follow_after(remaining, required, follow)
+        _write_value(writer, properties[key], " ", value_follow, limits)
+        first = False
+    writer.force("}")
+
+
+def _next_key(writer: _Writer, remaining: list[str], required: set[str], first: bool) -> str | None:
+    """Writes the separator and the next key (`"key":`), or returns None to close the object."""
+    separator = "" if first else ", "
+    pending_required = [key for key in remaining if key in required]
+    if not pending_required:  # only optional keys left: more or close?
+        more = writer.vocab.starts_with(b'"' if first else b",")
+        if writer.best(writer.vocab.starts_with(b"}")) >= writer.best(more):
+            return None
+        candidates = remaining
+    else:
+        candidates = remaining[: remaining.index(pending_required[0]) + 1]
+    if len(candidates) == 1:
+        writer.force(separator + json.dumps(candidates[0]) + ":")
+        return candidates[0]
+    writer.force(separator + '"')
+    chosen = _choose_text(writer, [json.dumps(key)[1:] + ":" for key in candidates])
+    return candidates[chosen]
+
+
+def _follow_after(remaining: list[str], required: set[str], follow: str) -> str:
+    """The text certain to follow a property's value: the next key if it is required, or the closing brace."""
+    if not remaining:
+        return "}" + follow
+    if remaining[0] in required:
+        return ", " + json.dumps(remaining[0]) + ":"
+    return ""
+
+
+def _write_array(writer: _Writer, schema: dict, prefix: str, follow: str, limits: _Limits) -> None:
+    """Items while the model prefers ',' to ']' (within minItems..maxItems)."""
+    items = schema.get("items") or {}
+    min_items = int(schema.get("minItems", 0))
+    max_items = int(schema.get("maxItems", max(min_items, _DEFAULT_MAX_ITEMS)))
+    vocab = writer.vocab
+    writer.force(prefix + "[")
+    count = 0
+    while count < max_items:
+        if count >= min_items:
+            close = writer.best(vocab.starts_with(b"]"))
+            more = writer.best(~vocab.starts_with(b"]") if count == 0 else vocab.starts_with(b","))
+            if close >= more:
+                break
+        if count:
+            writer.force(",")
+        item_follow = "]" + follow if count + 1 == max_items else ""
+        _write_value(writer, items, " " if count else "", item_follow, limits)
+        count += 1
+    writer.force("]")
+
+
+def _write_string(writer: _Writer, schema: dict, prefix: str, follow: str, limits: _Limits) -> None:
+    """A quoted string: content tokens until the model prefers a closing token (or the length cap)."""
+    vocab = writer.vocab
+    min_length = int(schema.get("minLength", 0))
+    max_length = schema.get("maxLength")
+    writer.force(prefix + '"')
+    length = 0
+    for _ in range(limits.max_string_tokens):
+        allowed = vocab.string_body
+        if max_length is not None:
+            allowed = allowed & (vocab.char_counts <= int(max_length) - length)
+        if length >= min_length:
+            allowed = allowed | vocab.string_end
+        if not bool(allowed.any()):
+            break
+        token_id = writer.pick(allowed)
+        if token_id not in vocab.quote_split:
+            writer.emit(token_id)
+            length += int(vocab.char_counts[token_id])
+            continue
+        head, tail = vocab.quote_split[token_id]
+        if (max_length is None or length + _char_count(head) <= int(max_length)) and follow.encode().startswith(tail):
+            writer.emit(token_id, skip=tail)
+        else:
+            writer.force(head.decode("utf-8", "replace") + '"')
+        return
+    writer.force('"')
+
+
+def _char_count(text: bytes) -> int:
+    return sum(1 for byte in text if byte & 0xC0 != 0x80)
+
+
+def _non_negative(schema: dict) -> bool:
+    """True when the schema's lower bound rules out negative numbers."""
+    bounds = [schema.get("minimum"), schema.get("exclusiveMinimum")]
+    return any(isinstance(bound, (int, float)) and not isinstance(bound, bool) and bound >= 0 for bound in bounds)
+
+
+def _write_number(writer: _Writer, schema: dict, prefix: str, integer: bool) -> None:
+    """Digits (after an optional '-') while the model's best token continues the number."""
+    vocab = writer.vocab
+    minus, dot = vocab.token_id(b"-"), vocab.token_id(b".")
+    writer.force(prefix)
+    first = vocab.lead_digits.clone()
+    if minus is not None and not _non_negative(schema):
+        first[minus] = True
+    token_id = writer.pick(first)
+    if token_id == minus:
+        writer.emit(token_id)
+        token_id = writer.pick(vocab.lead_digits)
+    writer.emit(token_id)
+    digits, leading_zero, fraction = len(vocab.bytes[token_id]), vocab.bytes[token_id] == b"0", False
+    while digits < _MAX_DIGITS:
+        token_id = writer.pick()
+        more_digits = (not leading_zero or fraction) and bool(vocab.digits[token_id])
+        starts_fraction = not integer and not fraction and dot is not None and token_id == dot
+        if not (more_digits or starts_fraction):
+            break
+        writer.emit(token_id)
+        if starts_fraction:
+            fraction = True
+            token_id = writer.pick(vocab.digits)
+            writer.emit(token_id)
+        digits += len(vocab.bytes[token_id])
+
+
+# --- calls, answers, and the decision between them -----------------------------------------------------
+
+
+def _prefers_call(writer: _Writer) -> bool:
+    """Whether the model would rather start a `<tool_call>` than anything else (whitespace passes through)."""
+    vocab = writer.vocab
+    for _ in range(_MAX_LEADING_WHITESPACE):
+        token_id = writer.pick()
+        if not bool(vocab.whitespace[token_id]):
+            break
+        writer.emit(token_id)
+    return writer.best(vocab.call_start) >= writer.best(~vocab.call_start)
+
+
+def _write_call(writer: _Writer, functions: dict[str, dict], limits: _Limits) -> int:
+    """Writes one `<tool_call>...</tool_call>`; returns the byte offset where its JSON starts."""
+    writer.force(CALL_OPEN)
+    start = len(writer.out)
+    writer.force('{"name": "')
+    names = list(functions)
+    name = names[_choose_text(writer, [json.dumps(name)[1:] + "," for name in names])]
+    writer.force(' "arguments":')
+    parameters = functions[name].get("parameters") or {"type": "object", "properties": {}}
+    _write_value(writer, parameters, " ", "}" + CALL_CLOSE, limits)
+    writer.force("}" + CALL_CLOSE)
+    return start
+
+
+def _write_answer(writer: _Writer, max_tokens: int) -> str:
+    """Greedy text until a special token, `max_tokens`, or the start of a `<tool_call>` (cut off)."""
+    start = len(writer.out)
+    for _ in range(max_tokens):
+        token_id = writer.pick()
+        if bool(writer.vocab.special[token_id]):
+            break
+        writer.emit(token_id)
+        if CALL_OPEN.encode() in writer.out[start:]:
+            break
+    text = bytes(writer.out[start:]).decode("utf-8", "replace")
+    return text.split(CALL_OPEN)[0].strip()
+
+
+def _parse_calls(writer: _Writer, starts: list[int]) -> list[ToolCall]:
+    decoder = json.JSONDecoder()
+    calls = []
+    for start in starts:
+        offset = len(bytes(writer.out[:start]).decode("utf-8", "replace"))
+        value, _ = decoder.raw_decode(bytes(writer.out).decode("utf-8", "replace"), offset)
+        calls.append(ToolCall(name=value["name"], arguments=value["arguments"]))
+    return calls
+
+
+def decode_tool_calls(
+    stepper: TokenStepper,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_ids: list[int],
+    tools: list[dict],
+    *,
+    allow_answer: bool = True,
+    max_calls: int = 4,
+    max_string_tokens: int = 48,
+    max_answer_tokens: int = 128,
+) -> Decision:
+    """Feeds `prompt_ids` (e.g. from `tool_prompt`) to a fresh `stepper` and decodes calls or an answer.
+
+    `tools` are OpenAI-style function definitions. Every returned call names one of them and has
+    arguments valid for its `parameters` schema. With `allow_answer=False` at least one call is made.
+    """
+    functions = {tool["function"]["name"]: tool["function"] for tool in tools}
+    if not functions and not allow_answer:
+        raise ValueError("no tools to call, and answering is not allowed")
+    writer = _Writer(stepper, vocab_for(tokenizer), prompt_ids)
+    limits = _Limits(max_string_tokens=max_string_tokens)
+    answer, starts = None, []
+    if functions and (not allow_answer or _prefers_call(writer)):
+        starts.append(_write_call(writer, functions, limits))
+        while len(starts) < max_calls and _prefers_call(writer):
+            starts.append(_write_call(writer, functions, limits))
+    else:
+        answer = _write_answer(writer, max_answer_tokens)
+    writer.finish()
+    return Decision(
+        calls=_parse_calls(writer, starts),
+        answer=answer,
+        text=bytes(writer.out).decode("utf-8", "replace"),
+        tokens=len(writer.ids),
+        steps=writer.steps,
+        token_ids=list(writer.ids),
+        fed_tokens=writer.fed_tokens,
+    )

@@ -1,0 +1,89 @@
+"""The client's links to nodes: their measured speed, and the activation codec each step takes on them.
+
+Activations travel between the client and each node of the route. For every step the client picks one
+codec for the hidden states it sends and the same codec for the node's reply (both cross the same link,
+and are the same size): the fastest codec the step's quality budget allows and both ends support
+(protocol.link_policy). Links are measured once per node address with the Echo RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from partition.profiling import measure_link
+from protocol.codecs import SemanticBasis
+from protocol.link_policy import LinkQuality, choose_codec, measured_costs
+from swarm.routing import Hop
+
+logger = logging.getLogger(__name__)
+
+# Echo probes of this size each way measure a link (0.4 s each way at 5 Mbit/s; once per node).
+_PROBE_BYTES = 256 * 1024
+# A link that could not be measured is taken to be this fast (so it stays uncompressed).
+_UNMEASURED_BANDWIDTH = 1e9
+
+
+@dataclass(frozen=True)
+class StepCodecs:
+    """The codec of one step on one hop: for the request and the reply, and the basis if semantic."""
+
+    request: str
+    reply: str
+    basis: SemanticBasis | None = None
+
+    @property
+    def compressed(self) -> bool:
+        return self.request not in ("", "none")
+
+
+RAW = StepCodecs("", "")
+
+
+class LinkCodecs:
+    """Chooses codecs per hop and step for one client, from its quality budget and measured links."""
+
+    def __init__(self, quality: LinkQuality, hidden_size: int, semantic_basis: Callable[[], SemanticBasis | None]):
+        self.quality = quality
+        self.hidden_size = hidden_size
+        self._semantic_basis = semantic_basis
+        self._bandwidth: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        """False when every budget is lossless and compression is off altogether."""
+        return self.quality != LinkQuality("lossless", "lossless")
+
+    def bandwidth(self, address: str) -> float:
+        """Bytes/s to a node, measured on first use."""
+        with self._lock:
+            if address not in self._bandwidth:
+                try:
+                    self._bandwidth[address], _ = measure_link(address, probe_bytes=_PROBE_BYTES)
+                except Exception as error:  # a node that cannot be probed now is probed again next time
+                    logger.info("could not measure the link to %s: %r", address, error)
+                    return _UNMEASURED_BANDWIDTH
+            return self._bandwidth[address]
+
+    def for_step(self, hop: Hop, batch: int, tokens: int) -> StepCodecs:
+        """The codecs for a step of [batch, tokens] hidden states on `hop`."""
+        if not self.active:
+            return RAW
+        allowed = self.quality.allowed_codecs(batch * tokens)
+        supported = set(hop.record.codecs)
+        basis = None
+        if "semantic" in allowed and "semantic" in supported:
+            basis = self._semantic_basis()
+            if basis is None or basis.digest != hop.record.semantic_basis:
+                supported.discard("semantic")
+                basis = None
+        rank = basis.rank(hop.start) if basis is not None else 0
+        costs = measured_costs(self.hidden_size, rank)
+        values = batch * tokens * self.hidden_size
+        codec = choose_codec(allowed, supported, values, self.bandwidth(hop.record.address), costs)
+        if codec == "none":
+            return RAW
+        return StepCodecs(codec, codec, basis if codec == "semantic" else None)
