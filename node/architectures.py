@@ -10,6 +10,8 @@ from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
+from node.batched_attention import ATTENTION_IMPLEMENTATION
+
 
 @dataclass(frozen=True)
 class Architecture:
@@ -42,12 +44,13 @@ def architecture_of(config: PretrainedConfig) -> Architecture:
 
     Pitfall: a config built by hand or by `AutoConfig` leaves `_attn_implementation` unset. Decoder
     layers then fall back to a code path that ignores the causal mask we pass, silently giving wrong
-    hidden states for every prompt longer than one token. We pin it to SDPA here, once, for every span.
+    hidden states for every prompt longer than one token. We pin it to SDPA here, once, for every span
+    (our registered variant of it, which also runs batched decode steps: see node.batched_attention).
     """
     architecture = ARCHITECTURES.get(config.model_type)
     if architecture is None:
         raise UnsupportedModelError(
             f"model type {config.model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}"
         )
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = ATTENTION_IMPLEMENTATION
     return architecture

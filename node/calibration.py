@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # Calibration text comes from these modules; scripts/eval_fidelity.py evaluates on other ones.
 CALIBRATION_MODULES = ("collections", "itertools", "functools", "pathlib", "argparse", "logging", "threading", "subprocess")
-DEFAULT_RANK = 256
+DEFAULT_RANK = 576  # cap on coefficients sent per token; the byte budget (DEFAULT_SEMANTIC_BYTES) decides
 CALIBRATION_TOKENS = 2048
 _CHUNK_TOKENS = 256
 
@@ -73,7 +73,7 @@ def fit_model_basis(source: ModelSource, rank: int = DEFAULT_RANK, tokens: int =
         span = TransformerSpan(config, block, block + 1, [source.block_state(block)])
         hidden = span(hidden, positions, mask)
         activations[block + 1] = hidden.reshape(-1, config.hidden_size).clone()
-    return fit_semantic_basis(activations, rank)
+    return fit_semantic_basis(activations, max_rank=rank)
 
 
 def cache_dir() -> Path:
@@ -82,7 +82,9 @@ def cache_dir() -> Path:
 
 
 def basis_path(source: ModelSource, rank: int = DEFAULT_RANK) -> Path:
-    return cache_dir() / "semantic" / f"{source.model_id}-r{rank}.safetensors"
+    # the format version is in the name: files of an older format are never even opened
+    version = SemanticBasis.FORMAT.rsplit("/", 1)[-1]
+    return cache_dir() / "semantic" / f"{source.model_id}-v{version}-r{rank}.safetensors"
 
 
 def load_or_fit_basis(source: ModelSource, rank: int = DEFAULT_RANK) -> SemanticBasis:

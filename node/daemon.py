@@ -325,5 +325,7 @@ class SwarmNode:
                 time.sleep(0.1)
         if self.server is not None:
             self.server.stop(grace).wait()
+        if self.servicer is not None:
+            self.servicer.batcher.stop()
         if self.dht is not None:
             self.dht.shutdown()

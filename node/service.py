@@ -12,6 +12,7 @@ import grpc
 import psutil
 import torch
 
+from node.batching import StepBatcher
 from node.span import SpanCache, TransformerSpan
 from node.validation import InvalidRequest, StepInputs, check_reply_codec, decode_step_inputs
 from proto import dataplane_pb2 as pb
@@ -20,11 +21,6 @@ from protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
 from protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
 
 logger = logging.getLogger(__name__)
-
-# Steps with at most this many tokens (decode steps) run on one thread. They are bound by memory
-# bandwidth, so a second thread gains little, while waking a sleeping OpenMP pool for each of the
-# ~10 ops per block costs about 1 ms per 10 blocks (measured on 2 cores, 3 loopback nodes).
-SMALL_STEP_TOKENS = 8
 
 MAX_ECHO_BYTES = 8 * 1024 * 1024
 
@@ -37,11 +33,14 @@ class ServiceLimits:
     """Bounds a node puts on what one client may ask of it."""
 
     max_session_length: int = 8192
-    max_concurrent_rpcs: int = 64
+    max_concurrent_rpcs: int = 128
+    max_batch: int = 32  # decode steps of this many sessions at most run as one forward
+    prefill_chunk: int = 256  # longer steps run in chunks of this many tokens, with other sessions' decodes between
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
-    """Serves one span of blocks. Forwards run one at a time; torch uses every core for each of them.
+    """Serves one span of blocks. All compute runs on one thread, which batches the decode steps of
+    concurrent sessions (node.batching); torch uses every core for large steps.
 
     Each request keeps the span it started with, so `replace_span` (a rebalancing move) never breaks
     a session in flight: old sessions finish on the old blocks while new ones get the new blocks.
@@ -61,8 +60,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self.throughput = throughput
         self.load_rss_growth = load_rss_growth
         self.limits = limits
-        self._compute_lock = threading.Lock()
-        self._max_threads = torch.get_num_threads()
+        self.batcher = StepBatcher(max_batch=limits.max_batch, prefill_chunk=limits.prefill_chunk)
         self._sessions: dict[str, SpanCache] = {}
         self._sessions_lock = threading.Lock()
         self.accepting = True
@@ -112,10 +110,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         cache: SpanCache | None,
         reply_codec: str,
     ) -> pb.Tensor:
-        tokens = inputs.hidden_states.shape[0] * inputs.hidden_states.shape[1]
-        with self._compute_lock:
-            torch.set_num_threads(1 if tokens <= SMALL_STEP_TOKENS else self._max_threads)
-            output = span(inputs.hidden_states, inputs.position_ids, inputs.padding_mask, cache, start=start, end=end)
+        output = self.batcher.run(span, inputs.hidden_states, inputs.position_ids, inputs.padding_mask, start, end, cache)
         return self._encode_reply(output.to(inputs.wire_dtype), reply_codec, boundary=end)
 
     def _encode_reply(self, output: torch.Tensor, codec: str, boundary: int) -> pb.Tensor:
@@ -225,6 +220,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             semantic_basis=self.semantic_basis.digest if self.semantic_basis else "",
             weight_quant=self.span.quant,
             weight_bytes=self.span.weight_bytes,
+            batched_decode_steps=self.batcher.batched_steps,
         )
 
     @property

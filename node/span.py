@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
 from node.architectures import architecture_of
+from node.batched_attention import BatchedDecodeCache
 from node.quantization import quantize_block, weight_bytes
 
 
@@ -27,6 +28,11 @@ class SpanCache:
     @property
     def batch_size(self) -> int | None:
         return None if self.padding_mask is None else self.padding_mask.shape[0]
+
+    @property
+    def batchable(self) -> bool:
+        """Whether its decode steps may join other sessions' (one sequence, no padding so far)."""
+        return self.padding_mask is not None and self.padding_mask.shape[0] == 1 and bool(self.padding_mask.all())
 
     def nbytes(self) -> int:
         """Bytes held by the keys and values of every layer."""
@@ -138,5 +144,28 @@ class TransformerSpan(nn.Module):
                 past_key_values=None if cache is None else cache.kv,
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
+            )
+        return hidden_states
+
+    @torch.inference_mode()
+    def forward_batched_decode(
+        self, hidden_states: torch.Tensor, position_ids: torch.Tensor, caches: list[SpanCache], start: int, end: int
+    ) -> torch.Tensor:
+        """One decode token for each of several sessions at once: hidden_states [sessions, 1, hidden],
+        position_ids [sessions, 1], caches[i] the i-th session's (each `batchable`). Linear layers run once
+        for all rows; attention runs per session over its own cache (node.batched_attention)."""
+        for cache in caches:
+            cache.padding_mask = torch.cat([cache.padding_mask, torch.ones(1, 1, dtype=torch.bool)], dim=1)
+        batch_cache = BatchedDecodeCache([cache.kv for cache in caches])
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for layer in self.layers[start - self.start : end - self.start]:
+            hidden_states = layer(
+                hidden_states,
+                attention_mask=None,
+                position_ids=position_ids,
+                past_key_values=batch_cache,
+                use_cache=True,
+                position_embeddings=position_embeddings,
+                batch_cache=batch_cache,
             )
         return hidden_states

@@ -97,7 +97,7 @@ class NodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfoResponse(_message.Message):
-    __slots__ = ("node_id", "model_id", "start_block", "end_block", "num_parameters", "rss_bytes", "active_sessions", "kv_cache_bytes", "throughput", "load_rss_growth_bytes", "codecs", "semantic_basis", "weight_quant", "weight_bytes")
+    __slots__ = ("node_id", "model_id", "start_block", "end_block", "num_parameters", "rss_bytes", "active_sessions", "kv_cache_bytes", "throughput", "load_rss_growth_bytes", "codecs", "semantic_basis", "weight_quant", "weight_bytes", "batched_decode_steps")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class NodeInfoResponse(_message.Message):
     SEMANTIC_BASIS_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_QUANT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_id: str
     start_block: int
@@ -126,7 +127,8 @@ class NodeInfoResponse(_message.Message):
     semantic_basis: str
     weight_quant: str
     weight_bytes: int
-    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., load_rss_growth_bytes: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., semantic_basis: _Optional[str] = ..., weight_quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    batched_decode_steps: int
+    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., load_rss_growth_bytes: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., semantic_basis: _Optional[str] = ..., weight_quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., batched_decode_steps: _Optional[int] = ...) -> None: ...
 
 class EchoRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")

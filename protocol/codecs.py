@@ -24,11 +24,15 @@ and `width` = the last dimension (1 for a scalar), the codecs lay out their byte
 - ``int4_block``: values in -7..7 over blocks of 32 (scales laid out as for int8_block), stored
   as the nibble q + 8 (1..15), two per byte over the flattened tensor: value 2i in the low nibble
   of byte i, value 2i+1 in the high nibble; an odd count is padded with the nibble 8 (zero).
-- ``semantic``: a low-rank projection onto a `SemanticBasis` fitted offline. `basis` is
-  "<basis digest>/<block boundary>"; `data` holds, per row, k int8 coefficients of
-  (x - mean) @ components, and `scales` one float16 scale per row. Decoding computes
-  dequant(c) @ components.T + mean. When some token would come back with a relative error above
-  `max_relative_error`, the encoder sends the message with the ``lossless`` codec instead.
+- ``semantic``: transform coding (a KLT) with a `SemanticBasis` fitted offline. `basis` is
+  "<basis digest>/<block boundary>". Per boundary the basis holds a mean, a full orthonormal rotation
+  sorted by decreasing calibration variance, the per-component calibration stds, and an allocation
+  (k8, k4, k4 even): the normalized coefficients z = ((x - mean) @ components) / std of the leading k8
+  components are sent as int8 (-127..127), the next k4 as int4 (-7..7), the rest are dropped. `data`
+  holds, per row, the k8 int8 values then the k4 values packed as int4_block does (k4 / 2 bytes);
+  `scales` holds, per row, one float16 absmax scale per non-empty group (8-bit first). Decoding computes
+  (dequant(z) * std) @ components[:, :k8 + k4].T + mean. When some token would come back with a relative
+  error above `max_relative_error`, the encoder sends the message with the ``lossless`` codec instead.
 
 Quantization scales are rounded *up* to float16, so no value is clipped and the error of every
 quantized value is at most half its block's scale. `decode_tensor` checks everything a peer can
@@ -65,6 +69,7 @@ DEFAULT_MAX_RELATIVE_ERROR = 0.25
 INT8_BLOCK_SIZE = 64
 INT4_BLOCK_SIZE = 32
 OUTLIER_CHANNELS = 3  # int8_outlier: channels per message sent apart in float16
+DEFAULT_SEMANTIC_BYTES = 272  # semantic: wire bytes per token a fitted basis may spend (8.5x at hidden 576)
 MAX_DIMS = 16  # far more than any activation needs; numpy cannot go beyond 64
 
 _FLOAT_DTYPES: dict[str, torch.dtype] = {
@@ -73,7 +78,7 @@ _FLOAT_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 _FLOAT_NAMES = {dtype: name for name, dtype in _FLOAT_DTYPES.items()}
-_BASIS_FORMAT = "edgeswarm-semantic-basis/1"
+_BASIS_FORMAT = "edgeswarm-semantic-basis/2"
 
 
 class CodecError(TensorDecodeError):
@@ -478,7 +483,9 @@ def _quantized_codec(name: str, bits: int, block: int | None) -> Codec:
 
 def _outlier_channels(rows: torch.Tensor, count: int) -> torch.Tensor:
     """The `count` channels with the largest |x| anywhere in the message, ascending."""
-    count = min(count, rows.shape[1])
+    count = min(count, rows.shape[1]) if rows.numel() else 0
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long)
     return rows.abs().amax(dim=0).topk(count).indices.sort().values
 
 
@@ -525,27 +532,49 @@ def _decode_int8_outlier(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
 
 
 class SemanticBasis:
-    """Per block boundary, the mean and top principal directions of the hidden states there.
+    """Per block boundary, a KLT codebook for the hidden states there (see `fit_semantic_basis`).
 
-    `means[b]` is float32 [hidden], `components[b]` float32 [hidden, k] with orthonormal columns.
-    `digest` (16 hex chars of sha256 over boundaries, shapes and bytes) names the basis on the wire.
+    `means[b]` is float32 [hidden]; `components[b]` float32 [hidden, hidden], an orthonormal rotation whose
+    columns are sorted by decreasing calibration variance; `stds[b]` float32 [hidden] the calibration
+    standard deviation of each component (non-increasing); `allocations[b]` = (k8, k4): the leading k8
+    components are sent at 8 bits, the next k4 (even) at 4 bits, the rest dropped.
+    `predicted_errors[b]` is the calibration relative error the fit predicted (informative only).
+    `digest` (16 hex chars of sha256 over format, boundaries, allocations and tensor bytes) names the basis
+    on the wire.
     """
 
-    def __init__(self, means: Mapping[int, torch.Tensor], components: Mapping[int, torch.Tensor]):
-        if set(means) != set(components) or not means:
-            raise CodecError("semantic basis: needs a mean and components for the same, non-empty set of boundaries")
+    FORMAT = _BASIS_FORMAT  # saved files of another format are refused
+
+    def __init__(
+        self,
+        means: Mapping[int, torch.Tensor],
+        components: Mapping[int, torch.Tensor],
+        stds: Mapping[int, torch.Tensor],
+        allocations: Mapping[int, tuple[int, int]],
+        predicted_errors: Mapping[int, float] | None = None,
+    ):
+        if not means or not (set(means) == set(components) == set(stds) == set(allocations)):
+            raise CodecError(
+                "semantic basis: needs a mean, components, stds and an allocation for the same, non-empty set "
+                "of boundaries"
+            )
         self.means: dict[int, torch.Tensor] = {}
         self.components: dict[int, torch.Tensor] = {}
+        self.stds: dict[int, torch.Tensor] = {}
+        self.allocations: dict[int, tuple[int, int]] = {}
         for boundary in sorted(means):
-            mean = means[boundary].detach().cpu().to(torch.float32).contiguous().clone()
-            comps = components[boundary].detach().cpu().to(torch.float32).contiguous().clone()
-            _check_basis_entry(int(boundary), mean, comps)
-            self.means[int(boundary)] = mean
-            self.components[int(boundary)] = comps
+            b = int(boundary)
+            mean, comps, std = (
+                t[boundary].detach().cpu().to(torch.float32).contiguous().clone() for t in (means, components, stds)
+            )
+            k8, k4 = (int(k) for k in allocations[boundary])
+            _check_basis_entry(b, mean, comps, std, k8, k4)
+            self.means[b], self.components[b], self.stds[b], self.allocations[b] = mean, comps, std, (k8, k4)
         hidden = {mean.numel() for mean in self.means.values()}
         if len(hidden) != 1:
             raise CodecError(f"semantic basis: boundaries disagree on the hidden size: {sorted(hidden)}")
         self.hidden_size: int = hidden.pop()
+        self.predicted_errors: dict[int, float] = {int(b): float(e) for b, e in (predicted_errors or {}).items()}
         self.digest: str = self._compute_digest()
 
     @property
@@ -553,33 +582,45 @@ class SemanticBasis:
         return list(self.means)
 
     def rank(self, boundary: int) -> int:
-        """Number of components (k) kept at a boundary."""
-        return self.components[boundary].shape[1]
+        """Number of coefficients sent per token at a boundary (k8 + k4)."""
+        return sum(self.allocations[boundary])
+
+    def bytes_per_token(self, boundary: int) -> int:
+        """Wire bytes per token at a boundary: k8 int8 values, k4 packed nibbles and the float16 scales."""
+        k8, k4 = self.allocations[boundary]
+        return _semantic_bytes(k8, k4)
 
     def _compute_digest(self) -> str:
         digest = hashlib.sha256(_BASIS_FORMAT.encode())
         for boundary, mean in self.means.items():
-            comps = self.components[boundary]
-            digest.update(struct.pack("<qqq", boundary, *comps.shape))
-            digest.update(mean.numpy().tobytes())
-            digest.update(comps.numpy().tobytes())
+            digest.update(struct.pack("<qqq", boundary, *self.allocations[boundary]))
+            for tensor in (mean, self.components[boundary], self.stds[boundary]):
+                digest.update(struct.pack("<q", tensor.numel()))
+                digest.update(tensor.numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def save(self, path: str | Path) -> None:
-        """Writes the basis as safetensors ("mean.<b>", "components.<b>") with its digest in the metadata."""
-        tensors = {f"mean.{b}": self.means[b] for b in self.boundaries}
-        tensors.update({f"components.{b}": self.components[b] for b in self.boundaries})
+        """Writes the basis as safetensors ("mean.<b>", "components.<b>", "std.<b>", int64 "allocation.<b>")
+        with its digest in the metadata."""
+        tensors: dict[str, torch.Tensor] = {}
+        for b in self.boundaries:
+            tensors[f"mean.{b}"] = self.means[b]
+            tensors[f"components.{b}"] = self.components[b]
+            tensors[f"std.{b}"] = self.stds[b]
+            tensors[f"allocation.{b}"] = torch.tensor(self.allocations[b], dtype=torch.int64)
         metadata = {
             "format": _BASIS_FORMAT,
             "digest": self.digest,
             "boundaries": ",".join(map(str, self.boundaries)),
-            "ranks": ",".join(str(self.rank(b)) for b in self.boundaries),
+            "bytes_per_token": ",".join(str(self.bytes_per_token(b)) for b in self.boundaries),
+            "predicted_errors": ",".join(f"{b}:{e:.6g}" for b, e in self.predicted_errors.items()),
         }
         save_file(tensors, str(path), metadata=metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> SemanticBasis:
-        """Reads a saved basis, refusing (CodecError) a file whose contents do not hash to its digest."""
+        """Reads a saved basis, refusing (CodecError) another format or a file whose contents do not hash
+        to its digest."""
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
@@ -588,13 +629,25 @@ class SemanticBasis:
             raise CodecError(f"semantic basis {path}: not a readable safetensors file ({error})") from error
         if metadata.get("format") != _BASIS_FORMAT:
             raise CodecError(f"semantic basis {path}: format is {metadata.get('format')!r}, expected {_BASIS_FORMAT!r}")
-        means, components = {}, {}
+        parts: dict[str, dict[int, torch.Tensor]] = {"mean": {}, "components": {}, "std": {}, "allocation": {}}
         for name, tensor in tensors.items():
-            match = re.fullmatch(r"(mean|components)\.(\d+)", name)
+            match = re.fullmatch(r"(mean|components|std|allocation)\.(\d{1,9})", name)
             if match is None:
                 raise CodecError(f"semantic basis {path}: unexpected tensor {name!r}")
-            (means if match[1] == "mean" else components)[int(match[2])] = tensor
-        basis = cls(means, components)
+            parts[match[1]][int(match[2])] = tensor
+        allocations = {}
+        for boundary, allocation in parts["allocation"].items():
+            if allocation.dtype != torch.int64 or allocation.shape != (2,):
+                raise CodecError(f"semantic basis {path}: allocation.{boundary} is not two int64 values")
+            allocations[boundary] = (int(allocation[0]), int(allocation[1]))
+        predicted = {}
+        try:
+            for item in filter(None, metadata.get("predicted_errors", "").split(",")):
+                boundary, error = item.split(":")
+                predicted[int(boundary)] = float(error)
+        except ValueError:
+            predicted = {}  # informative only
+        basis = cls(parts["mean"], parts["components"], parts["std"], allocations, predicted)
         if basis.digest != metadata.get("digest"):
             raise CodecError(
                 f"semantic basis {path}: contents hash to {basis.digest}, the file claims "
@@ -603,45 +656,117 @@ class SemanticBasis:
         return basis
 
 
-def _check_basis_entry(boundary: int, mean: torch.Tensor, comps: torch.Tensor) -> None:
+def _semantic_bytes(k8: int, k4: int) -> int:
+    """Bytes per token of a (k8, k4) allocation: k8 int8s, k4 / 2 packed bytes, a float16 scale per group."""
+    return k8 + k4 // 2 + 2 * ((k8 > 0) + (k4 > 0))
+
+
+def _check_basis_entry(boundary: int, mean: torch.Tensor, comps: torch.Tensor, std: torch.Tensor, k8: int, k4: int) -> None:
     where = f"semantic basis, boundary {boundary}"
     if boundary < 0:
         raise CodecError(f"{where}: boundary must be non-negative")
-    if mean.dim() != 1 or comps.dim() != 2 or comps.shape[0] != mean.shape[0]:
+    hidden = mean.shape[0] if mean.dim() == 1 else -1
+    if hidden < 1 or tuple(comps.shape) != (hidden, hidden) or tuple(std.shape) != (hidden,):
         raise CodecError(
-            f"{where}: mean {tuple(mean.shape)} and components {tuple(comps.shape)} are not [hidden] and [hidden, k]"
+            f"{where}: mean {tuple(mean.shape)}, components {tuple(comps.shape)} and std {tuple(std.shape)} "
+            "are not [hidden], [hidden, hidden] and [hidden]"
         )
-    if not 1 <= comps.shape[1] <= comps.shape[0]:
-        raise CodecError(f"{where}: rank {comps.shape[1]} must be between 1 and hidden size {comps.shape[0]}")
-    if not (bool(torch.isfinite(mean).all()) and bool(torch.isfinite(comps).all())):
+    if k8 < 0 or k4 < 0 or k4 % 2 or not 1 <= k8 + k4 <= hidden:
+        raise CodecError(f"{where}: allocation ({k8}, {k4}) must be k8 >= 0, even k4 >= 0, 1 <= k8 + k4 <= {hidden}")
+    if not all(bool(torch.isfinite(t).all()) for t in (mean, comps, std)):
         raise CodecError(f"{where}: holds NaN or Inf")
+    if bool((std < 0).any()) or bool((std[: k8 + k4] <= 0).any()):
+        raise CodecError(f"{where}: stds must be non-negative, and positive for the components sent")
     gram = comps.T.double() @ comps.double()
-    if not torch.allclose(gram, torch.eye(comps.shape[1], dtype=torch.float64), atol=1e-3):
+    if not torch.allclose(gram, torch.eye(hidden, dtype=torch.float64), atol=1e-3):
         raise CodecError(f"{where}: components are not orthonormal")
 
 
-def fit_semantic_basis(activations: Mapping[int, torch.Tensor], rank: int) -> SemanticBasis:
-    """PCA per boundary: activations[b] is [tokens, hidden] calibration states; keeps `rank` directions.
+def _allocate(variances: torch.Tensor, max_bytes: int, max_rank: int, d8: float, d4: float) -> tuple[int, int]:
+    """Reverse water-filling on the {8, 4, 0}-bit menu: with distortion d_b * var per component coded at b
+    bits (d_0 = 1) and a Lagrange multiplier lam (bisected to the byte budget), a component goes at 4 bits
+    when var * (1 - d4) >= lam / 2 and at 8 bits when var * (d4 - d8) >= lam / 2 -- for d_b ~ 2^-2b that is
+    bits ~ log2(sigma / theta) rounded to the menu. Returns (k8, k4), k4 even."""
+    var = variances.double()
 
-    The rank is capped by tokens and hidden size; component signs are fixed (largest entry positive)
-    so the same data always gives the same digest.
+    def allocation(lam: float) -> tuple[int, int]:
+        k8 = min(int((var * (d4 - d8) >= lam / 2).sum()), max_rank)
+        k4 = min(int((var * (1 - d4) >= lam / 2).sum()), max_rank) - k8
+        return k8, max(k4, 0) // 2 * 2
+
+    low, high = 0.0, float(var[0]) * 4 + 1e-30
+    for _ in range(200):
+        middle = (low + high) / 2
+        if _semantic_bytes(*allocation(middle)) <= max_bytes:
+            high = middle
+        else:
+            low = middle
+    k8, k4 = allocation(high)
+    if k8 + k4 == 0:  # budget below one group: at least one 8-bit component
+        k8 = 1
+    return k8, k4
+
+
+def fit_semantic_basis(
+    activations: Mapping[int, torch.Tensor],
+    max_bytes_per_token: int = DEFAULT_SEMANTIC_BYTES,
+    max_rank: int | None = None,
+) -> SemanticBasis:
+    """A KLT codebook per boundary: activations[b] is [tokens, hidden] calibration states.
+
+    Each token is weighted by 1 / ||x||^2 (the codec is judged by per-token relative error, and a few
+    attention-sink tokens with huge norms would otherwise decide the whole basis); the weighted mean and
+    covariance give the rotation (eigenvectors, sorted by decreasing variance, signs fixed so the largest
+    entry is positive: the same data always gives the same digest) and the per-component stds. The
+    allocation (k8, k4) is chosen by `_allocate` within `max_bytes_per_token` (scales included) and at most
+    `max_rank` coefficients, with the 8- and 4-bit distortions measured on the calibration data itself
+    (two refinement rounds).
     """
-    if rank < 1:
-        raise ValueError(f"rank must be at least 1, got {rank}")
-    means, components = {}, {}
+    if max_bytes_per_token < 3:
+        raise ValueError(f"max_bytes_per_token must be at least 3, got {max_bytes_per_token}")
+    if max_rank is not None and max_rank < 1:
+        raise ValueError(f"max_rank must be at least 1, got {max_rank}")
+    means, components, stds, allocations, predicted = {}, {}, {}, {}, {}
     for boundary, states in activations.items():
-        states = states.detach().cpu().to(torch.float32)
+        states = states.detach().cpu().to(torch.float64)
         if states.dim() != 2 or states.shape[0] == 0:
             raise ValueError(f"boundary {boundary}: activations must be [tokens, hidden], got {tuple(states.shape)}")
         if not bool(torch.isfinite(states).all()):
             raise ValueError(f"boundary {boundary}: activations hold NaN or Inf")
-        mean = states.mean(dim=0)
-        _, _, vh = torch.linalg.svd(states - mean, full_matrices=False)
-        comps = vh[: min(rank, vh.shape[0])].T
-        peak = comps.gather(0, comps.abs().argmax(dim=0, keepdim=True))
-        means[boundary] = mean
-        components[boundary] = comps * torch.where(peak < 0, -1.0, 1.0)
-    return SemanticBasis(means, components)
+        norms = torch.linalg.vector_norm(states, dim=1)
+        weights = torch.where(norms > 0, norms.clamp_min(1e-30).pow(-2), 0.0)
+        weights = weights / weights.sum() if bool(weights.sum() > 0) else torch.full_like(norms, 1 / len(norms))
+        mean = weights @ states
+        centred = states - mean
+        covariance = (centred * weights[:, None]).T @ centred
+        variances, vectors = torch.linalg.eigh((covariance + covariance.T) / 2)
+        order = torch.argsort(variances, descending=True, stable=True)
+        variances, vectors = variances[order].clamp_min(0), vectors[:, order]
+        peak = vectors.gather(0, vectors.abs().argmax(dim=0, keepdim=True))
+        vectors = vectors * torch.where(peak < 0, -1.0, 1.0)
+        hidden = states.shape[1]
+        positive = int((variances > variances[0] * 1e-12).sum()) if bool(variances[0] > 0) else 0
+        limit = max(1, min(max_rank or hidden, positive or 1))
+        std = variances.sqrt().to(torch.float32)
+        std = torch.where(std > 0, std, torch.zeros_like(std))
+        if not bool(std[0] > 0):
+            std[0] = 1.0  # constant data: any positive std will do
+        comps = vectors.to(torch.float32)
+        mean = mean.to(torch.float32)
+        rows = states.to(torch.float32)
+        d8, d4 = 2.0**-16 * 4, 2.0**-8 * 4  # first guess; refined on the data below
+        for _ in range(3):
+            k8, k4 = _allocate(std.double().pow(2), max_bytes_per_token, limit, d8, d4)
+            codes, scales = _semantic_quantize(rows, mean, comps, std, k8, k4)
+            z = ((rows - mean) @ comps[:, : k8 + k4]) / std[: k8 + k4]
+            zq = _semantic_dequantize(codes, scales, k8, k4)
+            err = ((z - zq).pow(2) * weights[:, None].float()).sum(0).double()
+            d8 = float(err[:k8].mean()) if k8 else d8
+            d4 = float(err[k8:].mean()) if k4 else d4
+        decoded = _semantic_reconstruct(codes, scales, mean, comps, std, k8, k4)
+        predicted[boundary] = float((_token_errors(rows, decoded).pow(2) * weights.float()).sum().sqrt())
+        means[boundary], components[boundary], stds[boundary], allocations[boundary] = mean, comps, std, (k8, k4)
+    return SemanticBasis(means, components, stds, allocations, predicted)
 
 
 @dataclass(frozen=True)
@@ -653,11 +778,33 @@ class SemanticEncoding:
     fell_back: bool
 
 
+def _semantic_quantize(
+    rows: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor, std: torch.Tensor, k8: int, k4: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients z = ((x - mean) @ components) / std of the k8 + k4 components sent, quantized with one
+    absmax scale per token per group: (int8 codes [rows, k8 + k4], float16 scales [rows, groups])."""
+    z = ((rows - mean) @ comps[:, : k8 + k4]) / std[: k8 + k4]
+    parts, scales = [], []
+    for qmax, part in ((127, z[:, :k8]), (7, z[:, k8:])):
+        if part.shape[1]:
+            values, scale = _quantize(part, None, qmax, "semantic")
+            parts.append(values)
+            scales.append(scale)
+    return torch.cat(parts, dim=1), torch.cat(scales, dim=1)
+
+
+def _semantic_dequantize(codes: torch.Tensor, scales: torch.Tensor, k8: int, k4: int) -> torch.Tensor:
+    """Normalized coefficients [rows, k8 + k4] from codes and float scales [rows, groups]."""
+    per_value = torch.cat([scales[:, i : i + 1].expand(-1, k) for i, k in enumerate(k for k in (k8, k4) if k)], dim=1)
+    return codes.float() * per_value.float()
+
+
 def _semantic_reconstruct(
-    coeffs: torch.Tensor, scales: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor
+    codes: torch.Tensor, scales: torch.Tensor, mean: torch.Tensor, comps: torch.Tensor, std: torch.Tensor, k8: int, k4: int
 ) -> torch.Tensor:
-    """dequant(c) @ components.T + mean, for int8 coefficients [rows, k] and float scales [rows, 1]."""
-    return torch.addmm(mean, _dequantize(coeffs, scales, None), comps.T)
+    """(dequantized z * std) @ components.T + mean: the dropped components come back as the mean."""
+    coefficients = _semantic_dequantize(codes, scales, k8, k4) * std[: k8 + k4]
+    return torch.addmm(mean, coefficients, comps[:, : k8 + k4].T)
 
 
 def _token_errors(rows: torch.Tensor, decoded: torch.Tensor) -> torch.Tensor:
@@ -674,7 +821,7 @@ def encode_semantic(
     boundary: int,
     max_relative_error: float = DEFAULT_MAX_RELATIVE_ERROR,
 ) -> SemanticEncoding:
-    """Projects onto the basis at `boundary`; falls back to "lossless" if any token's error is too high."""
+    """KLT-codes `tensor` with the basis at `boundary`; falls back to "lossless" if any token's error is too high."""
     tensor = _float_input(tensor.detach().cpu().contiguous(), "semantic", finite=True)
     if boundary not in basis.means:
         raise CodecError(
@@ -685,14 +832,20 @@ def encode_semantic(
         raise CodecError(
             f"codec 'semantic': hidden size {rows.shape[1]} does not match the basis's {basis.hidden_size}"
         )
-    mean, comps = basis.means[boundary], basis.components[boundary]
-    coeffs, scales = _quantize((rows - mean) @ comps, None, 127, "semantic")
-    decoded = _semantic_reconstruct(coeffs, scales.float(), mean, comps)
+    (k8, k4), mean, comps, std = basis.allocations[boundary], basis.means[boundary], basis.components[boundary], basis.stds[boundary]
+    try:
+        codes, scales = _semantic_quantize(rows, mean, comps, std, k8, k4)
+    except CodecError:  # coefficients beyond float16 scales: far off the basis
+        return SemanticEncoding(_encode_lossless(tensor, EncodeOptions()), math.inf, fell_back=True)
+    decoded = _semantic_reconstruct(codes, scales, mean, comps, std, k8, k4)
     errors = _token_errors(rows, decoded)
     worst = float(errors.max()) if errors.numel() else 0.0
     if worst > max_relative_error:
         return SemanticEncoding(_encode_lossless(tensor, EncodeOptions()), worst, fell_back=True)
-    message = _message(tensor, "semantic", coeffs.numpy().tobytes(), _to_bytes(scales), f"{basis.digest}/{boundary}")
+    eight = codes[:, :k8].numpy().view(np.uint8)
+    four = np.frombuffer(_pack_int4(codes[:, k8:]), dtype=np.uint8).reshape(len(codes), k4 // 2)
+    data = np.ascontiguousarray(np.concatenate([eight, four], axis=1)).tobytes()
+    message = _message(tensor, "semantic", data, _to_bytes(scales), f"{basis.digest}/{boundary}")
     return SemanticEncoding(message, worst, fell_back=False)
 
 
@@ -713,17 +866,24 @@ def _decode_semantic(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
     boundary = int(match[2])
     if boundary not in basis.means:
         raise CodecError(f"codec 'semantic': basis {basis.digest} has no boundary {boundary}")
-    if layout.width != basis.hidden_size:
+    if layout.width != basis.hidden_size or not layout.shape:
         raise CodecError(
             f"codec 'semantic': shape {layout.shape} does not end in the basis's hidden size {basis.hidden_size}"
         )
-    count, rank = layout.rows, basis.rank(boundary)
-    _expect_length("semantic", "data", len(message.data), count * rank, layout.shape)
-    scales = _decode_scales("semantic", message, count, 1, layout.shape)
-    coeffs = _from_bytes(message.data, np.int8).reshape(count, rank)
-    if bool((coeffs == -128).any()):
+    count, (k8, k4) = layout.rows, basis.allocations[boundary]
+    groups = (k8 > 0) + (k4 > 0)
+    _expect_length("semantic", "data", len(message.data), count * (k8 + k4 // 2), layout.shape)
+    scales = _decode_scales("semantic", message, count, groups, layout.shape)
+    raw = _from_bytes(message.data, np.uint8).reshape(count, k8 + k4 // 2)
+    eight = raw[:, :k8].contiguous().view(torch.int8)
+    if bool((eight == -128).any()):
         raise CodecError("codec 'semantic': coefficient -128 is outside -127..127")
-    decoded = _semantic_reconstruct(coeffs, scales, basis.means[boundary], basis.components[boundary])
+    four = _unpack_int4(raw[:, k8:].contiguous().numpy().tobytes(), count * k4, "semantic").reshape(count, k4)
+    codes = torch.cat([eight, four], dim=1)
+    mean, comps, std = basis.means[boundary], basis.components[boundary], basis.stds[boundary]
+    decoded = _semantic_reconstruct(codes, scales, mean, comps, std, k8, k4)
+    if not bool(torch.isfinite(decoded).all()):
+        raise CodecError("codec 'semantic': the scales decode to values beyond float32's range")
     return decoded.reshape(layout.shape).to(layout.dtype)
 
 

@@ -73,36 +73,51 @@ class LinkQuality:
 
 @dataclass(frozen=True)
 class CodecCost:
-    """What a codec costs per value of a hidden state: bytes on the wire and CPU seconds to encode+decode."""
+    """What a codec costs: bytes on the wire per value, and CPU seconds to encode+decode per value and per
+    message (the fixed part dominates decode steps of one token)."""
 
     bytes_per_value: float
     seconds_per_value: float
+    seconds_per_message: float = 0.0
+
+    def seconds(self, values: int, bandwidth: float) -> float:
+        """Expected time of one message of `values` values over a link of `bandwidth` bytes/s."""
+        return self.seconds_per_message + values * (self.bytes_per_value / bandwidth + self.seconds_per_value)
+
+
+def _round_trip_seconds(codecs, sample: torch.Tensor, name: str, repeats: int = 5) -> tuple[float, int]:
+    """Median encode+decode seconds of `sample`, and its encoded size."""
+    codecs.decode_tensor(codecs.encode_tensor(sample, name))  # warm up
+    timings = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        message = codecs.encode_tensor(sample, name)
+        codecs.decode_tensor(message)
+        timings.append(time.perf_counter() - began)
+    return sorted(timings)[repeats // 2], codecs.encoded_size(message)
 
 
 @lru_cache(maxsize=8)
-def measured_costs(hidden_size: int, semantic_rank: int = 0) -> dict[str, CodecCost]:
-    """Bytes and encode+decode time per value of every codec, measured here on a [1, 128, hidden] tensor
-    of activation-like values (about 50 ms; cached per process)."""
-    from protocol import codecs  # codecs import this module's budgets indirectly; keep the import local
+def measured_costs(hidden_size: int, semantic_bytes_per_token: int = 0) -> dict[str, CodecCost]:
+    """Bytes and encode+decode time of every codec, measured here on activation-like values of 1 and of
+    128 tokens (the difference separates the per-value from the per-message cost; about 0.1 s, cached)."""
+    from protocol import codecs  # imported here: measuring needs the codecs, choosing does not
 
     sample = torch.randn(1, 128, hidden_size)
     sample[..., :2] *= 40.0  # the few huge channels real residual streams have
-    values = sample.numel()
     costs: dict[str, CodecCost] = {}
     for name in QUALITY_CODECS["max"]:
         if name == "semantic":
             continue
-        codecs.decode_tensor(codecs.encode_tensor(sample, name))  # warm up
-        began = time.perf_counter()
-        message = codecs.encode_tensor(sample, name)
-        codecs.decode_tensor(message)
-        costs[name] = CodecCost(codecs.encoded_size(message) / values, (time.perf_counter() - began) / values)
-    if semantic_rank:
-        # k int8 coefficients and a 2-byte scale per token; two small matrix products per token
-        projection = 2 * semantic_rank / hidden_size * costs["int8_token"].seconds_per_value
-        costs["semantic"] = CodecCost(
-            (semantic_rank + 2) / hidden_size, costs["int8_token"].seconds_per_value + projection
-        )
+        long_seconds, long_bytes = _round_trip_seconds(codecs, sample, name)
+        short_seconds, _ = _round_trip_seconds(codecs, sample[:, :1], name)
+        per_value = max(long_seconds - short_seconds, 0.0) / (127 * hidden_size)
+        costs[name] = CodecCost(long_bytes / sample.numel(), per_value, max(short_seconds - per_value * hidden_size, 0.0))
+    if semantic_bytes_per_token:
+        # a rotation into the basis and back (two [hidden, hidden] products per token) on top of quantizing
+        base = costs["int8_token"]
+        rotation = 2 * base.seconds_per_value
+        costs["semantic"] = CodecCost(semantic_bytes_per_token / hidden_size, base.seconds_per_value + rotation, base.seconds_per_message)
     return costs
 
 
@@ -119,8 +134,7 @@ def choose_codec(
     for name in allowed:
         if name not in supported or name not in costs:
             continue
-        cost = costs[name]
-        seconds = values * (cost.bytes_per_value / bandwidth + cost.seconds_per_value)
+        seconds = costs[name].seconds(values, bandwidth)
         if seconds < best_seconds:
             best, best_seconds = name, seconds
     return best

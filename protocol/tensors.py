@@ -11,6 +11,7 @@ from proto import dataplane_pb2 as pb
 
 # The largest tensor a single message may carry; gRPC's own limit is set to match (see node.service).
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
+MAX_DIMS = 16
 
 _WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -45,8 +46,12 @@ def deserialize_tensor(message: pb.Tensor, *, max_bytes: int = MAX_TENSOR_BYTES)
     if dtype is None:
         raise TensorDecodeError(f"unknown dtype {message.dtype!r}; expected one of {sorted(_WIRE_DTYPES)}")
     shape = tuple(message.shape)
+    if len(shape) > MAX_DIMS:
+        raise TensorDecodeError(f"shape {shape} has {len(shape)} dimensions, above the limit of {MAX_DIMS}")
     if any(dim < 0 for dim in shape):
         raise TensorDecodeError(f"negative dimension in shape {shape}")
+    if any(dim > max_bytes for dim in shape):  # also keeps shapes like [0, 2**62] away from numpy
+        raise TensorDecodeError(f"dimension in shape {shape} exceeds the limit of {max_bytes}")
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = math.prod(shape) * itemsize
     if expected > max_bytes:

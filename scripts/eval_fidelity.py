@@ -179,7 +179,7 @@ def weight_speed(pipeline: Pipeline, hidden_size: int) -> dict:
         for stage, cache in zip(pipeline.stages, pipeline.caches):
             stage(one, torch.tensor([[128 + index]]), one_mask, cache)
         steps.append(time.perf_counter() - began)
-    torch.set_num_threads(torch.get_num_threads() if False else 2)
+    torch.set_num_threads(2)
     prefills = []
     for _ in range(3):
         began = time.perf_counter()
@@ -189,6 +189,7 @@ def weight_speed(pipeline: Pipeline, hidden_size: int) -> dict:
     return {"decode_tokens_per_s": 1 / statistics.median(steps), "prefill_tokens_per_s": 128 / min(prefills)}
 
 
+@torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=5, help="512-token sequences of evaluation text")
@@ -196,6 +197,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--quants", nargs="*", default=list(WEIGHT_QUANT_MODES))
     parser.add_argument("--codecs", nargs="*", default=[name for name in codec_names()])
+    parser.add_argument("--grid", action="store_true", help="every codec with every weight mode (default: codecs with float32 weights, weight modes with raw links)")
     args = parser.parse_args()
     torch.manual_seed(0)
     source = open_model("default")
@@ -214,7 +216,8 @@ def main() -> None:
         pipeline = build_pipeline(source, quant)
         speed = weight_speed(pipeline, hidden_size)
         torch.set_num_threads(2)
-        for codec in args.codecs:
+        codecs = args.codecs if args.grid or quant == "none" else ["none"]
+        for codec in codecs:
             link = LinkMeter(codec, basis)
             began = time.perf_counter()
             predictions, logprobs = teacher_forced(pipeline, sequences, link, chunk=128)

@@ -80,8 +80,7 @@ class LinkCodecs:
             if basis is None or basis.digest != hop.record.semantic_basis:
                 supported.discard("semantic")
                 basis = None
-        rank = basis.rank(hop.start) if basis is not None else 0
-        costs = measured_costs(self.hidden_size, rank)
+        costs = measured_costs(self.hidden_size, basis.bytes_per_token(hop.start) if basis is not None else 0)
         values = batch * tokens * self.hidden_size
         codec = choose_codec(allowed, supported, values, self.bandwidth(hop.record.address), costs)
         if codec == "none":

@@ -11,6 +11,7 @@ import torch
 from proto import dataplane_pb2 as pb
 from protocol.codecs import (
     CODECS,
+    DEFAULT_SEMANTIC_BYTES,
     LOSSLESS_CODECS,
     CodecError,
     SemanticBasis,
@@ -28,7 +29,7 @@ from protocol.tensors import TensorDecodeError, serialize_tensor
 HIDDEN = 576
 PLAIN_CODECS = [name for name in codec_names() if name != "semantic"]
 # Relative error each lossy codec must stay within on the test data.
-TOLERANCE = {"fp16": 1e-3, "bf16": 1e-2, "int8_token": 0.1, "int8_block": 0.03, "int4_block": 0.2}
+TOLERANCE = {"fp16": 1e-3, "bf16": 1e-2, "int8_token": 0.1, "int8_block": 0.03, "int8_outlier": 0.03, "int4_block": 0.2}
 
 
 def random_states(*shape: int, seed: int = 0) -> torch.Tensor:
@@ -61,10 +62,10 @@ def low_rank_states(tokens: int, rank: int, *, seed: int, basis: torch.Tensor | 
 
 @pytest.fixture(scope="module")
 def semantic_setup():
-    """A rank-64 basis fitted at boundaries 0 and 3 on low-rank-plus-noise data, and held-out data."""
+    """A basis fitted at boundaries 0 and 3 on rank-48-plus-noise data (default byte budget), and held-out data."""
     train, directions, offset = low_rank_states(2048, 48, seed=1)
     test, _, _ = low_rank_states(64, 48, seed=2, basis=directions, offset=offset)
-    basis = fit_semantic_basis({0: train, 3: train * 2}, rank=64)
+    basis = fit_semantic_basis({0: train, 3: train * 2})
     return basis, test
 
 
@@ -73,7 +74,7 @@ def semantic_setup():
 
 
 def test_registry_lists_every_codec():
-    assert codec_names() == ["none", "lossless", "fp16", "bf16", "int8_token", "int8_block", "int4_block", "semantic"]
+    assert codec_names() == ["none", "lossless", "fp16", "bf16", "int8_token", "int8_block", "int8_outlier", "int4_block", "semantic"]
     assert LOSSLESS_CODECS == {"none", "lossless"}
     assert all(CODECS[name].name == name for name in CODECS)
 
@@ -235,42 +236,65 @@ def test_semantic_round_trip_is_close_and_small(semantic_setup):
     basis, test = semantic_setup
     source = test.reshape(1, 64, HIDDEN)
     result = encode_semantic(source, basis, 0)
-    assert not result.fell_back and result.worst_error < 0.05
+    assert not result.fell_back and result.worst_error < 0.02
     message = wire(result.message)
     assert message.codec == "semantic" and message.basis == f"{basis.digest}/0"
     restored = decode_tensor(message, bases={basis.digest: basis})
-    assert restored.shape == source.shape and relative_error(source, restored) < 0.05
-    assert encoded_size(message) == 64 * (64 + 2)
+    assert restored.shape == source.shape and relative_error(source, restored) < 0.02
+    k8, k4 = basis.allocations[0]
+    assert k8 >= 1 and k4 >= 1 and basis.rank(0) == k8 + k4
+    assert basis.bytes_per_token(0) == k8 + k4 // 2 + 4 <= DEFAULT_SEMANTIC_BYTES
+    assert encoded_size(message) == 64 * basis.bytes_per_token(0)
     assert source.numel() * 4 / encoded_size(message) >= 8
     # the encoder's measured error is what the receiver actually gets
     worst = ((source - restored).norm(dim=-1) / source.norm(dim=-1)).max().item()
     assert worst == pytest.approx(result.worst_error, rel=1e-4)
 
 
+def test_semantic_allocation_follows_the_variances_and_the_budget(semantic_setup):
+    basis, _ = semantic_setup
+    # the 48 strong directions are worth 8 bits; the noise directions at most 4
+    k8, k4 = basis.allocations[0]
+    assert 40 <= k8 <= 60 and basis.predicted_errors[0] < 0.02
+    stds = basis.stds[0]
+    assert bool((stds[:-1] >= stds[1:]).all()) and stds[k8 - 1] > 10 * stds[k8 + k4 - 1]
+    train, _, _ = low_rank_states(1024, 48, seed=1)
+    for budget in (64, 100, 272, 400):
+        small = fit_semantic_basis({0: train}, max_bytes_per_token=budget)
+        assert budget - 2 <= small.bytes_per_token(0) <= budget
+        assert small.allocations[0][1] % 2 == 0
+    capped = fit_semantic_basis({0: train}, max_rank=20)
+    assert capped.rank(0) <= 20
+
+
 def test_semantic_uses_the_boundary_it_was_given(semantic_setup):
     basis, test = semantic_setup
     message = encode_tensor(test * 2, "semantic", basis=basis, boundary=3)
     assert message.basis.endswith("/3")
-    assert relative_error(test * 2, decode_tensor(message, bases={basis.digest: basis})) < 0.05
+    assert relative_error(test * 2, decode_tensor(message, bases={basis.digest: basis})) < 0.02
 
 
 def test_semantic_falls_back_to_lossless_off_basis(semantic_setup):
     basis, _ = semantic_setup
-    source = random_states(1, 16, HIDDEN, seed=9)  # isotropic: a rank-64 basis keeps ~11% of it
+    source = random_states(1, 16, HIDDEN, seed=9)  # isotropic, with huge channels: far off the basis
     result = encode_semantic(source, basis, 0)
     assert result.fell_back and result.worst_error > 0.25
     assert result.message.codec == "lossless" and not result.message.basis
     assert torch.equal(decode_tensor(wire(result.message)), source)  # no basis needed to decode
-    message = encode_tensor(source, "semantic", basis=basis, boundary=0, max_relative_error=2.0)
+    message = encode_tensor(source, "semantic", basis=basis, boundary=0, max_relative_error=float("inf"))
     assert message.codec == "semantic"
+    far = encode_semantic(torch.full((2, HIDDEN), 1e30), basis, 0)  # scales beyond float16: falls back too
+    assert far.fell_back and far.message.codec == "lossless"
 
 
-def test_semantic_fit_caps_rank_and_is_deterministic():
+def test_semantic_fit_is_deterministic_with_a_full_rotation():
     states = random_states(10, HIDDEN)
-    first, second = fit_semantic_basis({1: states}, rank=64), fit_semantic_basis({1: states.clone()}, rank=64)
-    assert first.rank(1) == 10 and first.digest == second.digest and len(first.digest) == 16
+    first, second = fit_semantic_basis({1: states}), fit_semantic_basis({1: states.clone()})
+    assert first.digest == second.digest and len(first.digest) == 16
+    assert 1 <= first.rank(1) <= 9  # 10 centred tokens span at most 9 directions
     comps = first.components[1]
-    assert torch.allclose(comps.T @ comps, torch.eye(10), atol=1e-4)
+    assert comps.shape == (HIDDEN, HIDDEN) and torch.allclose(comps.T @ comps, torch.eye(HIDDEN), atol=1e-4)
+    assert fit_semantic_basis({1: states}, max_bytes_per_token=8).digest != first.digest
 
 
 def test_semantic_encode_needs_basis_boundary_and_matching_hidden(semantic_setup):
@@ -288,7 +312,9 @@ def test_semantic_basis_save_load_round_trip(tmp_path, semantic_setup):
     path = tmp_path / "basis.safetensors"
     basis.save(path)
     loaded = SemanticBasis.load(path)
-    assert loaded.digest == basis.digest and loaded.boundaries == [0, 3] and loaded.rank(3) == 64
+    assert loaded.digest == basis.digest and loaded.boundaries == [0, 3]
+    assert loaded.allocations == basis.allocations and loaded.bytes_per_token(3) == basis.bytes_per_token(3)
+    assert loaded.predicted_errors[3] == pytest.approx(basis.predicted_errors[3], rel=1e-4)
     message = encode_tensor(test, "semantic", basis=basis, boundary=0)
     from_loaded = decode_tensor(message, bases={loaded.digest: loaded})
     assert torch.equal(from_loaded, decode_tensor(message, bases={basis.digest: basis}))
@@ -304,10 +330,13 @@ def test_tampered_basis_file_is_refused(tmp_path, semantic_setup):
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = load_file(str(path))
-    tensors["mean.3"][10] += 0.5  # a plausible-looking edit: still orthonormal, different digest
-    save_file(tensors, str(tmp_path / "edited.safetensors"), metadata=metadata)
-    with pytest.raises(CodecError, match="altered or corrupted"):
-        SemanticBasis.load(tmp_path / "edited.safetensors")
+    for name, edit in (("mean.3", lambda t: t.__setitem__(10, t[10] + 0.5)), ("allocation.3", lambda t: t.__setitem__(0, t[0] - 2)),
+                       ("std.0", lambda t: t.__setitem__(5, t[5] * 1.01))):
+        edited = {key: value.clone() for key, value in tensors.items()}
+        edit(edited[name])  # plausible-looking edits: still a valid basis, different digest
+        save_file(edited, str(tmp_path / "edited.safetensors"), metadata=metadata)
+        with pytest.raises(CodecError, match="altered or corrupted"):
+            SemanticBasis.load(tmp_path / "edited.safetensors")
     blob = bytearray(path.read_bytes())
     blob[-5] ^= 0x40  # a flipped bit inside the last tensor's bytes
     (tmp_path / "flipped.safetensors").write_bytes(bytes(blob))
@@ -316,11 +345,59 @@ def test_tampered_basis_file_is_refused(tmp_path, semantic_setup):
     (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CodecError, match="not a readable safetensors"):
         SemanticBasis.load(tmp_path / "garbage.safetensors")
+    # a file of the previous (low-rank, format 1) layout is refused cleanly, so callers refit
+    old = {"mean.0": torch.zeros(8), "components.0": torch.eye(8)[:, :2].contiguous()}
+    save_file(old, str(tmp_path / "v1.safetensors"), metadata={"format": "edgeswarm-semantic-basis/1", "digest": "0" * 16})
+    with pytest.raises(CodecError, match="format is 'edgeswarm-semantic-basis/1'"):
+        SemanticBasis.load(tmp_path / "v1.safetensors")
 
 
-def test_basis_with_non_orthonormal_components_is_refused():
+def test_invalid_bases_are_refused():
+    eye, ones = torch.eye(8), torch.ones(8)
     with pytest.raises(CodecError, match="not orthonormal"):
-        SemanticBasis({0: torch.zeros(8)}, {0: torch.ones(8, 2)})
+        SemanticBasis({0: torch.zeros(8)}, {0: torch.ones(8, 8)}, {0: ones}, {0: (2, 2)})
+    with pytest.raises(CodecError, match=r"\[hidden, hidden\]"):
+        SemanticBasis({0: torch.zeros(8)}, {0: eye[:, :2]}, {0: ones}, {0: (2, 0)})
+    for allocation in ((0, 0), (2, 3), (-1, 2), (6, 4)):
+        with pytest.raises(CodecError, match="allocation"):
+            SemanticBasis({0: torch.zeros(8)}, {0: eye}, {0: ones}, {0: allocation})
+    with pytest.raises(CodecError, match="stds"):
+        SemanticBasis({0: torch.zeros(8)}, {0: eye}, {0: torch.zeros(8)}, {0: (2, 2)})
+    with pytest.raises(CodecError, match="same, non-empty set"):
+        SemanticBasis({0: torch.zeros(8)}, {0: eye}, {0: ones}, {1: (2, 2)})
+
+
+def test_bad_semantic_messages_are_refused(semantic_setup):
+    basis, test = semantic_setup
+    bases = {basis.digest: basis}
+    valid = encode_tensor(test[:3], "semantic", basis=basis, boundary=0)
+    k8, k4 = basis.allocations[0]
+    per_row = k8 + k4 // 2
+    cases = {
+        "data": [valid.data[:-1], valid.data + b"\x00", b""],
+        "scales": [valid.scales[:-2], valid.scales + b"\x00\x00", b"\x00\x7e" + valid.scales[2:],
+                   b"\x00\x7c" + valid.scales[2:], b"\x00\xbc" + valid.scales[2:]],
+    }
+    for field, values in cases.items():
+        for value in values:
+            message = pb.Tensor()
+            message.CopyFrom(valid)
+            setattr(message, field, value)
+            with pytest.raises(CodecError, match="'semantic'"):
+                decode_tensor(message, bases=bases)
+    message = pb.Tensor()
+    message.CopyFrom(valid)
+    message.data = b"\x80" + valid.data[1:]  # int8 coefficient -128
+    with pytest.raises(CodecError, match="-128"):
+        decode_tensor(message, bases=bases)
+    message.data = valid.data[:per_row - 1] + b"\x80" + valid.data[per_row:]  # an int4 nibble 0 (-8)
+    with pytest.raises(CodecError, match="nibble 0"):
+        decode_tensor(message, bases=bases)
+    message = pb.Tensor()
+    message.CopyFrom(valid)
+    message.shape[:] = [3, 575]
+    with pytest.raises(CodecError, match="hidden size"):
+        decode_tensor(message, bases=bases)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -479,3 +556,23 @@ def test_random_messages_only_ever_raise_decode_errors(semantic_setup):
         except TensorDecodeError:
             pass
     assert decoded > 100  # the loop also reached the decoders' happy paths
+
+
+def test_int8_outlier_keeps_the_largest_channels_exact_and_fits_the_byte_budget():
+    states = torch.randn(1, 128, HIDDEN) * 0.5
+    states[..., [7, 300, 500]] = 400.0 + torch.randn(1, 128, 3)  # massive channels, as SmolLM2 has
+    outlier = decode_tensor(wire(encode_tensor(states, "int8_outlier")))
+    block = decode_tensor(wire(encode_tensor(states, "int8_block")))
+    torch.testing.assert_close(outlier[..., [7, 300, 500]], states[..., [7, 300, 500]].half().float())
+    inliers = [i for i in range(HIDDEN) if i not in (7, 300, 500)]
+    assert relative_error(states[..., inliers], outlier[..., inliers]) < relative_error(states[..., inliers], block[..., inliers]) / 10
+    one_token = encode_tensor(states[:, :1], "int8_outlier")
+    assert HIDDEN * 4 / encoded_size(one_token) >= 3.8
+
+
+@pytest.mark.parametrize("channels", [b"\x00\x00\x00\x00\x01\x00", b"\x00\x00\x01\x00\xff\x7f"])
+def test_int8_outlier_refuses_repeated_or_out_of_range_channels(channels):
+    message = encode_tensor(torch.randn(1, 2, HIDDEN), "int8_outlier")
+    message.scales = channels + message.scales[6:]
+    with pytest.raises(CodecError, match="outlier channels"):
+        decode_tensor(message)

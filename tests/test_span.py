@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from node.model_files import open_model
+from node.batched_attention import ATTENTION_IMPLEMENTATION
 from node.span import SpanCache, TransformerSpan, attention_mask_for
 from swarm.head import ClientHead
 from swarm.session import positions_for
@@ -72,7 +73,7 @@ def test_pitfall_unset_attention_implementation_is_pinned_so_the_mask_holds(tiny
     config = source.config
     config._attn_implementation = None  # as a hand-made or AutoConfig config may leave it
     span = TransformerSpan(config, 0, 2, [source.block_state(i) for i in range(2)])
-    assert config._attn_implementation == "sdpa"
+    assert config._attn_implementation == ATTENTION_IMPLEMENTATION
     hidden = torch.randn(1, 6, 64)
     mask = torch.tensor([[False, True, True, True, True, True]])  # padding forces an explicit mask
     full = span(hidden, positions_for(mask, torch.zeros(1, dtype=torch.long)), mask)

@@ -46,3 +46,9 @@ def test_huge_declared_shape_is_refused_before_allocation():
 def test_bool_tensor_with_other_bytes_is_refused():
     with pytest.raises(TensorDecodeError, match="bool tensor"):
         deserialize_tensor(pb.Tensor(data=b"\x00\x07", dtype="bool", shape=[2]))
+
+
+@pytest.mark.parametrize("shape", [[0, 2**62], [2**62, 2**62, 0], [1] * 65])
+def test_absurd_shapes_are_refused_as_decode_errors(shape):
+    with pytest.raises(TensorDecodeError):
+        deserialize_tensor(pb.Tensor(data=b"", dtype="float32", shape=shape))

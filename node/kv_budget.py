@@ -1,0 +1,158 @@
+"""The KV-cache memory budget of a node: which sessions it has room for, and which have gone idle.
+
+A session reserves room for its whole `max_length` when it opens, so a node that admitted it can
+always serve it to the end: memory is refused up front (`BusyError`, which the client treats like
+any busy node and routes elsewhere) instead of running out in the middle of a conversation.
+Reservations are the accounting; the bytes the caches actually hold at a given moment are not needed.
+
+>>> budget = KVBudget(budget_bytes=1 << 30, bytes_per_token=span_bytes_per_token(config, 10), idle_timeout=300)
+>>> budget.admit("session-1", max_length=2048)
+>>> budget.touch("session-1")   # on every step
+>>> budget.release("session-1")  # when the stream ends (twice is harmless)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import PretrainedConfig
+
+from partition.profiling import kv_bytes_per_token
+
+
+class BusyError(RuntimeError):
+    """A session does not fit in what is left of the node's KV-cache budget."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """The room one admitted session holds: `nbytes` = max_length * batch_size * bytes per token."""
+
+    session_id: str
+    max_length: int
+    batch_size: int
+    nbytes: int
+    admitted_at: float
+
+
+def span_bytes_per_token(config: PretrainedConfig, num_blocks: int, dtype: torch.dtype = torch.float32) -> int:
+    """KV-cache bytes one token of one sequence costs across `num_blocks` blocks of a node's span."""
+    return kv_bytes_per_token(config, dtype) * num_blocks
+
+
+def _format_bytes(count: int) -> str:
+    """`count` bytes for a message: MiB above one MiB, else plain bytes."""
+    return f"{count / 2**20:.1f} MiB" if count >= 2**20 else f"{count} bytes"
+
+
+class KVBudget:
+    """Reserves KV-cache room per session, within `budget_bytes`; thread-safe.
+
+    `bytes_per_token` is the cost of one token of one sequence across every block this node serves
+    (see `span_bytes_per_token`). A session not `touch`ed for `idle_timeout` seconds is reported by
+    `idle_sessions`, for the node to close; `clock` is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        budget_bytes: int,
+        bytes_per_token: int,
+        idle_timeout: float,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be non-negative, got {budget_bytes}")
+        if bytes_per_token <= 0:
+            raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
+        if idle_timeout <= 0:
+            raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
+        self.budget_bytes = budget_bytes
+        self.bytes_per_token = bytes_per_token
+        self.idle_timeout = idle_timeout
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._reservations: dict[str, Reservation] = {}
+        self._last_touched: dict[str, float] = {}
+        self._used = 0
+
+    # --- admission ---------------------------------------------------------------------------------
+
+    def cost(self, max_length: int, batch_size: int = 1) -> int:
+        """Bytes a session of `batch_size` sequences of up to `max_length` tokens reserves."""
+        return max_length * batch_size * self.bytes_per_token
+
+    def admit(self, session_id: str, max_length: int, batch_size: int = 1) -> Reservation:
+        """Reserves room for `session_id`; raises BusyError if it does not fit, ValueError if it is open already."""
+        if max_length < 1 or batch_size < 1:
+            raise ValueError(f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}")
+        asked = self.cost(max_length, batch_size)
+        with self._lock:
+            if session_id in self._reservations:
+                raise ValueError(f"session {session_id!r} already holds a KV-cache reservation")
+            if self._used + asked > self.budget_bytes:
+                raise BusyError(self._busy_message(session_id, max_length, batch_size, asked))
+            now = self._clock()
+            reservation = Reservation(session_id, max_length, batch_size, asked, now)
+            self._reservations[session_id] = reservation
+            self._last_touched[session_id] = now
+            self._used += asked
+            return reservation
+
+    def _busy_message(self, session_id: str, max_length: int, batch_size: int, asked: int) -> str:
+        """Why `session_id` was refused: what it asked, what is used by how many sessions, and the budget."""
+        sequences = f"{batch_size} x {max_length}" if batch_size > 1 else f"{max_length}"
+        return (
+            f"KV-cache budget exhausted: session {session_id!r} asks {_format_bytes(asked)} "
+            f"({sequences} tokens x {self.bytes_per_token} bytes), {_format_bytes(self._used)} is used by "
+            f"{len(self._reservations)} session(s), {_format_bytes(self.budget_bytes - self._used)} is free "
+            f"of a {_format_bytes(self.budget_bytes)} budget"
+        )
+
+    def touch(self, session_id: str) -> None:
+        """Marks a session as active now (call on every step); unknown ids are ignored."""
+        with self._lock:
+            if session_id in self._last_touched:
+                self._last_touched[session_id] = self._clock()
+
+    def release(self, session_id: str) -> Reservation | None:
+        """Frees a session's room; returns its reservation, or None if it held none (release is idempotent)."""
+        with self._lock:
+            reservation = self._reservations.pop(session_id, None)
+            self._last_touched.pop(session_id, None)
+            if reservation is not None:
+                self._used -= reservation.nbytes
+            return reservation
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def idle_sessions(self) -> list[str]:
+        """Sessions not touched for at least `idle_timeout` seconds, longest idle first."""
+        with self._lock:
+            now = self._clock()
+            idle = [(touched, sid) for sid, touched in self._last_touched.items() if now - touched >= self.idle_timeout]
+        return [sid for _, sid in sorted(idle)]
+
+    def reservation(self, session_id: str) -> Reservation | None:
+        """The reservation `session_id` holds, if any."""
+        with self._lock:
+            return self._reservations.get(session_id)
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._used
+
+    @property
+    def free_bytes(self) -> int:
+        with self._lock:
+            return self.budget_bytes - self._used
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions hold a reservation."""
+        with self._lock:
+            return len(self._reservations)
