@@ -6,9 +6,11 @@ then writes that output itself, asking the model only at *decision points* and l
 greedily, among the tokens that keep the output valid:
 
   * call or answer: the best logit of a token that starts ``<tool_call>`` against the best other one;
-  * the function name, enum values, booleans and object keys: step-wise through a token trie of the
-    allowed texts, each tokenised on its own (a node with a single child costs no model step);
-  * optional properties: by the trie over the keys that may come next (optional ones up to the next
+  * the function name, enum values, booleans and object keys: among the allowed texts, token by token.
+    Any token spelling a prefix of an option's unwritten rest counts for it (the model may prefer
+    ``calc`` to the canonical ``calcul``); options score the log-sum-exp of their tokens' logits, the
+    best option's best token is written, and once one option is left its rest is forced (no step);
+  * optional properties: by choosing among the keys that may come next (optional ones up to the next
     required key), or, when only optional ones are left, by the best ``,`` token against the best ``}``;
   * strings: any token whose bytes hold no quote, backslash or control character, until the model
     prefers a token that closes the string (content, then ``"``, then maybe more, such as ``",``);
@@ -87,9 +89,25 @@ class LocalStepper:
         self.cache = DynamicCache()
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        input_ids = torch.as_tensor(input_ids)
         with torch.inference_mode():
-            output = self.model(input_ids=torch.as_tensor(input_ids), past_key_values=self.cache, use_cache=True)
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=self._causal_mask(input_ids.shape[1]),
+                past_key_values=self.cache,
+                use_cache=True,
+            )
         return output.logits[:, -1]
+
+    def _causal_mask(self, new: int) -> torch.Tensor:
+        """The [1, 1, new, past + new] mask of a chunk appended to the cache.
+
+        Passed explicitly because transformers builds no mask for attention implementations it does not
+        know, such as this repo's "edgeswarm_sdpa", and SDPA's own causal flag would then align a chunk
+        that follows a cache as if it started at position 0.
+        """
+        past = self.cache.get_seq_length()
+        return torch.ones(new, past + new, dtype=torch.bool).tril(diagonal=past)[None, None]
 
     def reset(self) -> None:
         """Forgets everything fed so far."""
@@ -603,6 +621,8 @@ def _write_call(writer: _Writer, functions: dict[str, dict], limits: _Limits) ->
     name = names[_choose_text(writer, [json.dumps(name)[1:] + "," for name in names])]
     writer.force(' "arguments":')
     parameters = functions[name].get("parameters") or {"type": "object", "properties": {}}
+    if _kind(parameters)[0] != "object":
+        raise UnsupportedSchemaError(f"the parameters of {name!r} are not an object schema")
     _write_value(writer, parameters, " ", "}" + CALL_CLOSE, limits)
     writer.force("}" + CALL_CLOSE)
     return start

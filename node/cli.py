@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     span.add_argument("--num-blocks", type=int, default=None, metavar="N", help="serve N blocks where coverage is thinnest")
     join.add_argument("--announce-ttl", type=float, default=15.0, help="seconds an announcement lives; refreshed every third of it")
     join.add_argument("--max-session-length", type=int, default=8192, help="longest session (tokens) this node accepts")
+    join.add_argument("--max-batch", type=int, default=32, help="decode steps of at most this many concurrent sessions run as one forward")
+    join.add_argument("--prefill-chunk", type=int, default=256, help="longer steps run in chunks of this many tokens, with other sessions' decodes in between")
+    join.add_argument("--kv-memory", type=int, default=1024, metavar="MIB", help="KV-cache memory all sessions may reserve together (a session reserves its max_length); beyond it new sessions get RESOURCE_EXHAUSTED and go elsewhere")
+    join.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds without a step after which a session is closed and its KV cache freed")
     join.add_argument("--redundancy", type=int, default=2, help="how many nodes should serve every block (rebalancing aims for it)")
     join.add_argument("--rebalance-period", type=float, default=60.0, help="seconds between checks whether moving helps the swarm (0: never; nodes with --blocks never move)")
     join.add_argument("--partition", choices=["auto", "pipeline", "ring"], default="auto", help="auto: take the least-covered blocks; pipeline/ring: follow a swarm-wide plan made from every such node's profile")
@@ -92,6 +96,10 @@ def run_join(args: argparse.Namespace) -> int:
         num_blocks=args.num_blocks,
         announce_ttl=args.announce_ttl,
         max_session_length=args.max_session_length,
+        max_batch=args.max_batch,
+        prefill_chunk=args.prefill_chunk,
+        kv_memory_mib=args.kv_memory,
+        session_idle_timeout=args.session_idle_timeout,
         redundancy=args.redundancy,
         rebalance_period=args.rebalance_period,
         drain_timeout=args.drain_timeout,

@@ -20,18 +20,17 @@ from node.model_files import ModelSource, open_model
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
 from node.calibration import load_or_fit_basis
 from node.span import TransformerSpan
-from protocol.codecs import SemanticBasis
 from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key
 from partition.planner import Plan
 from partition.profiling import (
     blocks_that_fit,
-    kv_bytes_per_token,
     measure_decode_throughput,
     measure_link,
     measure_prefill_throughput,
 )
 from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
+from protocol.codecs import SemanticBasis
 from protocol.records import ServerRecord
 from swarm import dht as swarm_dht
 from swarm.mdns import DEFAULT_SWARM_ID, LanPresence, discover_peers
@@ -55,6 +54,10 @@ class NodeSettings:
     num_blocks: int | None = None
     announce_ttl: float = 15.0
     max_session_length: int = 8192
+    max_batch: int = 32  # decode steps of at most this many sessions run as one forward
+    prefill_chunk: int = 256  # longer steps run in chunks of this many tokens, other sessions' decodes between
+    kv_memory_mib: int = 1024  # KV-cache room all sessions may reserve together; beyond it new ones are "busy"
+    session_idle_timeout: float = 300.0  # seconds without a step after which a session is closed
     redundancy: int = 2
     rebalance_period: float = 60.0
     drain_timeout: float = 30.0
@@ -139,7 +142,13 @@ class SwarmNode:
         load_rss_growth = psutil.Process().memory_info().rss - rss_before
         throughput = measure_decode_throughput(span)
         prefill_throughput = measure_prefill_throughput(span)
-        limits = ServiceLimits(max_session_length=settings.max_session_length)
+        limits = ServiceLimits(
+            max_session_length=settings.max_session_length,
+            max_batch=settings.max_batch,
+            prefill_chunk=settings.prefill_chunk,
+            kv_memory_bytes=settings.kv_memory_mib * 2**20,
+            session_idle_timeout=settings.session_idle_timeout,
+        )
         self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
         self.server, port = start_grpc_server(self.servicer, settings.host, settings.port)
         self.record = ServerRecord(
@@ -281,9 +290,7 @@ class SwarmNode:
         print(f"moved from blocks {old[0]}:{old[1]} to {start}:{end}", flush=True)
 
     def _kv_free_bytes(self) -> int:
-        span = self.servicer.span
-        budget = self.settings.max_session_length * kv_bytes_per_token(span.config) * (span.end - span.start)
-        return max(0, budget - self.servicer.kv_cache_bytes)
+        return self.servicer.kv_budget.free_bytes
 
     def _refresh_announcement(self) -> None:
         interval = self.settings.announce_ttl / 3

@@ -5,8 +5,8 @@ always serve it to the end: memory is refused up front (`BusyError`, which the c
 any busy node and routes elsewhere) instead of running out in the middle of a conversation.
 Reservations are the accounting; the bytes the caches actually hold at a given moment are not needed.
 
->>> budget = KVBudget(budget_bytes=1 << 30, bytes_per_token=span_bytes_per_token(config, 10), idle_timeout=300)
->>> budget.admit("session-1", max_length=2048)
+>>> budget = KVBudget(budget_bytes=1 << 30, bytes_per_token=kv_bytes_per_token(config), idle_timeout=300)
+>>> budget.admit("session-1", max_length=2048, blocks=10)
 >>> budget.touch("session-1")   # on every step
 >>> budget.release("session-1")  # when the stream ends (twice is harmless)
 """
@@ -18,10 +18,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-from transformers import PretrainedConfig
-
-from partition.profiling import kv_bytes_per_token
 
 
 class BusyError(RuntimeError):
@@ -30,18 +26,13 @@ class BusyError(RuntimeError):
 
 @dataclass(frozen=True)
 class Reservation:
-    """The room one admitted session holds: `nbytes` = max_length * batch_size * bytes per token."""
+    """The room one admitted session holds: `nbytes` = max_length * batch_size * blocks * bytes per token."""
 
     session_id: str
     max_length: int
     batch_size: int
     nbytes: int
     admitted_at: float
-
-
-def span_bytes_per_token(config: PretrainedConfig, num_blocks: int, dtype: torch.dtype = torch.float32) -> int:
-    """KV-cache bytes one token of one sequence costs across `num_blocks` blocks of a node's span."""
-    return kv_bytes_per_token(config, dtype) * num_blocks
 
 
 def _format_bytes(count: int) -> str:
@@ -52,8 +43,9 @@ def _format_bytes(count: int) -> str:
 class KVBudget:
     """Reserves KV-cache room per session, within `budget_bytes`; thread-safe.
 
-    `bytes_per_token` is the cost of one token of one sequence across every block this node serves
-    (see `span_bytes_per_token`). A session not `touch`ed for `idle_timeout` seconds is reported by
+    `bytes_per_token` is the cost of one token of one sequence in one block (partition.profiling's
+    `kv_bytes_per_token`); a session reserves it for each of the blocks it runs through here.
+    A session not `touch`ed for `idle_timeout` seconds is reported by
     `idle_sessions`, for the node to close; `clock` is injectable for tests.
     """
 
@@ -81,20 +73,20 @@ class KVBudget:
 
     # --- admission ---------------------------------------------------------------------------------
 
-    def cost(self, max_length: int, batch_size: int = 1) -> int:
-        """Bytes a session of `batch_size` sequences of up to `max_length` tokens reserves."""
-        return max_length * batch_size * self.bytes_per_token
+    def cost(self, max_length: int, batch_size: int = 1, blocks: int = 1) -> int:
+        """Bytes a session of `batch_size` sequences of up to `max_length` tokens through `blocks` blocks reserves."""
+        return max_length * batch_size * blocks * self.bytes_per_token
 
-    def admit(self, session_id: str, max_length: int, batch_size: int = 1) -> Reservation:
+    def admit(self, session_id: str, max_length: int, batch_size: int = 1, blocks: int = 1) -> Reservation:
         """Reserves room for `session_id`; raises BusyError if it does not fit, ValueError if it is open already."""
-        if max_length < 1 or batch_size < 1:
-            raise ValueError(f"max_length and batch_size must be at least 1, got {max_length} and {batch_size}")
-        asked = self.cost(max_length, batch_size)
+        if max_length < 1 or batch_size < 1 or blocks < 1:
+            raise ValueError(f"max_length, batch_size and blocks must be at least 1, got {max_length}, {batch_size}, {blocks}")
+        asked = self.cost(max_length, batch_size, blocks)
         with self._lock:
             if session_id in self._reservations:
                 raise ValueError(f"session {session_id!r} already holds a KV-cache reservation")
             if self._used + asked > self.budget_bytes:
-                raise BusyError(self._busy_message(session_id, max_length, batch_size, asked))
+                raise BusyError(self._busy_message(session_id, max_length * blocks, batch_size, asked))
             now = self._clock()
             reservation = Reservation(session_id, max_length, batch_size, asked, now)
             self._reservations[session_id] = reservation
@@ -107,7 +99,7 @@ class KVBudget:
         sequences = f"{batch_size} x {max_length}" if batch_size > 1 else f"{max_length}"
         return (
             f"KV-cache budget exhausted: session {session_id!r} asks {_format_bytes(asked)} "
-            f"({sequences} tokens x {self.bytes_per_token} bytes), {_format_bytes(self._used)} is used by "
+            f"({sequences} token-blocks x {self.bytes_per_token} bytes), {_format_bytes(self._used)} is used by "
             f"{len(self._reservations)} session(s), {_format_bytes(self.budget_bytes - self._used)} is free "
             f"of a {_format_bytes(self.budget_bytes)} budget"
         )

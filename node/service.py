@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -13,8 +14,10 @@ import psutil
 import torch
 
 from node.batching import StepBatcher
+from node.kv_budget import BusyError, KVBudget
 from node.span import SpanCache, TransformerSpan
 from node.validation import InvalidRequest, StepInputs, check_reply_codec, decode_step_inputs
+from partition.profiling import kv_bytes_per_token
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
@@ -36,6 +39,8 @@ class ServiceLimits:
     max_concurrent_rpcs: int = 128
     max_batch: int = 32  # decode steps of this many sessions at most run as one forward
     prefill_chunk: int = 256  # longer steps run in chunks of this many tokens, with other sessions' decodes between
+    kv_memory_bytes: int = 1 << 30  # KV-cache room all open sessions may reserve together
+    session_idle_timeout: float = 300.0  # a session with no step for this long is closed and its cache freed
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
@@ -61,9 +66,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self.load_rss_growth = load_rss_growth
         self.limits = limits
         self.batcher = StepBatcher(max_batch=limits.max_batch, prefill_chunk=limits.prefill_chunk)
+        self.kv_budget = KVBudget(limits.kv_memory_bytes, kv_bytes_per_token(span.config), limits.session_idle_timeout)
         self._sessions: dict[str, SpanCache] = {}
+        self._contexts: dict[str, grpc.ServicerContext] = {}
         self._sessions_lock = threading.Lock()
         self.accepting = True
+        self.evicted_sessions = 0
+        threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
         self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see node.calibration)
 
     @property
@@ -134,6 +143,20 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         with self._sessions_lock:
             return len(self._sessions)
 
+    def _evict_idle_sessions(self) -> None:
+        """Closes sessions that sent no step for `session_idle_timeout` seconds; their caches are freed
+        when their streams end (the client sees CANCELLED and fails over if it comes back)."""
+        period = max(0.5, min(30.0, self.limits.session_idle_timeout / 4))
+        while True:
+            time.sleep(period)
+            for session_id in self.kv_budget.idle_sessions():
+                with self._sessions_lock:
+                    context = self._contexts.pop(session_id, None)
+                if context is not None:
+                    logger.info("closing idle session %s", session_id)
+                    self.evicted_sessions += 1
+                    context.cancel()
+
     def replace_span(self, span: TransformerSpan, throughput: float) -> None:
         """Serves `span` to new requests from now on; requests in flight keep the span they started with."""
         self.span, self.throughput = span, throughput
@@ -170,12 +193,19 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         with self._sessions_lock:
             if session_id in self._sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} is already open here")
+            try:
+                self.kv_budget.admit(session_id, opening.max_length, blocks=opening.end_block - opening.start_block)
+            except BusyError as error:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {error}")
             self._sessions[session_id] = cache
+            self._contexts[session_id] = context
         try:
-            yield from self._serve_session(request_iterator, context, opening, span, cache)
+            yield from self._serve_session(request_iterator, context, opening, span, cache, session_id)
         finally:
             with self._sessions_lock:
                 self._sessions.pop(session_id, None)
+                self._contexts.pop(session_id, None)
+                self.kv_budget.release(session_id)
 
     def _serve_session(
         self,
@@ -184,8 +214,10 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         opening: pb.SessionOpen,
         span: TransformerSpan,
         cache: SpanCache,
+        session_id: str,
     ) -> Iterator[pb.SessionResponse]:
         for request in request_iterator:
+            self.kv_budget.touch(session_id)
             if not request.HasField("step"):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
             step = request.step
@@ -221,6 +253,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             weight_quant=self.span.quant,
             weight_bytes=self.span.weight_bytes,
             batched_decode_steps=self.batcher.batched_steps,
+            kv_reserved_bytes=self.kv_budget.used_bytes,
+            evicted_sessions=self.evicted_sessions,
         )
 
     @property

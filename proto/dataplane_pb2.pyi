@@ -97,7 +97,7 @@ class NodeInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NodeInfoResponse(_message.Message):
-    __slots__ = ("node_id", "model_id", "start_block", "end_block", "num_parameters", "rss_bytes", "active_sessions", "kv_cache_bytes", "throughput", "load_rss_growth_bytes", "codecs", "semantic_basis", "weight_quant", "weight_bytes", "batched_decode_steps")
+    __slots__ = ("node_id", "model_id", "start_block", "end_block", "num_parameters", "rss_bytes", "active_sessions", "kv_cache_bytes", "throughput", "load_rss_growth_bytes", "codecs", "semantic_basis", "weight_quant", "weight_bytes", "batched_decode_steps", "kv_reserved_bytes", "evicted_sessions")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     START_BLOCK_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class NodeInfoResponse(_message.Message):
     WEIGHT_QUANT_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     BATCHED_DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    KV_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     model_id: str
     start_block: int
@@ -128,7 +130,9 @@ class NodeInfoResponse(_message.Message):
     weight_quant: str
     weight_bytes: int
     batched_decode_steps: int
-    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., load_rss_growth_bytes: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., semantic_basis: _Optional[str] = ..., weight_quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., batched_decode_steps: _Optional[int] = ...) -> None: ...
+    kv_reserved_bytes: int
+    evicted_sessions: int
+    def __init__(self, node_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., num_parameters: _Optional[int] = ..., rss_bytes: _Optional[int] = ..., active_sessions: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., throughput: _Optional[float] = ..., load_rss_growth_bytes: _Optional[int] = ..., codecs: _Optional[_Iterable[str]] = ..., semantic_basis: _Optional[str] = ..., weight_quant: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., batched_decode_steps: _Optional[int] = ..., kv_reserved_bytes: _Optional[int] = ..., evicted_sessions: _Optional[int] = ...) -> None: ...
 
 class EchoRequest(_message.Message):
     __slots__ = ("payload", "reply_bytes")

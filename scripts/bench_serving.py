@@ -10,7 +10,8 @@ last token), p50 and p99 per-token latency (gaps between consecutive tokens of a
 sessions), and the CPU the node processes (and their DHT children) used during decoding, in % of one
 core. The reference is single-process transformers `generate` with a batch of N identical prompts,
 greedy: N * T / (time of generate(T + 1 new tokens) - time of generate(1 new token)), i.e. exactly T
-decode forward passes, like the swarm's T decode steps.
+decode forward passes, like the swarm's T decode steps; measured with 1 torch thread and with all,
+and the better counts (on a busy machine all threads can be much slower than one).
 
 With `--petals`, `scripts/petals_worker.py` (run by `.petals-venv/bin/python`) serves the same model
 directory on 3 Petals servers, and our swarm runs on that directory too, for a side-by-side.
@@ -28,6 +29,7 @@ import argparse
 import json
 import platform
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -43,12 +45,12 @@ from node.model_files import ModelSource, default_model_path, open_model
 from node.reference import load_reference_model
 from swarm.client import SwarmClient
 
-try:  # run as `python scripts/bench_serving.py` (the usual way) or as `python -m scripts.bench_serving`
-    from bench_generate import even_spans, real_text_prompt
-except ImportError:
-    from scripts.bench_generate import even_spans, real_text_prompt
-
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # for `scripts.bench_generate` and `tests.tiny_models`, however this file is run
+    sys.path.insert(0, str(ROOT))
+
+from scripts.bench_generate import even_spans, real_text_prompt
+
 RESULTS = ROOT / "bench" / "results"
 SPANS = ["0:10", "10:20", "20:30"]
 PETALS_PYTHON = ROOT / ".petals-venv" / "bin" / "python"
@@ -127,7 +129,7 @@ def run_session(
                 trace.token_times.append(time.perf_counter())
     except threading.BrokenBarrierError:
         trace.error = "another session failed before decoding began"
-    except Exception as error:  # recorded in the results, not raised: the other sessions go on
+    except Exception as error:  # noqa: BLE001 - recorded in the results; the other sessions go on
         trace.error = f"{type(error).__name__}: {error}"
         start_decoding.abort()  # the others must not wait for this one
 
@@ -176,11 +178,11 @@ def run_phase(client: SwarmClient, node_pids: list[int], prompt: torch.Tensor, c
     deadline = time.monotonic() + timeout
     for thread in threads:
         thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    if "time" not in began:  # decoding never began: every session failed or timed out
-        return summarize(concurrency, traces, time.perf_counter(), 0.0, 0.0)
     for trace, thread in zip(traces, threads):
         if thread.is_alive() and trace.error is None:
-            trace.error = f"timed out after {timeout:.0f}s"
+            trace.error = f"timed out after {timeout:.0f}s"  # the thread is left to die when the nodes stop
+    if "time" not in began:  # decoding never began: a session failed or timed out before it
+        return summarize(concurrency, traces, time.perf_counter(), 0.0, 0.0)
     node_cpu = cpu_used(began["nodes"], process_tree_cpu(node_pids))
     client_cpu = sum(client_process.cpu_times()[:2]) - began["client"]
     return summarize(concurrency, traces, began["time"], node_cpu, client_cpu)
@@ -227,20 +229,49 @@ def identical_batch(prompt: torch.Tensor, size: int) -> torch.Tensor:
     return prompt.repeat(size, 1)
 
 
-def bench_reference(source: ModelSource, prompt: torch.Tensor, concurrency: Sequence[int], new_tokens: int, repeats: int) -> dict[int, float]:
-    """Decode tokens/s of single-process transformers generate with batch N, for every N."""
+def reference_speed(model, prompt: torch.Tensor, count: int, new_tokens: int, repeats: int, pad: int) -> float | None:
+    """Decode tokens/s of generate with a batch of `count`: T decode passes = generate(T + 1) - generate(1).
+
+    None when the difference is not positive: the machine's noise swamped the decode time.
+    """
+    batch = identical_batch(prompt, count)
+    full = min(timed_generate(model, batch, new_tokens + 1, pad) for _ in range(repeats))
+    prefill = min(timed_generate(model, batch, 1, pad) for _ in range(repeats))
+    return count * new_tokens / (full - prefill) if full > prefill else None
+
+
+def bench_reference(
+    source: ModelSource, prompt: torch.Tensor, concurrency: Sequence[int], new_tokens: int, repeats: int, threads: Sequence[int]
+) -> dict[int, dict[int, float | None]]:
+    """Decode tokens/s of single-process transformers generate with batch N, for every N and torch thread count.
+
+    Returns {N: {threads: tokens/s}}. On a busy machine several OpenMP threads can be far slower than one
+    (they spin waiting for each other), so the reference is taken as the best thread count: the strongest
+    single process this machine runs.
+    """
     model = load_reference_model(source)
     tokenizer = source.tokenizer()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else int(tokenizer.eos_token_id)
-    timed_generate(model, prompt, 2, pad)  # warm-up
-    speeds = {}
-    for count in concurrency:
-        batch = identical_batch(prompt, count)
-        full = min(timed_generate(model, batch, new_tokens + 1, pad) for _ in range(repeats))
-        prefill = min(timed_generate(model, batch, 1, pad) for _ in range(repeats))
-        speeds[count] = count * new_tokens / max(full - prefill, 1e-9)
-        print(f"  reference batch {count}: {speeds[count]:.1f} decode tokens/s", flush=True)
+    default_threads = torch.get_num_threads()
+    speeds: dict[int, dict[int, float | None]] = {count: {} for count in concurrency}
+    try:
+        for thread_count in threads:
+            torch.set_num_threads(thread_count)
+            timed_generate(model, prompt, 2, pad)  # warm-up
+            for count in concurrency:
+                speed = reference_speed(model, prompt, count, new_tokens, repeats, pad)
+                speeds[count][thread_count] = speed
+                shown = "not measurable (generate(1) took as long as the whole run)" if speed is None else f"{speed:.1f} decode tokens/s"
+                print(f"  reference batch {count}, {thread_count} thread(s): {shown}", flush=True)
+    finally:
+        torch.set_num_threads(default_threads)
     return speeds
+
+
+def best_speeds(speeds: dict[int, dict[int, float | None]]) -> dict[int, float]:
+    """The best measured tokens/s over thread counts, for every batch size that has one."""
+    best = {count: max((speed for speed in by_threads.values() if speed is not None), default=None) for count, by_threads in speeds.items()}
+    return {count: speed for count, speed in best.items() if speed is not None}
 
 
 # --- Petals, side by side -------------------------------------------------------------------------
@@ -251,24 +282,32 @@ def export_smollm(directory: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = default_model_path()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    # transformers marks a model read from GGUF as quantized and refuses to save it: copy the (already
+    # dequantized) weights into a plain model of the same config
+    config = loaded.config
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
     model.save_pretrained(directory, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(directory)
     return directory
 
 
 def export_tiny(directory: Path) -> Path:
-    """A seeded random tiny Llama (the tests' `save_tiny_model`, 6 blocks), as safetensors."""
+    """A seeded random tiny Llama (the tests' `save_tiny_model`) with 30 blocks, split 10/10/10 like SmolLM2."""
     from tests.tiny_models import save_tiny_model
 
-    return save_tiny_model(directory, "llama")
+    return save_tiny_model(directory, "llama", num_layers=30)
 
 
 def petals_model_dir(kind: str) -> Path:
     """The model directory for the Petals comparison, made once and cached (see node.calibration.cache_dir)."""
     from node.calibration import cache_dir
 
-    directory = cache_dir() / "bench-serving" / ("smollm2-135m-hf" if kind == "smollm" else "tiny-llama")
+    directory = cache_dir() / "bench-serving" / ("smollm2-135m-hf" if kind == "smollm" else "tiny-llama-30")
     if not (directory / "config.json").is_file():
         directory.mkdir(parents=True, exist_ok=True)
         print(f"  writing the {kind} model to {directory} ...", flush=True)
@@ -315,7 +354,7 @@ def run_petals_worker(
         "--concurrency", *map(str, PETALS_CONCURRENCY), "--prompt-tokens", str(prompt_tokens), "--new-tokens", str(new_tokens),
     ]  # fmt: skip
     try:
-        finished = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        finished = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     except subprocess.TimeoutExpired:
         return {"system": "petals", "error": f"the worker did not finish within {timeout:.0f}s", "command": command}
     try:
@@ -346,7 +385,7 @@ def bench_petals(args: argparse.Namespace) -> dict:
         print(f"our swarm on {model_dir} ...", flush=True)
         ours = bench_swarm(node_args, str(model_dir), prompt_for(source, args.prompt_tokens), PETALS_CONCURRENCY, args.new_tokens, args.timeout)
         report["swarm"] = [asdict(result) for result in ours]
-    except Exception as error:  # recorded, not raised: the main results stand on their own
+    except Exception as error:  # noqa: BLE001 - recorded; the main results stand on their own
         report["error"] = f"{type(error).__name__}: {error}"
     return report
 
@@ -400,7 +439,7 @@ def petals_targets(petals: dict | None) -> list[Target]:
 
 
 def print_table(rows: list[PhaseResult], reference: dict[int, float]) -> None:
-    print(f"\n| N | swarm tok/s | per session tok/s | p50 ms | p99 ms | node CPU % | client CPU % | transformers batch-N tok/s | swarm / transformers |")
+    print("\n| N | swarm tok/s | per session tok/s | p50 ms | p99 ms | node CPU % | client CPU % | transformers batch-N tok/s | swarm / transformers |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         ref = reference.get(row.concurrency)
@@ -412,6 +451,24 @@ def print_table(rows: list[PhaseResult], reference: dict[int, float]) -> None:
         )
         if row.errors:
             print(f"  N={row.concurrency}: {row.concurrency - row.sessions_ok} session(s) failed: {row.errors}")
+
+
+def print_petals(report: dict) -> None:
+    """Petals and our swarm, tokens/s side by side on the same model directory, and any errors."""
+    print(f"\nPetals comparison on the {report.get('model')} model ({report.get('model_dir', 'not made')})")
+    petals = report.get("petals") or {}
+    theirs = {item["concurrency"]: item.get("tokens_per_s") for item in petals.get("results", [])}
+    ours = {item["concurrency"]: item for item in report.get("swarm", [])}
+    print("| N | swarm tok/s | Petals tok/s |")
+    print("|---:|---:|---:|")
+    for count in PETALS_CONCURRENCY:
+        mine = ours.get(count)
+        mine_text = "-" if mine is None or mine["errors"] else f"{mine['tokens_per_s']:.1f}"
+        their_text = "-" if theirs.get(count) is None else f"{theirs[count]:.1f}"
+        print(f"| {count} | {mine_text} | {their_text} |")
+    for source, errors in (("Petals", [petals.get("error"), *petals.get("errors", [])]), ("comparison", [report.get("error")])):
+        for error in filter(None, errors):
+            print(f"  {source}: {error}")
 
 
 def plot(rows: list[PhaseResult], reference: dict[int, float], new_tokens: int, path: Path) -> None:
@@ -446,6 +503,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=32, help="decode steps per session")
     parser.add_argument("--reference-repeats", type=int, default=1, help="best of this many reference generates")
+    parser.add_argument("--reference-threads", type=int, nargs="+", default=None, help="torch thread counts to try for the reference; the best counts (default: 1 and all)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds one concurrency level may take")
     parser.add_argument("--petals", action="store_true", help="also compare with Petals (scripts/petals_worker.py)")
     parser.add_argument("--petals-model", choices=["smollm", "tiny"], default="smollm", help="the model directory both run")
@@ -459,7 +517,9 @@ def main() -> None:
     prompt = real_text_prompt(source.tokenizer(), args.prompt_tokens)
 
     print("single-process transformers reference ...", flush=True)
-    reference = bench_reference(source, prompt, sorted(set(args.concurrency) | {1}), args.new_tokens, args.reference_repeats)
+    threads = args.reference_threads or sorted({1, torch.get_num_threads()})
+    reference_runs = bench_reference(source, prompt, sorted(set(args.concurrency) | {1}), args.new_tokens, args.reference_repeats, threads)
+    reference = best_speeds(reference_runs)
     print("3-node swarm ...", flush=True)
     rows = bench_swarm([["--blocks", span] for span in SPANS], "default", prompt, args.concurrency, args.new_tokens, args.timeout)
     petals = bench_petals(args) if args.petals else None
@@ -467,7 +527,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M-Instruct fp32, 3 nodes {' '.join(SPANS)}, {args.prompt_tokens}-token prompt, {args.new_tokens} decode tokens per session")
     print_table(rows, reference)
     if petals is not None:
-        print(f"\nPetals comparison: {json.dumps(petals)[:2000]}")
+        print_petals(petals)
     targets = check_targets(rows, reference, petals)
     print()
     for target in targets:
@@ -482,6 +542,8 @@ def main() -> None:
         "machine": {"cpus": psutil.cpu_count(), "load_average": list(psutil.getloadavg()), "platform": platform.platform(), "torch": torch.__version__},
         "rows": [asdict(row) for row in rows],
         "reference_tokens_per_s": {str(count): speed for count, speed in reference.items()},
+        "reference_tokens_per_s_by_threads": {str(count): {str(t): v for t, v in runs.items()} for count, runs in reference_runs.items()},
+        "reference_repeats": args.reference_repeats,
         "petals": petals,
         "targets": [asdict(target) for target in targets],
     }

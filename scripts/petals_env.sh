@@ -76,6 +76,7 @@ sed -i -E "s/(\"p2pd-linux-amd64\": \")[0-9a-f]+\"/\1$SHA\"/; s/(\"p2pd-linux-ar
 # 4. petals itself (hivemind==1.1.10.post2 is already satisfied)
 "${PIP[@]}" install -q "petals==2.2.0.post1" "torch==2.13.0"
 
-"$VPY" -c "import petals, hivemind, torch, transformers; print('petals', petals.__version__, 'hivemind', hivemind.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+# import check, with the runtime shims the worker applies (hivemind 1.1.10 vs torch 2.13)
+"$VPY" "$ROOT/scripts/petals_worker.py" --versions
 "${PIP[@]}" freeze > "$VENV/petals-freeze.txt"
 touch "$STAMP"

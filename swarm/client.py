@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -31,6 +32,9 @@ from swarm.session import InferenceSession, SessionPolicy, positions_for
 from swarm.transport import decode_hidden, encode_hidden, open_channel, remote_error
 
 logger = logging.getLogger(__name__)
+
+# A batch of prompts runs at most this many sessions at once.
+MAX_PARALLEL_SESSIONS = 32
 
 
 @dataclass
@@ -68,6 +72,7 @@ class SwarmClient:
         policy: SessionPolicy = SessionPolicy(),
         max_route_attempts: int = 3,
         ban_seconds: float = 60.0,
+        busy_seconds: float = 5.0,
         swarm_id: str = DEFAULT_SWARM_ID,
         mdns: bool = True,
         link_quality: LinkQuality | str = "lossless",
@@ -83,6 +88,7 @@ class SwarmClient:
         self.policy = policy
         self.max_route_attempts = max_route_attempts
         self.ban_seconds = ban_seconds
+        self.busy_seconds = busy_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True)
         if isinstance(link_quality, str):
@@ -126,9 +132,10 @@ class SwarmClient:
         """The online nodes announced for this model."""
         return swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
 
-    def ban(self, node_id: str) -> None:
-        """Stops routing to a node that failed, for `ban_seconds` (longer than a dead node's record lives)."""
-        self._banned_until[node_id] = time.monotonic() + self.ban_seconds
+    def ban(self, node_id: str, seconds: float | None = None) -> None:
+        """Stops routing to a node that failed, for `seconds` (default `ban_seconds`, longer than a dead
+        node's record lives; a busy node is skipped only for `busy_seconds`)."""
+        self._banned_until[node_id] = time.monotonic() + (self.ban_seconds if seconds is None else seconds)
 
     def usable_servers(self) -> list[ServerRecord]:
         """The announced nodes minus those banned after failing."""
@@ -269,16 +276,38 @@ class SwarmClient:
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        micro_batch: int = 1,
     ) -> GenerationResult | list[GenerationResult]:
         """Continues a prompt (text or token ids) or a batch of them; greedy unless `do_sample`.
 
         Generation ends at an end-of-sequence token, at any of the `stop` strings (cut from the text),
-        or after `max_new_tokens`. A batch returns one result per prompt.
+        or after `max_new_tokens`. A batch returns one result per prompt. A batch is split into
+        micro-batches of `micro_batch` prompts (left-padded within each), all generated at once in their
+        own sessions: they pipeline through the swarm, and nodes merge their decode steps (node.batching).
+        `micro_batch=len(prompts)` runs one padded session instead. Micro-batch i samples with `seed + i`.
         """
         input_ids, mask, is_batch = self._encode(prompt)
-        results = None
-        for _, results in self._generate_rows(input_ids, mask, max_new_tokens, do_sample, temperature, top_p, stop, seed):
-            pass
+        if micro_batch < 1:
+            raise ValueError("micro_batch must be at least 1")
+        groups = [range(begin, min(begin + micro_batch, len(input_ids))) for begin in range(0, len(input_ids), micro_batch)]
+
+        def run(index: int) -> list[GenerationResult]:
+            rows = list(groups[index])
+            width = int(mask[rows].sum(dim=1).max())  # drop padding columns that no row of this group needs
+            results = None
+            group_seed = None if seed is None else seed + index
+            for _, results in self._generate_rows(
+                input_ids[rows, -width:], mask[rows, -width:], max_new_tokens, do_sample, temperature, top_p, stop, group_seed
+            ):
+                pass
+            return results
+
+        if len(groups) == 1:
+            outcomes = [run(0)]
+        else:
+            with ThreadPoolExecutor(min(len(groups), MAX_PARALLEL_SESSIONS), thread_name_prefix="micro-batch") as pool:
+                outcomes = list(pool.map(run, range(len(groups))))
+        results = [result for group in outcomes for result in group]
         return results if is_batch else results[0]
 
     def stream(

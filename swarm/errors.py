@@ -13,6 +13,10 @@ class NodeUnavailableError(SwarmConnectionError):
     """A node is unreachable, stalled, leaving, busy or crashed: another node may well succeed."""
 
 
+class NodeBusyError(NodeUnavailableError):
+    """A node has no room for another session now (its KV-cache budget is reserved): try another."""
+
+
 class NoRouteError(SwarmError):
     """The online nodes do not cover every block of the model."""
 

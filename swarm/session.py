@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.errors import NoRouteError, NodeUnavailableError
+from swarm.errors import NodeBusyError, NoRouteError, NodeUnavailableError
 from swarm.routing import Hop, plan_route
 from swarm.transport import SpanStream, StepTimeout
 
@@ -235,9 +235,9 @@ class InferenceSession:
         failed.stream.close()
         history = [*failed.sent, current]
         replay = SentStep(*(torch.cat([getattr(step, name) for step in history], dim=1) for name in ("hidden", "positions", "mask")))
-        blamed, reason = failed.hop.record.node_id, str(error)
+        blamed, reason, busy = failed.hop.record.node_id, str(error), isinstance(error, NodeBusyError)
         for _ in range(self.policy.max_failover_attempts):
-            self.client.ban(blamed)
+            self.client.ban(blamed, self.client.busy_seconds if busy else None)
             logger.warning("replacing blocks %d:%d after: %s", failed.hop.start, failed.hop.end, reason)
             route = self._wait_for_replacement(failed.hop)
             if route is None:
@@ -255,7 +255,7 @@ class InferenceSession:
             except NodeUnavailableError as replacement_error:
                 for state in replacements:
                     state.stream.close()
-                reason = str(replacement_error)
+                reason, busy = str(replacement_error), isinstance(replacement_error, NodeBusyError)
                 continue
             self.failovers.append(
                 FailoverEvent(failed.hop.record.node_id, str(error), route, replay.hidden.shape[1], time.monotonic() - began)

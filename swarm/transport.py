@@ -13,7 +13,7 @@ from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.codecs import decode_tensor, encode_tensor, encoded_size
 from protocol.tensors import TensorDecodeError, serialize_tensor
-from swarm.errors import NodeUnavailableError, RemoteError
+from swarm.errors import NodeBusyError, NodeUnavailableError, RemoteError
 from swarm.links import RAW, StepCodecs
 from swarm.routing import Hop
 
@@ -56,6 +56,8 @@ def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
     name = code.name if code is not None else "error"
     if code in _CALLER_ERRORS:
         return RemoteError(f"{where} refused the request: {name}: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy"):
+        return NodeBusyError(f"{where} is busy: {details}")
     return NodeUnavailableError(f"{where} failed: {name}: {details}")
 
 

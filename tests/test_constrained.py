@@ -123,8 +123,8 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
         required = [key for key in properties if rng.random() < 0.5]
         return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
     if kind == "array":
-        schema = {"type": "array", "items": random_schema(rng, depth + 1) if depth < 2 else {"type": "integer"}}
-        return {**schema, "minItems": 1, "maxItems": 3} if rng.random() < 0.5 else schema
+        items = random_schema(rng, depth + 1) if depth < 2 else {"type": "integer"}
+        return {"type": "array", "items": items, "minItems": rng.randint(0, 1), "maxItems": 3}
     if kind == "enum":
         return rng.choice([{"type": "string", "enum": ["red", "green", "blue"]}, {"enum": ["a", "ab", 1, 10, None, True]}])
     if kind == "nullable":

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from node.kv_budget import BusyError, KVBudget, span_bytes_per_token
+from node.kv_budget import BusyError, KVBudget
 from tests.tiny_models import tiny_config
 
 
@@ -152,6 +152,8 @@ def test_concurrent_admits_never_over_commit():
     assert budget.used_bytes == 7 * len(held)
 
 
-def test_span_bytes_per_token_counts_every_block():
-    config = tiny_config("llama")  # 2 KV heads of 16 dims
-    assert span_bytes_per_token(config, 3) == 3 * 2 * 2 * 16 * 4
+def test_a_session_reserves_room_in_every_block_it_runs_through():
+    budget = KVBudget(budget_bytes=10_000, bytes_per_token=10, idle_timeout=60)
+    assert budget.admit("s", max_length=100, blocks=3).nbytes == 3_000
+    with pytest.raises(BusyError, match="token-blocks"):
+        budget.admit("t", max_length=100, blocks=8)

@@ -62,8 +62,20 @@ def test_left_padded_batch_equals_transformers_batch(client, smollm_reference):
     encoded = client.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
     assert not encoded.attention_mask.all(), "the batch must contain padding"
     expected = reference_continuation(smollm_reference, encoded.input_ids, encoded.attention_mask, 20)
-    results = client.generate(prompts, max_new_tokens=20)
+    results = client.generate(prompts, max_new_tokens=20, micro_batch=len(prompts))  # one padded session
     assert [result.token_ids for result in results] == [until_eos(row, EOS) for row in expected]
+
+
+def test_micro_batches_run_at_once_and_equal_each_prompt_alone(swarm, client, smollm_reference):
+    prompts = ["The capital of France is", "Hi", "def fibonacci(n):", "Water boils at", "The moon is"]
+    expected = [
+        until_eos(reference_continuation(smollm_reference, client.tokenizer(prompt, return_tensors="pt").input_ids, None, 16)[0], EOS)
+        for prompt in prompts
+    ]
+    batched_before = sum(node_info(node.address).batched_decode_steps for node in swarm.nodes)
+    results = client.generate(prompts, max_new_tokens=16)  # one session per prompt, all at once
+    assert [result.token_ids for result in results] == expected
+    assert sum(node_info(node.address).batched_decode_steps for node in swarm.nodes) > batched_before
 
 
 def test_streaming_yields_the_tokens_of_generate(client):
