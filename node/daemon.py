@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 import grpc
 import psutil
 
+from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
-from node.calibration import load_or_fit_basis
 from node.span import TransformerSpan
 from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key
 from partition.planner import Plan

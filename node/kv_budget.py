@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 
-
 class BusyError(RuntimeError):
     """A session does not fit in what is left of the node's KV-cache budget."""
 

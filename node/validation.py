@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from collections.abc import Mapping
-
+from proto import dataplane_pb2 as pb
 from protocol.codecs import CODECS, SemanticBasis, decode_tensor
 from protocol.tensors import TensorDecodeError, deserialize_tensor
-from proto import dataplane_pb2 as pb
 
 
 class InvalidRequest(ValueError):

@@ -114,7 +114,7 @@ def main() -> None:
     for row in rows:
         row["prefill_speedup"] = baseline["prefill_512_s"] / row["prefill_512_s"]
         row["same_tokens_as_lossless"] = sum(a == b for a, b in zip(row["tokens"], baseline["tokens"]))
-    print(f"\n| budget | prefill codecs | decode codecs | 512-token prefill | link MB | speed-up | decode tok/s | tokens as lossless |")
+    print("\n| budget | prefill codecs | decode codecs | 512-token prefill | link MB | speed-up | decode tok/s | tokens as lossless |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(

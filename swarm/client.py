@@ -24,10 +24,10 @@ from protocol.tensors import serialize_tensor
 from swarm import dht as swarm_dht
 from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
+from swarm.links import LinkCodecs
 from swarm.mdns import DEFAULT_SWARM_ID, discover_peers
 from swarm.routing import Hop, plan_route
 from swarm.sampling import next_tokens
-from swarm.links import LinkCodecs
 from swarm.session import InferenceSession, SessionPolicy, positions_for
 from swarm.transport import decode_hidden, encode_hidden, open_channel, remote_error
 

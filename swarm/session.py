@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarm.errors import NodeBusyError, NoRouteError, NodeUnavailableError
+from swarm.errors import NodeBusyError, NodeUnavailableError, NoRouteError
 from swarm.routing import Hop, plan_route
 from swarm.transport import SpanStream, StepTimeout
 

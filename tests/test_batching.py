@@ -11,8 +11,8 @@ import torch
 from node.batching import StepBatcher
 from node.launcher import LocalSwarm
 from node.model_files import open_model
-from node.span import SpanCache, TransformerSpan
 from node.reference import load_reference_model, reference_greedy_tokens
+from node.span import SpanCache, TransformerSpan
 from swarm.client import SwarmClient
 from swarm.session import greedy_decode
 from tests.swarm_helpers import node_info

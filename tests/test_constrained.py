@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from agent.constrained import (
-    SMOLLM2_CALL_BIAS,
     CALL_OPEN,
+    SMOLLM2_CALL_BIAS,
     Decision,
     LocalStepper,
     UnsupportedSchemaError,

@@ -7,7 +7,6 @@ import threading
 import pytest
 
 from node.kv_budget import BusyError, KVBudget
-from tests.tiny_models import tiny_config
 
 
 class FakeClock:

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.model_files import open_model
 from node.batched_attention import ATTENTION_IMPLEMENTATION
+from node.model_files import open_model
 from node.span import SpanCache, TransformerSpan, attention_mask_for
 from swarm.head import ClientHead
 from swarm.session import positions_for

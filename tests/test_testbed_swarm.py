@@ -12,10 +12,10 @@ from transformers import AutoModelForCausalLM
 
 from node.launcher import NodeProcess, start_node
 from node.reference import reference_greedy_tokens
+from swarm import testbed as edge_testbed
 from swarm.client import SwarmClient
 from swarm.routing import Hop
 from swarm.session import InferenceSession, greedy_decode
-from swarm import testbed as edge_testbed
 from swarm.testbed import Testbed
 from tests.swarm_helpers import until_eos
 
