@@ -175,22 +175,19 @@ def _token_bytes(tokenizer: PreTrainedTokenizerBase) -> tuple[list[bytes], set[i
     Byte-level BPE tokens (SmolLM2, Qwen2, Llama 3) are mapped back to bytes exactly; other tokenizers
     fall back to decoding each token alone.
     """
-    size = len(tokenizer)
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     special = {index for index, token in added.items() if getattr(token, "special", False)}
     alphabet = _byte_level_alphabet()
-    ordinary = [piece for index, piece in enumerate(pieces) if index not in added and piece]
-    if all(char in alphabet for piece in ordinary for char in piece):
-        convert = lambda piece: bytes(alphabet[char] for char in piece)  # noqa: E731
-    else:
-        convert = None
+    byte_level = all(char in alphabet for index, piece in enumerate(pieces) if index not in added and piece for char in piece)
     result = []
     for index, piece in enumerate(pieces):
-        if index in added or piece is None:
-            result.append(str(added[index].content if index in added else "").encode())
-        elif convert is not None:
-            result.append(convert(piece))
+        if index in added:
+            result.append(str(added[index].content).encode())
+        elif not piece:
+            result.append(b"")
+        elif byte_level:
+            result.append(bytes(alphabet[char] for char in piece))
         else:
             result.append(tokenizer.decode([index]).encode())
     return result, special

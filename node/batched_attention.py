@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_IMPLEMENTATION = "edgeswarm_sdpa"
 
@@ -52,3 +53,5 @@ def _edgeswarm_sdpa(module, query, key, value, attention_mask, batch_cache: Batc
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, _edgeswarm_sdpa)
+# whole models built with this config (node.reference) need SDPA's masks too
+AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)

@@ -115,13 +115,11 @@ _KEYS = ["title", "count", "enabled", "tags", "price", "name", "notes", "level",
 
 
 def random_schema(rng: random.Random, depth: int = 0) -> dict:
-    """A random parameter schema: scalars, enums, arrays and nested objects."""
+    """A random value schema: scalars, enums, arrays and nested objects."""
     kinds = ["string", "integer", "number", "boolean", "enum", "array", "nullable", "bounded", "const", "anyOf"]
     kind = rng.choice(kinds + ["object"] * 3 if depth < 2 else kinds)
     if kind == "object":
-        properties = {key: random_schema(rng, depth + 1) for key in rng.sample(_KEYS, rng.randint(1, 4))}
-        required = [key for key in properties if rng.random() < 0.5]
-        return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+        return random_object(rng, depth + 1)
     if kind == "array":
         items = random_schema(rng, depth + 1) if depth < 2 else {"type": "integer"}
         return {"type": "array", "items": items, "minItems": rng.randint(0, 1), "maxItems": 3}
@@ -138,17 +136,31 @@ def random_schema(rng: random.Random, depth: int = 0) -> dict:
     return {"type": kind}
 
 
+def random_object(rng: random.Random, depth: int = 0) -> dict:
+    """A random object schema with 1 to 4 properties, some of them required."""
+    properties = {key: random_schema(rng, depth) for key in rng.sample(_KEYS, rng.randint(1, 4))}
+    required = [key for key in properties if rng.random() < 0.5]
+    return {"type": "object", "properties": properties, "required": required, "additionalProperties": False}
+
+
 def random_tools(rng: random.Random, count: int) -> list[dict]:
-    tools = []
-    for index in range(count):
-        schema = random_schema(rng)
-        if schema.get("type") != "object":
-            schema = {"type": "object", "properties": {"value": schema}, "required": ["value"]}
-        tools.append({"type": "function", "function": {"name": f"tool_{index}", "description": "Stores a record", "parameters": schema}})
-    return tools
+    return [
+        {"type": "function", "function": {"name": f"tool_{index}", "description": "Stores a record", "parameters": random_object(rng)}}
+        for index in range(count)
+    ]
 
 
 # --- fixtures --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while this module runs: on a 2-core machine that another process keeps busy,
+    two threads made each SmolLM2 step ~12x slower (threads waiting on each other), one thread does not."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -248,6 +260,16 @@ def test_forced_text_is_fed_several_tokens_per_step(model, tokenizer):
     assert tokenizer.decode(decision.token_ids) == decision.text
 
 
+def test_local_stepper_chunks_after_the_cache_match_one_forward_pass(model):
+    ids = torch.arange(100, 140)[None]
+    stepper = LocalStepper(model)
+    stepper.step(ids[:, :25])
+    chunked = stepper.step(ids[:, 25:])
+    with torch.inference_mode():
+        whole = model(input_ids=ids).logits[:, -1]
+    assert torch.allclose(chunked, whole, atol=1e-3)
+
+
 def test_masks_are_built_once_per_tokenizer(tokenizer):
     start = time.perf_counter()
     fresh = Vocab(tokenizer)
@@ -285,7 +307,7 @@ def test_tool_prompt_lists_the_tools_after_a_given_system_message(tokenizer):
 def test_random_logits_still_give_valid_calls(tokenizer):
     rng = random.Random(3)
     vocab_size = len(tokenizer)
-    for seed in range(30):
+    for seed in range(200):
         tools = random_tools(rng, 3)
         prompt = tokenizer.encode("Call a tool.", add_special_tokens=False)
         decision = decode_tool_calls(RandomStepper(vocab_size, seed), tokenizer, prompt, tools, allow_answer=False, max_string_tokens=8)
