@@ -72,8 +72,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._sessions_lock = threading.Lock()
         self.accepting = True
         self.evicted_sessions = 0
-        threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
         self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see node.calibration)
+        threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
 
     @property
     def bases(self) -> dict[str, SemanticBasis]:
