@@ -142,6 +142,11 @@ class Decision:
 
 def tool_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict]) -> list[int]:
     """Prompt ids: the chat template over `messages`, with a system message listing `tools` and the format."""
+    return list(tokenizer.encode(tool_prompt_text(tokenizer, messages, tools), add_special_tokens=False))
+
+
+def tool_prompt_text(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict]) -> str:
+    """The text of `tool_prompt`, before tokenisation."""
     listing = json.dumps([tool.get("function", tool) for tool in tools])
     system = _SYSTEM_PROMPT.format(tools=listing)
     messages = list(messages)
@@ -149,8 +154,7 @@ def tool_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools:
         system = f"{messages[0]['content']}\n\n{system}"
         messages = messages[1:]
     chat = [{"role": "system", "content": system}, *messages]
-    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    return list(tokenizer.encode(text, add_special_tokens=False))
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
 # --- the vocabulary as bytes, and masks over it ------------------------------------------------------
@@ -595,18 +599,34 @@ def _write_number(writer: _Writer, schema: dict, prefix: str, integer: bool) -> 
 # --- calls, answers, and the decision between them -----------------------------------------------------
 
 
+def _pass_whitespace(writer: _Writer) -> None:
+    """Emits the whitespace tokens the model wants before deciding (at most a few)."""
+    for _ in range(_MAX_LEADING_WHITESPACE):
+        token_id = writer.pick()
+        if not bool(writer.vocab.whitespace[token_id]):
+            break
+        writer.emit(token_id)
+
+
 def _prefers_call(writer: _Writer, bias: float = 0.0) -> bool:
     """Whether the model would rather start a `<tool_call>` than anything else (whitespace passes through).
 
     `bias` is added to the best logit of a token starting the call before the comparison.
     """
     vocab = writer.vocab
-    for _ in range(_MAX_LEADING_WHITESPACE):
-        token_id = writer.pick()
-        if not bool(vocab.whitespace[token_id]):
-            break
-        writer.emit(token_id)
+    _pass_whitespace(writer)
     return writer.best(vocab.call_start) + bias >= writer.best(~vocab.call_start)
+
+
+def _prefers_another_call(writer: _Writer) -> bool:
+    """After a call: whether the model would rather open another call than end its turn.
+
+    Text after a call is never kept, so the choice is between a call and a special (end-of-turn) token;
+    against any token, small models lose parallel calls to a sentence they would start there.
+    """
+    vocab = writer.vocab
+    _pass_whitespace(writer)
+    return writer.best(vocab.call_start) >= writer.best(vocab.special)
 
 
 def _write_call(writer: _Writer, functions: dict[str, dict], limits: _Limits) -> int:
@@ -626,10 +646,14 @@ def _write_call(writer: _Writer, functions: dict[str, dict], limits: _Limits) ->
 
 
 def _write_answer(writer: _Writer, max_tokens: int) -> str:
-    """Greedy text until a special token, `max_tokens`, or the start of a `<tool_call>` (cut off)."""
+    """Greedy text until a special token, `max_tokens`, or the start of a `<tool_call>` (cut off).
+
+    While the answer is still blank, tokens that would open a call are ruled out: answering was decided.
+    """
     start = len(writer.out)
     for _ in range(max_tokens):
-        token_id = writer.pick()
+        blank = not bytes(writer.out[start:]).strip()
+        token_id = writer.pick(~writer.vocab.call_start if blank else None)
         if bool(writer.vocab.special[token_id]):
             break
         writer.emit(token_id)
@@ -675,8 +699,11 @@ def decode_tool_calls(
     answer, starts = None, []
     if functions and (not allow_answer or _prefers_call(writer, call_bias)):
         starts.append(_write_call(writer, functions, limits))
-        while len(starts) < max_calls and _prefers_call(writer):
+        while len(starts) < max_calls and _prefers_another_call(writer):
             starts.append(_write_call(writer, functions, limits))
+            if _parse_calls(writer, starts[-1:])[0] in _parse_calls(writer, starts[:-1]):
+                starts.pop()  # a repeated call: the model is looping, and the calls so far are all it has
+                break
     else:
         answer = _write_answer(writer, max_answer_tokens)
     writer.finish()

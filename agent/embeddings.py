@@ -136,3 +136,14 @@ def default_embedder() -> Embedder:
         if _default is None:
             _default = Embedder()
         return _default
+
+
+class LazyEmbedder:
+    """The process-wide bundled embedder, loaded on the first `embed`: a node that never touches memory
+    never loads it. Its width comes from the model's config, so a `VectorStore` can open before that."""
+
+    def __init__(self) -> None:
+        self.dim = int(_read_json(bundled_model_dir() / "config.json")["hidden_size"])
+
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        return default_embedder().embed(texts)

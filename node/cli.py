@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
+import json  # noqa: E402
 import logging  # noqa: E402
 import signal  # noqa: E402
 import sys  # noqa: E402
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--use-auto-relay", action="store_true", help="find relays by itself when peers cannot reach it directly (behind NAT)")
     join.add_argument("--quant", choices=["none", "bf16", "int8"], default="none", help="how to hold weights: none (float32), bf16, or int8 (weight-only, per-channel scales)")
     join.add_argument("--semantic-basis", default="auto", metavar="auto|off|FILE", help="the semantic activation codec's basis: auto (cached, else fitted from the model in the background), off, or a basis file")
+    join.add_argument("--tools", dest="tools_file", metavar="FILE.py", help="host the @tool functions of this Python file for agents, beside the built-in calculator, python and swarm_status")
+    join.add_argument("--data-dir", default=None, help="where this node keeps agent memory and run journals (default ~/.cache/edgeswarm/nodes/NODE_ID)")
+    join.add_argument("--no-agents", dest="agents", action="store_false", help="take no agent steps and coordinate no agent runs")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
 
@@ -70,6 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--link-quality", default="lossless", metavar="BUDGET", help="activation compression on the links: lossless, high, balanced, max (or prefill=...,decode=..., or a codec name)")
     generate.add_argument("--log-level", default="WARNING")
+
+    agent = commands.add_parser("agent", help="run an agent task on the swarm and print its steps and answer")
+    agent.add_argument("goal")
+    agent.add_argument("--model", default="default", help="the swarm's model (as given to join)")
+    agent.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="any node of the swarm (default: find one on the LAN by mDNS)")
+    agent.add_argument("--swarm-id", default="edgeswarm", help="the swarm to look for on the LAN")
+    agent.add_argument("--tools", nargs="*", default=None, metavar="NAME", help="tools the agent may call (default: every tool a node hosts)")
+    agent.add_argument("--memory", default=None, metavar="NAMESPACE", help="long-term memory namespace to read facts from and remember the answer in")
+    agent.add_argument("--strategy", choices=["react", "plan", "team"], default="react")
+    agent.add_argument("--max-steps", type=int, default=8)
+    agent.add_argument("--tool-choice", choices=["auto", "required", "none"], default="auto", help="required: the first decision must call a tool")
+    agent.add_argument("--json", action="store_true", help="print every event as a JSON line")
+    agent.add_argument("--log-level", default="WARNING")
 
     status = commands.add_parser("status", help="show the swarm's nodes and block coverage")
     status.add_argument("--model", default="default", help="the model whose swarm to show (as given to join)")
@@ -112,6 +129,9 @@ def run_join(args: argparse.Namespace) -> int:
         use_auto_relay=args.use_auto_relay,
         quant=args.quant,
         semantic_basis=args.semantic_basis,
+        agents=args.agents,
+        tools_file=args.tools_file,
+        data_dir=args.data_dir,
     )
     node = SwarmNode(settings)
     node.start()
@@ -133,8 +153,6 @@ def run_join(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    import json
-
     from node.model_files import open_model
     from swarm import dht as swarm_dht
     from swarm.mdns import discover_peers
@@ -168,6 +186,52 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_event(event: dict) -> str | None:
+    """One line for an agent event worth showing a person (None for tokens and bookkeeping)."""
+    kind = event.get("type")
+    node = str(event.get("node") or "")[-8:]
+    what = event.get("tool") or event.get("kind")
+    if kind == "step.started":
+        return f"  {event['step_id']:<14} {what} on node {node} (attempt {event['attempt']})"
+    if kind == "step.finished":
+        outcome = json.dumps(event.get("value"))[:100] if event["ok"] else f"error: {event.get('error')}"
+        return f"  {event['step_id']:<14} {what} done on {node} in {event['seconds']}s: {outcome}"
+    if kind == "step.reused":
+        return f"  {event['step_id']:<14} taken from the journal (ran on {node})"
+    if kind == "plan":
+        return "plan: " + "; ".join(f"{c['id']}. {c['tool']}({json.dumps(c['arguments'])})" for c in event["calls"])
+    if kind == "message":
+        return f"{event['from']} -> {event['to']}: {event['content']}"
+    if kind in ("run.started", "run.resumed"):
+        return f"{kind.split('.')[1]} on node {node}"
+    if kind == "run.finished":
+        return f"run {event['status']}" + (f": {event['error']}" if event.get("error") else "")
+    return None
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    from swarm.client import SwarmClient
+
+    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id) as client:
+        task = client.submit_agent_task(
+            args.goal, tools=args.tools, memory_namespace=args.memory, max_steps=args.max_steps, strategy=args.strategy,
+            tool_choice=args.tool_choice,
+        )
+        answer = None
+        for event in task.events():
+            if args.json:
+                print(json.dumps(event), flush=True)
+            elif (line := describe_event(event)) is not None:
+                print(line, flush=True)
+            if event["type"] == "answer":
+                answer = event["text"]
+            if event["type"] == "run.finished" and event["status"] != "succeeded":
+                return 1
+        if not args.json:
+            print(f"\nanswer: {answer}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -179,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_status(args)
         if args.command == "generate":
             return run_generate(args)
+        if args.command == "agent":
+            return run_agent(args)
     except (ModelNotFoundError, UnsupportedModelError, ValueError, SwarmError, OSError) as error:
         print(f"swarm-node: error: {error}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ import grpc
 import psutil
 
 from node.calibration import load_or_fit_basis
+from node.agent_services import AgentServices
 from node.model_files import ModelSource, open_model
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
 from node.span import TransformerSpan
@@ -70,6 +71,9 @@ class NodeSettings:
     use_auto_relay: bool = False  # look for relays by itself when it is not reachable directly
     quant: str = "none"  # how weights are held: "none" (float32), "bf16" or "int8" (see node.quantization)
     semantic_basis: str = "auto"  # "auto" (cached, else fitted in the background), "off", or a basis file
+    agents: bool = True  # take agent steps and coordinate agent runs (TaskService)
+    tools_file: str | None = None  # a Python file of @tool functions this node hosts, beside the built-ins
+    data_dir: str | None = None  # where memory and the run journal live (default ~/.cache/edgeswarm/nodes/<node id>)
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -111,6 +115,7 @@ class SwarmNode:
         self.record: ServerRecord | None = None
         self.servicer: BlockServicer | None = None
         self.lan_presence: LanPresence | None = None
+        self.agents: AgentServices | None = None
 
     def _choose_span(self) -> tuple[int, int]:
         if self.settings.blocks is not None:
@@ -150,10 +155,12 @@ class SwarmNode:
             session_idle_timeout=settings.session_idle_timeout,
         )
         self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
-        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port)
+        host = reachable_host(settings.host, settings.announce_host)
+        add_services = (lambda server, port: self._add_agent_services(server, f"{host}:{port}")) if settings.agents else None
+        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port, add_services)
         self.record = ServerRecord(
             node_id=node_id,
-            address=f"{reachable_host(settings.host, settings.announce_host)}:{port}",
+            address=f"{host}:{port}",
             model_id=self.model.model_id,
             start_block=start,
             end_block=end,
@@ -169,6 +176,8 @@ class SwarmNode:
         self._measure_links()
         if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
             logger.warning("the DHT did not accept the first announcement; retrying in the refresh loop")
+        if self.agents is not None:
+            self.agents.announce(settings.announce_ttl)
         threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
         if settings.mdns:
             try:
@@ -179,6 +188,12 @@ class SwarmNode:
             threading.Thread(target=self._rebalance, name="rebalance", daemon=True).start()
         if settings.semantic_basis != "off":
             threading.Thread(target=self._prepare_semantic_basis, name="semantic-basis", daemon=True).start()
+
+    def _add_agent_services(self, server: grpc.Server, address: str) -> None:
+        node_id = self.dht.peer_id.to_base58()
+        data_dir = self.settings.data_dir or os.path.expanduser(f"~/.cache/edgeswarm/nodes/{node_id}")
+        self.agents = AgentServices(node_id, address, self.model, self.dht, data_dir, self.settings.tools_file)
+        self.agents.add_to(server)
 
     def _prepare_semantic_basis(self) -> None:
         """Loads (or fits and caches) the semantic codec's basis, then offers the codec to clients."""
@@ -297,6 +312,8 @@ class SwarmNode:
         while not self._stopped.wait(interval):
             record = self._update_record(kv_free_bytes=self._kv_free_bytes())
             swarm_dht.announce(self.dht, record, self.settings.announce_ttl)  # a failure is retried next round
+            if self.agents is not None:
+                self.agents.announce(self.settings.announce_ttl)
 
     @property
     def initial_peers(self) -> list[str]:
@@ -334,5 +351,7 @@ class SwarmNode:
             self.server.stop(grace).wait()
         if self.servicer is not None:
             self.servicer.batcher.stop()
+        if self.agents is not None:
+            self.agents.close()
         if self.dht is not None:
             self.dht.shutdown()

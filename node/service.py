@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -268,8 +268,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         return pb.EchoResponse(payload=bytes(request.reply_bytes))
 
 
-def start_grpc_server(servicer: BlockServicer, host: str, port: int) -> tuple[grpc.Server, int]:
-    """Starts the data plane on host:port (port 0 picks a free one) and returns the server and its port."""
+def start_grpc_server(
+    servicer: BlockServicer, host: str, port: int, add_services: Callable[[grpc.Server, int], None] | None = None
+) -> tuple[grpc.Server, int]:
+    """Starts the data plane on host:port (port 0 picks a free one) and returns the server and its port.
+
+    `add_services(server, port)` may add more services once the port is known, before the server starts.
+    """
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -284,6 +289,8 @@ def start_grpc_server(servicer: BlockServicer, host: str, port: int) -> tuple[gr
     bound_port = server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:
         raise OSError(f"cannot listen on {host}:{port}")
+    if add_services is not None:
+        add_services(server, bound_port)
     server.start()
     return server, bound_port
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 import grpc
+import hivemind
 import torch
 
 from node.calibration import load_or_fit_basis
@@ -22,6 +23,8 @@ from protocol.link_policy import LinkQuality
 from protocol.records import ServerRecord
 from protocol.tensors import serialize_tensor
 from swarm import dht as swarm_dht
+from agent.runtime import RunSpec
+from swarm.agent_client import AgentGateway, AgentTask
 from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
 from swarm.links import LinkCodecs
@@ -68,7 +71,7 @@ class SwarmClient:
     def __init__(
         self,
         initial_peers: Sequence[str] | None = None,
-        model: str = "default",
+        model: str | ModelSource = "default",
         policy: SessionPolicy = SessionPolicy(),
         max_route_attempts: int = 3,
         ban_seconds: float = 60.0,
@@ -76,21 +79,25 @@ class SwarmClient:
         swarm_id: str = DEFAULT_SWARM_ID,
         mdns: bool = True,
         link_quality: LinkQuality | str = "lossless",
+        dht: hivemind.DHT | None = None,
     ):
-        if not initial_peers and mdns:  # look for the swarm on the LAN
+        """`dht`: a running DHT peer to use (a node's own) instead of joining as a new client peer.
+        `model` may also be an opened ModelSource."""
+        if dht is None and not initial_peers and mdns:  # look for the swarm on the LAN
             initial_peers = discover_peers(swarm_id)
-        if not initial_peers:
+        if dht is None and not initial_peers:
             searched = f"mDNS found no node of swarm {swarm_id!r} on the LAN" if mdns else "mDNS is off"
             raise SwarmConnectionError(
                 f"no initial peers given, and {searched}: pass the multiaddr a node printed when it started"
             )
-        self.model: ModelSource = open_model(model)
+        self.model: ModelSource = model if isinstance(model, ModelSource) else open_model(model)
         self.policy = policy
         self.max_route_attempts = max_route_attempts
         self.ban_seconds = ban_seconds
         self.busy_seconds = busy_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
-        self.dht = swarm_dht.start_dht(initial_peers, client_mode=True)
+        self._owns_dht = dht is None
+        self.dht = swarm_dht.start_dht(initial_peers, client_mode=True) if dht is None else dht
         if isinstance(link_quality, str):
             link_quality = LinkQuality.parse(link_quality)
         self.links = LinkCodecs(link_quality, self.model.config.hidden_size, self._semantic_basis)
@@ -117,8 +124,15 @@ class SwarmClient:
     def tokenizer(self):
         return self.model.tokenizer()
 
+    @cached_property
+    def agents(self) -> AgentGateway:
+        return AgentGateway(self.dht, self.model.model_id)
+
     def close(self) -> None:
-        self.dht.shutdown()
+        if "agents" in self.__dict__:
+            self.agents.close()
+        if self._owns_dht:
+            self.dht.shutdown()
 
     def __enter__(self) -> SwarmClient:
         return self
@@ -372,3 +386,47 @@ class SwarmClient:
                 channel.close()
             hidden = decode_hidden(hop, response.hidden_states, codecs)
         return self.head.logits(hidden)
+
+    # --- agents ----------------------------------------------------------------------------------
+
+    def submit_agent_task(
+        self,
+        goal: str,
+        tools: Sequence[str] | None = None,
+        memory_namespace: str | None = None,
+        max_steps: int = 8,
+        strategy: str = "react",
+        plan: list[dict] | None = None,
+        max_answer_tokens: int = 96,
+        tool_choice: str = "auto",
+        coordinator: str | None = None,
+    ) -> AgentTask:
+        """Starts an agent run on a coordinator node and returns its handle (`events()`, `result()`, `cancel()`).
+
+        `tools`: names of tools the run may call (None: every tool a node hosts). `memory_namespace`: the
+        long-term memory it reads facts from and remembers its answer in. `strategy`: "react",
+        "plan" (plan-and-execute; `plan` gives the calls instead of asking the model) or "team"
+        (planner, parallel worker sub-agents, critic). `tool_choice` as OpenAI's: "auto", "required" (the
+        first decision must call a tool) or "none". `coordinator`: the node id to coordinate the run (default:
+        the least loaded). Bad arguments raise ValueError.
+        """
+        spec = RunSpec(
+            goal=goal,
+            tools=None if tools is None else list(tools),
+            memory_namespace=memory_namespace,
+            max_steps=max_steps,
+            strategy=strategy,
+            plan=plan,
+            max_answer_tokens=max_answer_tokens,
+            tool_choice=tool_choice,
+        )
+        return self.agents.submit(spec, coordinator=coordinator)
+
+    def remember(self, namespace: str, text: str, record_id: str | None = None) -> list[str]:
+        """Writes a fact to the swarm's long-term memory (on 2 nodes); returns the nodes holding it."""
+        args = {"namespace": namespace, "text": text, **({"record_id": record_id} if record_id else {})}
+        return self.agents.memory_step("memory.write", args)["replicas"]
+
+    def recall(self, namespace: str, query: str, k: int = 5) -> list[dict]:
+        """The `k` memory records of `namespace` closest to `query`: [{"id", "text", "score"}], best first."""
+        return self.agents.memory_step("memory.search", {"namespace": namespace, "query": query, "k": k})["hits"]

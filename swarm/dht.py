@@ -44,22 +44,29 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
 
 def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float, timeout: float = 10.0) -> bool:
     """Stores `record` under its model's key for `ttl` seconds; returns whether the DHT accepted it in time."""
+    return store_subkey(dht, servers_key(record.model_id), record.node_id, record.to_dict(), ttl, timeout)
+
+
+def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value, ttl: float, timeout: float = 10.0) -> bool:
+    """Stores `value` as `subkey` of `key` (one subkey per node) for `ttl` seconds; returns whether it was accepted."""
     if not dht.is_alive():
-        logger.warning("cannot announce %s: the DHT process has exited", record.node_id)
+        logger.warning("cannot store %s/%s: the DHT process has exited", key, subkey)
         return False
-    future = dht.store(
-        servers_key(record.model_id),
-        subkey=record.node_id,
-        value=record.to_dict(),
-        expiration_time=get_dht_time() + ttl,
-        return_future=True,
-    )
+    future = dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl, return_future=True)
     try:
         return bool(future.result(timeout=timeout))
     except Exception as error:  # a timeout, or a DHT process that is already gone
         future.cancel()
-        logger.warning("announcement of %s failed: %r", record.node_id, error)
+        logger.warning("storing %s/%s failed: %r", key, subkey, error)
         return False
+
+
+def fetch_subkeys(dht: hivemind.DHT, key: str) -> dict[str, object]:
+    """The unexpired values stored under `key`, by subkey (empty if none)."""
+    found = dht.get(key, latest=True)
+    if found is None or not isinstance(found.value, dict):
+        return {}
+    return {str(subkey): getattr(entry, "value", None) for subkey, entry in found.value.items()}
 
 
 def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool:
@@ -70,13 +77,10 @@ def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool
 
 def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[ServerRecord]:
     """The online, unexpired, well-formed records for `model_id`; malformed ones are logged and skipped."""
-    found = dht.get(servers_key(model_id), latest=True)
-    if found is None or not isinstance(found.value, dict):
-        return []
     records = []
-    for subkey, entry in found.value.items():
+    for subkey, value in fetch_subkeys(dht, servers_key(model_id)).items():
         try:
-            record = ServerRecord.from_dict(getattr(entry, "value", None), num_blocks)
+            record = ServerRecord.from_dict(value, num_blocks)
         except ValueError as error:
             logger.warning("ignoring record %r for %s: %s", subkey, model_id, error)
             continue

@@ -1,0 +1,96 @@
+"""Everything a node does for agents, wired together: tools, memory, the run journal, llm steps, the
+step scheduler, the run coordinator, the TaskService, and the capability record in the DHT."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+import hivemind
+import psutil
+
+from agent.capabilities import CapabilityDirectory, TaskCapabilities, announce_capabilities, hosted_tools
+from agent.coordinator import RunCoordinator
+from agent.embeddings import LazyEmbedder
+from agent.journal import Journal
+from agent.memory import VectorStore
+from agent.scheduler import StepScheduler
+from agent.tools import ToolRegistry, ToolSpec, builtin_tools, load_tools_file
+from node.llm_worker import LLMWorker
+from node.model_files import ModelSource
+from node.task_service import TaskServicer, add_task_service
+from node.task_worker import TaskWorker
+from swarm import dht as swarm_dht
+
+logger = logging.getLogger(__name__)
+
+
+class AgentServices:
+    """A node's agent side. Its memory and journal live in `data_dir`."""
+
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        model: ModelSource,
+        dht: hivemind.DHT,
+        data_dir: str,
+        tools_file: str | None = None,
+    ):
+        self.node_id, self.address, self.model, self.dht = node_id, address, model, dht
+        Path(data_dir).mkdir(parents=True, exist_ok=True)
+        self.tools = ToolRegistry(builtin_tools())
+        self.tools.register(self._swarm_status_tool())
+        if tools_file:
+            for spec in load_tools_file(tools_file):
+                self.tools.register(spec)
+        self.memory = VectorStore(str(Path(data_dir) / "memory.sqlite"), LazyEmbedder())
+        self.journal = Journal(str(Path(data_dir) / "journal.sqlite"))
+        self.llm = LLMWorker(self._swarm_client)
+        self.worker = TaskWorker(node_id, self.tools, self.memory, self.llm)
+        self.directory = CapabilityDirectory(dht, model.model_id)
+        self.scheduler = StepScheduler(self.directory)
+        self.coordinator = RunCoordinator(node_id, address, self.journal, self.scheduler, self.directory.tool_catalog)
+        psutil.cpu_percent(interval=None)  # starts the measurement window of `free_cpu`
+
+    def _swarm_client(self):
+        from swarm.client import SwarmClient  # the client imports node modules; import it only when needed
+
+        return SwarmClient(model=self.model, dht=self.dht)
+
+    def _swarm_status_tool(self) -> ToolSpec:
+        def swarm_status() -> dict:
+            records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
+            nodes = [{"node_id": r.node_id, "blocks": [r.start_block, r.end_block], "address": r.address} for r in records]
+            return {"model": self.model.model_id, "num_blocks": self.model.num_blocks, "nodes": nodes}
+
+        return ToolSpec(
+            name="swarm_status",
+            description="List the nodes of the swarm and the model blocks each one serves.",
+            parameters={"type": "object", "properties": {}},
+            idempotent=True,
+            function=swarm_status,
+        )
+
+    def add_to(self, server: grpc.Server) -> None:
+        add_task_service(server, TaskServicer(self.worker, self.coordinator))
+
+    def capabilities(self) -> TaskCapabilities:
+        return TaskCapabilities(
+            node_id=self.node_id,
+            address=self.address,
+            tools=hosted_tools(self.tools),
+            memory=True,
+            namespaces=tuple(self.memory.namespaces()[:256]),
+            free_cpu=max(0.0, min(1.0, 1.0 - psutil.cpu_percent(interval=None) / 100.0)),
+            running_steps=self.worker.running_steps,
+        )
+
+    def announce(self, ttl: float) -> bool:
+        return announce_capabilities(self.dht, self.model.model_id, self.capabilities(), ttl)
+
+    def close(self) -> None:
+        self.coordinator.close()
+        self.llm.close()
+        self.scheduler.close()

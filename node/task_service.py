@@ -1,0 +1,122 @@
+"""The gRPC TaskService of a node: agent steps (node.task_worker) and agent runs (agent.coordinator)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+
+import grpc
+
+from agent.coordinator import RunCoordinator, UnknownRunError
+from agent.runtime import RunSpec
+from agent.steps import NODE_STEP_KINDS
+from node.task_worker import TaskWorker
+from proto import tasks_pb2 as pb
+from proto import tasks_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+MAX_ARGS_BYTES = 1 << 20
+MAX_JOURNAL_BYTES = 16 << 20
+MAX_ID_CHARS = 256
+
+
+class TaskServicer(pb_grpc.TaskServiceServicer):
+    """Runs steps with `worker` and runs with `coordinator`; bad requests get INVALID_ARGUMENT or NOT_FOUND."""
+
+    def __init__(self, worker: TaskWorker, coordinator: RunCoordinator):
+        self.worker = worker
+        self.coordinator = coordinator
+
+    def RunStep(self, request: pb.StepRequest, context: grpc.ServicerContext):
+        if request.kind not in NODE_STEP_KINDS:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown step kind {request.kind!r}; expected one of {NODE_STEP_KINDS}")
+        args = _json_object(request.args_json, "args_json", MAX_ARGS_BYTES, context)
+        _check_id(request.run_id, "run_id", context)
+        yield pb.StepUpdate(accepted=True)  # the step starts only after the caller knows it was accepted
+        updates: queue.Queue = queue.Queue()
+        began = time.perf_counter()
+
+        def execute() -> None:
+            try:
+                value = self.worker.execute(request.run_id, request.kind, args, lambda text: updates.put(pb.StepUpdate(text=text)))
+                result = pb.StepResult(ok=True, value_json=json.dumps(value))
+            except Exception as error:  # the step failed; the node serves on
+                if not isinstance(error, ValueError):
+                    logger.warning("%s step %s of run %s failed", request.kind, request.step_id, request.run_id, exc_info=True)
+                result = pb.StepResult(ok=False, error=str(error) or type(error).__name__)
+            result.node_id, result.seconds = self.worker.node_id, time.perf_counter() - began
+            updates.put(pb.StepUpdate(result=result))
+
+        threading.Thread(target=execute, name=f"step-{request.step_id[:16]}", daemon=True).start()
+        while context.is_active():
+            try:
+                update = updates.get(timeout=1.0)
+            except queue.Empty:
+                continue
+            yield update
+            if update.WhichOneof("update") == "result":
+                return
+
+    def StartRun(self, request: pb.RunRequest, context: grpc.ServicerContext) -> pb.RunReply:
+        _check_id(request.run_id, "run_id", context)
+        try:
+            spec = RunSpec.from_dict(_json_object(request.spec_json, "spec_json", MAX_ARGS_BYTES, context))
+            return self.coordinator.start(request.run_id, spec)
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    def WatchRun(self, request: pb.WatchRequest, context: grpc.ServicerContext):
+        try:
+            for seq, event in self.coordinator.watch(request.run_id, request.after_seq, context.is_active):
+                yield pb.RunEvent(seq=seq, event_json=json.dumps(event))
+        except UnknownRunError as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+
+    def GetRun(self, request: pb.RunQuery, context: grpc.ServicerContext) -> pb.RunReply:
+        return self._known(context, self.coordinator.info, request.run_id)
+
+    def CancelRun(self, request: pb.RunQuery, context: grpc.ServicerContext) -> pb.RunReply:
+        return self._known(context, self.coordinator.cancel, request.run_id)
+
+    def ResumeRun(self, request: pb.RunQuery, context: grpc.ServicerContext) -> pb.RunReply:
+        return self._known(context, self.coordinator.resume, request.run_id)
+
+    def ReplicateRun(self, request: pb.RunJournal, context: grpc.ServicerContext) -> pb.RunReply:
+        _check_id(request.run_id, "run_id", context)
+        export = _json_object(request.export_json, "export_json", MAX_JOURNAL_BYTES, context)
+        try:
+            self.coordinator.accept_replica(request.run_id, export, request.coordinator)
+        except (ValueError, KeyError, TypeError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unusable journal copy: {error}")
+        return pb.RunReply(run_id=request.run_id)
+
+    def _known(self, context: grpc.ServicerContext, action, run_id: str) -> pb.RunReply:
+        try:
+            return action(run_id)
+        except UnknownRunError as error:
+            context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+
+
+def _json_object(text: str, field: str, limit: int, context: grpc.ServicerContext) -> dict:
+    if len(text) > limit:
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{field} has {len(text)} bytes; at most {limit}")
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as error:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} is not JSON: {error}")
+    if not isinstance(value, dict):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be a JSON object")
+    return value
+
+
+def _check_id(value: str, field: str, context: grpc.ServicerContext) -> None:
+    if not value or len(value) > MAX_ID_CHARS:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{field} must be 1 to {MAX_ID_CHARS} characters")
+
+
+def add_task_service(server: grpc.Server, servicer: TaskServicer) -> None:
+    pb_grpc.add_TaskServiceServicer_to_server(servicer, server)

@@ -1,0 +1,205 @@
+"""Agent runs on a real 3-node swarm of SmolLM2-135M-Instruct: tools, memory, placement, and node deaths.
+
+Every node serves all 30 blocks, so that the run survives the two node deaths these tests cause (the
+model pipeline itself is tested with split spans in test_swarm_smollm). Tests run in file order and the
+last two kill nodes.
+"""
+
+import re
+import signal
+import textwrap
+import time
+
+import pytest
+
+from node.launcher import LocalSwarm
+from swarm.client import SwarmClient
+
+pytestmark = pytest.mark.slow
+RUN_TIMEOUT = 240
+
+# custom tools: capital_of only on node 1; slow_lookup on nodes 1 and 2; slow_double only on node 0
+CAPITALS = '''
+@tool()
+def capital_of(country: str) -> str:
+    """Return the capital city of a country.
+
+    Args:
+        country: The country's name in English.
+    """
+    return {"france": "Paris", "japan": "Tokyo", "kenya": "Nairobi", "peru": "Lima"}.get(country.strip().lower(), "unknown")
+'''
+SLOW_LOOKUP = '''
+@tool()
+def slow_lookup(key: str) -> str:
+    """Look up the secret code stored under a key (slow).
+
+    Args:
+        key: The key to look up.
+    """
+    time.sleep(6)
+    return f"code-{key.strip().lower()}-7"
+'''
+SLOW_DOUBLE = '''
+@tool()
+def slow_double(number: int) -> int:
+    """Double a number, slowly.
+
+    Args:
+        number: The number to double.
+    """
+    time.sleep(6)
+    return 2 * number
+'''
+
+
+def tools_file(tmp_path_factory, name: str, *bodies: str) -> str:
+    path = tmp_path_factory.mktemp("tools") / f"{name}.py"
+    path.write_text("import time\n\nfrom agent.tools import tool\n" + "".join(textwrap.dedent(body) for body in bodies))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory):
+    tools = [
+        tools_file(tmp_path_factory, "node0", SLOW_DOUBLE),
+        tools_file(tmp_path_factory, "node1", CAPITALS, SLOW_LOOKUP),
+        tools_file(tmp_path_factory, "node2", SLOW_LOOKUP),
+    ]
+    arguments = [
+        ["--blocks", "0:30", "--tools", tools[index], "--data-dir", str(tmp_path_factory.mktemp(f"node{index}"))]
+        for index in range(3)
+    ]
+    with LocalSwarm(arguments) as local_swarm:
+        yield local_swarm
+
+
+@pytest.fixture(scope="module")
+def client(swarm):
+    with SwarmClient(swarm.initial_peers) as swarm_client:
+        deadline = time.monotonic() + 30
+        while len(swarm_client.agents.directory()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(swarm_client.agents.directory()) == 3, "not every node announced its task capabilities"
+        yield swarm_client
+
+
+def node_id(swarm, index: int) -> str:
+    return swarm.nodes[index].info["node_id"]
+
+
+def finished_steps(events, step_id=None, tool=None):
+    return [
+        event
+        for event in events
+        if event["type"] == "step.finished" and step_id in (None, event["step_id"]) and tool in (None, event["tool"])
+    ]
+
+
+def digits(text: str) -> str:
+    return re.sub(r"(?<=\d),(?=\d)", "", text)
+
+
+def test_a_task_that_needs_the_calculator_gets_the_right_number(client):
+    task = client.submit_agent_task("What is 1234 * 5678?", tools=["calculator"], tool_choice="required")
+    answer = task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    [calculation] = finished_steps(events, tool="calculator")
+    assert calculation["ok"] and calculation["value"] == 7006652
+    assert "7006652" in digits(answer)
+    thinking = finished_steps(events, step_id="think1") + finished_steps(events, step_id="think2")
+    assert len(thinking) == 2
+    # the second llm call ran where the first left its KV prefix, and fed only the new text
+    assert thinking[1]["node"] == thinking[0]["node"]
+    assert 0 < thinking[0]["value"]["prompt_tokens"] <= thinking[1]["value"]["reused_tokens"]
+    assert any(event["type"] == "token" for event in events)
+
+
+def test_a_fact_written_to_memory_is_found_and_used(swarm, client):
+    holders = client.remember("lab-notes", "The wifi password of the lab is orchid-42.", record_id="wifi")
+    assert len(holders) == 2 and len(set(holders)) == 2  # replicated on two nodes
+    task = client.submit_agent_task("What is the wifi password of the lab?", tools=[], memory_namespace="lab-notes")
+    answer = task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    [read] = finished_steps(events, step_id="memory.read")
+    assert read["node"] in holders and "orchid-42" in read["value"]["hits"][0]["text"]
+    assert "orchid-42" in answer, [e for e in events if e["type"] != "token"]
+    # the answer was remembered too, on two nodes
+    [written] = finished_steps(events, step_id="memory.write")
+    assert written["ok"] and len(written["value"]["replicas"]) == 2
+
+
+def test_tool_steps_run_on_the_node_that_hosts_the_tool(swarm, client):
+    task = client.submit_agent_task("What is the capital of Kenya?", tools=["capital_of"], tool_choice="required")
+    task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    started = [event for event in events if event["type"] == "step.started" and event["tool"] == "capital_of"]
+    assert started and all(event["node"] == node_id(swarm, 1) for event in started)
+    [lookup] = finished_steps(events, tool="capital_of")
+    assert lookup["ok"] and lookup["value"] == "Nairobi" and lookup["node"] == node_id(swarm, 1)
+
+
+def test_invalid_tool_arguments_become_an_error_step_and_the_plan_goes_on(client):
+    plan = [
+        {"name": "calculator", "arguments": {"expr": 2}},  # wrong argument name and type
+        {"name": "calculator", "arguments": {"expression": "2 + 3"}},
+        {"name": "calculator", "arguments": {"expression": "$2 * 10"}},  # uses call 2's result
+    ]
+    task = client.submit_agent_task("Compute 2 + 3, then ten times that.", tools=["calculator"], strategy="plan", plan=plan)
+    task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    [planned] = [event for event in events if event["type"] == "plan"]
+    assert [call["depends_on"] for call in planned["calls"]] == [[], [], [2]]
+    [bad] = finished_steps(events, step_id="plan.call1")
+    assert not bad["ok"] and "expression" in bad["error"]
+    assert finished_steps(events, step_id="plan.call2")[0]["value"] == 5
+    assert finished_steps(events, step_id="plan.call3")[0]["value"] == 50
+
+
+def test_bad_run_requests_are_refused_clearly(client):
+    with pytest.raises(ValueError, match="no node of the swarm hosts the tools"):
+        client.submit_agent_task("hi", tools=["no_such_tool"])
+    with pytest.raises(ValueError, match="max_steps"):
+        client.submit_agent_task("hi", max_steps=0)
+
+
+def wait_for(task, predicate, timeout=RUN_TIMEOUT):
+    for event in task.events(timeout=timeout):
+        if predicate(event):
+            return event
+    raise AssertionError("the run ended before the awaited event")
+
+
+def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client):
+    task = client.submit_agent_task(
+        "What is the secret code for key alpha?", tools=["slow_lookup"], tool_choice="required", coordinator=node_id(swarm, 0)
+    )
+    started = wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_lookup")
+    victim = next(index for index in (1, 2) if node_id(swarm, index) == started["node"])
+    swarm.nodes[victim].stop(signal.SIGKILL)
+    answer = task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    assert any(event["type"] == "step.retry" and event["node"] == started["node"] for event in events)
+    [lookup] = finished_steps(events, tool="slow_lookup")
+    assert lookup["ok"] and lookup["value"] == "code-alpha-7" and lookup["node"] == node_id(swarm, 3 - victim)
+    assert answer
+
+
+def test_a_run_resumes_from_its_journal_when_its_coordinator_dies(swarm, client):
+    alive = [index for index in (1, 2) if swarm.nodes[index].process.poll() is None]
+    coordinator = alive[0]
+    task = client.submit_agent_task(
+        "Double the number 21.", tools=["slow_double"], tool_choice="required", coordinator=node_id(swarm, coordinator)
+    )
+    wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_double")
+    swarm.nodes[coordinator].stop(signal.SIGKILL)
+    task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    resumed_at = next(index for index, event in enumerate(events) if event["type"] == "run.resumed")
+    assert events[resumed_at]["node"] == node_id(swarm, 0) and task.coordinator == node_id(swarm, 0)
+    after = events[resumed_at:]
+    # think1 succeeded before the crash: it is taken from the journal, not run again
+    assert any(event["type"] == "step.reused" and event["step_id"] == "think1" for event in after)
+    assert not any(event["type"] == "step.started" and event["step_id"] == "think1" for event in after)
+    [double] = [event for event in finished_steps(after, tool="slow_double") if event["ok"]]
+    assert double["value"] == 42
