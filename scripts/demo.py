@@ -1,10 +1,12 @@
-"""The main job: a 3-node swarm on loopback serving the embedded SmolLM2-135M-Instruct, answering a chat prompt."""
+"""The main job: a 3-node swarm on loopback serving the embedded SmolLM2-135M-Instruct, answering a chat
+prompt and then an agent task (its steps scheduled on the nodes, the calculator called as a tool)."""
 
 from __future__ import annotations
 
 import argparse
 import time
 
+from node.cli import describe_event
 from node.launcher import LocalSwarm
 from swarm.client import SwarmClient
 
@@ -14,6 +16,7 @@ def main() -> None:
     parser.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     parser.add_argument("--nodes", type=int, default=3)
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--agent-goal", default="What is 1234 * 5678?")
     args = parser.parse_args()
 
     blocks_per_node = -(-30 // args.nodes)
@@ -31,6 +34,15 @@ def main() -> None:
             print(f"assistant: {result.text.strip()}")
             print(f"\nroute: {' -> '.join(hop.describe() for hop in result.route)}")
             print(f"{len(result.token_ids)} tokens in {elapsed:.2f}s (finish: {result.finish_reason})")
+
+            print(f"\nagent task: {args.agent_goal}")
+            began = time.perf_counter()
+            task = client.submit_agent_task(args.agent_goal, tools=["calculator"], tool_choice="required")
+            for event in task.events():
+                line = describe_event(event)
+                if line is not None:
+                    print(line)
+            print(f"agent answer: {task.result()}  ({time.perf_counter() - began:.1f}s)")
         codes = swarm.stop()
     print(f"all nodes stopped (exit codes {codes})")
 

@@ -7,6 +7,8 @@ last two kill nodes.
 
 import re
 import signal
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -163,6 +165,32 @@ def test_bad_run_requests_are_refused_clearly(client):
         client.submit_agent_task("hi", max_steps=0)
 
 
+def test_a_team_run_spreads_its_workers_over_other_nodes(swarm, client):
+    task = client.submit_agent_task(
+        "What is 12 * 12, and what is 7 + 8?", tools=["calculator"], strategy="team", coordinator=node_id(swarm, 0)
+    )
+    answer = task.result(timeout=RUN_TIMEOUT)
+    events = list(task.events())
+    assigned = [event for event in events if event["type"] == "message" and event["from"] == "planner"]
+    reported = [event for event in events if event["type"] == "message" and event["to"] == "critic"]
+    assert assigned and len(reported) == len(assigned)
+    workers = finished_steps(events, tool=None)
+    sub_runs = [event for event in workers if event["kind"] == "subagent"]
+    assert len(sub_runs) == len(assigned) and all(event["ok"] for event in sub_runs)
+    # sub-agents are coordinated away from the parent's node, and their own steps show up in its events
+    assert all(event["node"] != node_id(swarm, 0) for event in sub_runs)
+    assert any(event["type"] == "subagent" for event in events)
+    assert answer and events[-1]["type"] == "run.finished"
+
+
+def test_the_agent_command_prints_steps_and_the_answer(swarm):
+    command = [sys.executable, "-m", "node.cli", "agent", "What is 6 * 7?", "--tools", "calculator", "--tool-choice", "required"]
+    done = subprocess.run([*command, "--initial-peers", *swarm.initial_peers], capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"act1\.call1 +calculator done on \w+ in [\d.]+s: 42", done.stdout), done.stdout
+    assert "answer:" in done.stdout
+
+
 def wait_for(task, predicate, timeout=RUN_TIMEOUT):
     for event in task.events(timeout=timeout):
         if predicate(event):
@@ -183,6 +211,8 @@ def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client):
     [lookup] = finished_steps(events, tool="slow_lookup")
     assert lookup["ok"] and lookup["value"] == "code-alpha-7" and lookup["node"] == node_id(swarm, 3 - victim)
     assert answer
+    # memory written earlier is on two nodes, so it outlives any one of them
+    assert any("orchid-42" in hit["text"] for hit in client.recall("lab-notes", "wifi password"))
 
 
 def test_a_run_resumes_from_its_journal_when_its_coordinator_dies(swarm, client):
