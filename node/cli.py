@@ -194,7 +194,15 @@ def describe_event(event: dict) -> str | None:
     if kind == "step.started":
         return f"  {event['step_id']:<14} {what} on node {node} (attempt {event['attempt']})"
     if kind == "step.finished":
-        outcome = json.dumps(event.get("value"))[:100] if event["ok"] else f"error: {event.get('error')}"
+        value = event.get("value")
+        if not event["ok"]:
+            outcome = f"error: {event.get('error')}"
+        elif event["kind"] == "llm" and isinstance(value, dict):
+            calls = ", ".join(f"{call['name']}({json.dumps(call['arguments'])})" for call in value.get("calls", []))
+            outcome = f"calls {calls}" if calls else f"answers {value.get('answer')!r}"
+            outcome += f" ({value.get('reused_tokens', 0)} of {value.get('prompt_tokens', 0)} prompt tokens already cached)"
+        else:
+            outcome = json.dumps(value)[:100]
         return f"  {event['step_id']:<14} {what} done on {node} in {event['seconds']}s: {outcome}"
     if kind == "step.reused":
         return f"  {event['step_id']:<14} taken from the journal (ran on {node})"
