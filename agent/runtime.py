@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from agent.dag import PlanError, PlannedCall, execute_plan, parse_plan
-from agent.memory import check_namespace
+from agent.memory import ShortTermMemory, check_namespace
 from agent.steps import Step, StepFailed, StepOutcome
 
 STRATEGIES = ("react", "plan", "team")
@@ -30,6 +30,7 @@ MAX_STEPS = 32
 MAX_GOAL_CHARS = 4000
 MAX_WORKERS = 3
 MEMORY_HITS = 3
+CONTEXT_TOKENS = 6000  # of the model's 8192, leaving room for the tool listing and the answer
 OBSERVATION_CHARS = 600  # a tool result is cut to this many characters in the model's context
 
 MEMORY_SEARCH_TOOL = {
@@ -134,12 +135,21 @@ class RunContext(Protocol):
     def tool_is_idempotent(self, name: str) -> bool: ...
 
 
-@dataclass
 class Conversation:
-    """A run's short-term memory: the messages its llm steps see, and where its KV prefix lives."""
+    """A run's short-term memory: the messages its llm steps see (trimmed, oldest turns first, beyond
+    `CONTEXT_TOKENS`), and the node that holds their KV prefix."""
 
-    messages: list[dict] = field(default_factory=list)
-    llm_node: str | None = None
+    def __init__(self, system: str, user: str):
+        self.memory = ShortTermMemory(max_tokens=CONTEXT_TOKENS, system=system)
+        self.memory.add("user", user)
+        self.llm_node: str | None = None
+
+    def add(self, role: str, content: str) -> None:
+        self.memory.add(role, content)
+
+    @property
+    def messages(self) -> list[dict]:
+        return self.memory.as_messages()
 
 
 # --- shared pieces ---------------------------------------------------------------------------------
@@ -178,13 +188,13 @@ def recall(ctx: RunContext, conversation: Conversation) -> None:
     if not outcome.ok or not outcome.value.get("hits"):
         return
     call = {"name": "memory_search", "arguments": {"query": spec.goal}}
-    conversation.messages.append({"role": "assistant", "content": f"<tool_call>{json.dumps(call)}</tool_call>"})
-    conversation.messages.append({"role": "user", "content": observation([call], [outcome])})
+    conversation.add("assistant", f"<tool_call>{json.dumps(call)}</tool_call>")
+    conversation.add("user", observation([call], [outcome]))
 
 
 def start_conversation(ctx: RunContext, role: str, extra: str = "") -> Conversation:
     system = ROLE_PROMPTS[role] + (f"\n{extra}" if extra else "")
-    conversation = Conversation([{"role": "system", "content": system}, {"role": "user", "content": ctx.spec.goal}])
+    conversation = Conversation(system, ctx.spec.goal)
     recall(ctx, conversation)
     return conversation
 
@@ -269,8 +279,8 @@ def react(ctx: RunContext) -> str:
         if not calls:
             return (decision.get("answer") or "").strip()
         outcomes = call_tools(ctx, f"act{turn}", calls)
-        conversation.messages.append({"role": "assistant", "content": decision["text"]})
-        conversation.messages.append({"role": "user", "content": observation(calls, outcomes)})
+        conversation.add("assistant", decision["text"])
+        conversation.add("user", observation(calls, outcomes))
         key = json.dumps(calls, sort_keys=True)
         if key in seen:  # repeating itself: answer with what it has
             break
@@ -299,16 +309,15 @@ def plan_and_execute(ctx: RunContext) -> str:
 
     outcomes = execute_plan(plan, run_call)
     ordered = [outcomes[call.index] for call in plan]
-    conversation.messages.append({"role": "assistant", "content": text})
-    calls_made = [{"name": call.name} for call in plan]
-    conversation.messages.append({"role": "user", "content": observation(calls_made, ordered)})
+    conversation.add("assistant", text)
+    conversation.add("user", observation([{"name": call.name} for call in plan], ordered))
     return final_answer(ctx, conversation, "answer", tools)
 
 
 def team(ctx: RunContext) -> str:
     """A planner assigns sub-tasks, worker sub-agents run them in parallel, a critic answers."""
     spec = ctx.spec
-    planner = Conversation([{"role": "system", "content": ROLE_PROMPTS["planner"]}, {"role": "user", "content": spec.goal}])
+    planner = Conversation(ROLE_PROMPTS["planner"], spec.goal)
     decision = think(ctx, planner, "planner", [ASSIGN_TOOL], allow_answer=False, max_calls=MAX_WORKERS)
     tasks = list(dict.fromkeys(call["arguments"]["task"].strip() for call in decision["calls"] if call["arguments"]["task"].strip()))
     tasks = tasks[:MAX_WORKERS] or [spec.goal]
@@ -335,12 +344,7 @@ def team(ctx: RunContext) -> str:
         answer = outcome.value.get("answer", "") if outcome.ok else f"(failed: {outcome.error})"
         ctx.emit({"type": "message", "from": f"worker{index}", "to": "critic", "content": answer})
         reports.append(f"Worker {index} was asked: {task}\nWorker {index} answered: {answer}")
-    critic = Conversation(
-        [
-            {"role": "system", "content": ROLE_PROMPTS["critic"]},
-            {"role": "user", "content": f"Goal: {spec.goal}\n\n" + "\n\n".join(reports)},
-        ]
-    )
+    critic = Conversation(ROLE_PROMPTS["critic"], f"Goal: {spec.goal}\n\n" + "\n\n".join(reports))
     answer = final_answer(ctx, critic, "critic", [])
     ctx.emit({"type": "message", "from": "critic", "to": "user", "content": answer})
     return answer

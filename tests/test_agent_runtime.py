@@ -194,3 +194,52 @@ def test_a_resumed_run_reuses_journaled_steps_and_never_reruns_a_non_idempotent_
     kinds = [event["type"] for _, event in journal.events("run1")]
     assert kinds.count("step.reused") == 1
     coordinator.close()
+
+
+# --- strategies over a scripted context ------------------------------------------------------------------
+
+
+class ScriptedContext:
+    """A RunContext whose llm steps return scripted decisions and whose tool steps echo their arguments."""
+
+    def __init__(self, spec, decisions):
+        self.spec, self.run_id = spec, "scripted"
+        self.decisions = list(decisions)
+        self.steps, self.events = [], []
+
+    def step(self, step):
+        self.steps.append(step)
+        if step.kind == "llm":
+            return StepOutcome(ok=True, value=self.decisions.pop(0), node_id="llm-node")
+        return StepOutcome(ok=True, value=step.args.get("arguments"), node_id="tool-node")
+
+    def emit(self, event):
+        self.events.append(event)
+
+    def tool_schemas(self):
+        return [{"type": "function", "function": {"name": "echo", "description": "echo", "parameters": {"type": "object", "properties": {}}}}]
+
+    def tool_is_idempotent(self, name):
+        return True
+
+
+def decision(*calls, answer=None):
+    return {"calls": [{"name": "echo", "arguments": arguments} for arguments in calls], "answer": answer, "text": "t"}
+
+
+def test_react_acts_in_parallel_keeps_its_llm_node_and_stops_a_loop():
+    from agent.runtime import run_agent
+
+    repeated = decision({"x": 1})
+    context = ScriptedContext(RunSpec("goal", max_steps=5), [decision({"x": 1}, {"x": 2}), repeated, repeated, decision(answer="done")])
+    assert run_agent(context)["answer"] == "done"
+    kinds = [(step.step_id, step.kind) for step in context.steps]
+    assert kinds == [
+        ("think1", "llm"), ("act1.call1", "tool"), ("act1.call2", "tool"),
+        ("think2", "llm"), ("act2.call1", "tool"),
+        ("think3", "llm"), ("act3.call1", "tool"),  # the same call again: it must answer now
+        ("answer", "llm"),
+    ]
+    llm_steps = [step for step in context.steps if step.kind == "llm"]
+    assert llm_steps[0].prefer_node is None and all(step.prefer_node == "llm-node" for step in llm_steps[1:])
+    assert llm_steps[-1].args["answer_only"] and "Tool results" in llm_steps[-1].args["messages"][-1]["content"]
