@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from agent.tools import TOOL_NAME_PATTERN, ToolRegistry
+from protocol.channels import register_certificate
+from protocol.records import MAX_CERT_CHARS
 from swarm import dht as swarm_dht
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class TaskCapabilities:
     coordinator: bool = True  # it coordinates runs
     free_cpu: float = 1.0
     running_steps: int = 0
+    tls_cert: str = ""  # as in its server record: TLS certificate bound to its identity, or "" for plaintext
 
     def can_run(self, kind: str, tool: str | None = None) -> bool:
         """Whether this node takes steps of `kind` (and, for tool steps, hosts `tool`)."""
@@ -81,6 +84,7 @@ class TaskCapabilities:
                 coordinator=bool(value.get("coordinator", True)),
                 free_cpu=float(value.get("free_cpu", 1.0)),
                 running_steps=int(value.get("running_steps", 0)),
+                tls_cert=str(value.get("tls_cert", ""))[:MAX_CERT_CHARS],
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed capabilities: {error!r}") from error
@@ -126,8 +130,11 @@ def fetch_capabilities(dht, model_id: str) -> list[TaskCapabilities]:
         except ValueError as error:
             logger.warning("ignoring task capabilities %r: %s", subkey, error)
             continue
-        if capabilities.node_id == subkey:
-            nodes.append(capabilities)
+        if capabilities.node_id != subkey:
+            continue
+        if capabilities.tls_cert and not register_certificate(capabilities.address, capabilities.node_id, capabilities.tls_cert):
+            continue
+        nodes.append(capabilities)
     return sorted(nodes, key=lambda node: node.node_id)
 
 

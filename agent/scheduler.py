@@ -26,6 +26,7 @@ from agent.capabilities import TaskCapabilities
 from agent.memory import replica_nodes
 from agent.steps import Step, StepOutcome
 from proto import tasks_pb2 as pb
+from protocol.channels import open_channel
 from proto import tasks_pb2_grpc as pb_grpc
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class StepScheduler:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
-                channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+                channel = open_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
                 self._channels[address] = channel
             return channel
 

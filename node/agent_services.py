@@ -4,6 +4,7 @@ step scheduler, the run coordinator, the TaskService, and the capability record 
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 
 import grpc
@@ -37,8 +38,10 @@ class AgentServices:
         dht: hivemind.DHT,
         data_dir: str,
         tools_file: str | None = None,
+        tls_cert: str = "",
     ):
         self.node_id, self.address, self.model, self.dht = node_id, address, model, dht
+        self.tls_cert = tls_cert
         Path(data_dir).mkdir(parents=True, exist_ok=True)
         self.tools = ToolRegistry(builtin_tools())
         self.tools.register(self._swarm_status_tool())
@@ -47,14 +50,25 @@ class AgentServices:
                 self.tools.register(spec)
         self.memory = VectorStore(str(Path(data_dir) / "memory.sqlite"), LazyEmbedder())
         self.journal = Journal(str(Path(data_dir) / "journal.sqlite"))
-        self.llm = LLMWorker(self._swarm_client)
+        self._client_lock = threading.Lock()
+        self._swarm_client = None
+        self.llm = LLMWorker(lambda: self.swarm_client)
         self.worker = TaskWorker(node_id, self.tools, self.memory, self.llm)
         self.directory = CapabilityDirectory(dht, model.model_id)
         self.scheduler = StepScheduler(self.directory)
         self.coordinator = RunCoordinator(node_id, address, self.journal, self.scheduler, self.directory.tool_catalog)
         psutil.cpu_percent(interval=None)  # starts the measurement window of `free_cpu`
 
-    def _swarm_client(self):
+    @property
+    def swarm_client(self):
+        """This node as a client of the swarm, made on first use, for llm steps."""
+        with self._client_lock:
+            if self._swarm_client is None:
+                self._swarm_client = self.new_swarm_client()
+            return self._swarm_client
+
+    def new_swarm_client(self):
+        """A client of the swarm over this node's own DHT peer (the APIs each make their own)."""
         from swarm.client import SwarmClient  # the client imports node modules; import it only when needed
 
         return SwarmClient(model=self.model, dht=self.dht)
@@ -85,6 +99,7 @@ class AgentServices:
             namespaces=tuple(self.memory.namespaces()[:256]),
             free_cpu=max(0.0, min(1.0, 1.0 - psutil.cpu_percent(interval=None) / 100.0)),
             running_steps=self.worker.running_steps,
+            tls_cert=self.tls_cert,
         )
 
     def announce(self, ttl: float) -> bool:
@@ -94,3 +109,5 @@ class AgentServices:
         self.coordinator.close()
         self.llm.close()
         self.scheduler.close()
+        if self._swarm_client is not None:
+            self._swarm_client.close()

@@ -18,6 +18,7 @@ import threading  # noqa: E402
 
 from node.architectures import UnsupportedModelError  # noqa: E402
 from node.model_files import ModelNotFoundError  # noqa: E402
+from protocol.identity import IdentityError  # noqa: E402
 from swarm.errors import SwarmError  # noqa: E402
 
 
@@ -62,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--semantic-basis", default="auto", metavar="auto|off|FILE", help="the semantic activation codec's basis: auto (cached, else fitted from the model in the background), off, or a basis file")
     join.add_argument("--tools", dest="tools_file", metavar="FILE.py", help="host the @tool functions of this Python file for agents, beside the built-in calculator, python and swarm_status")
     join.add_argument("--data-dir", default=None, help="where this node keeps agent memory and run journals (default ~/.cache/edgeswarm/nodes/NODE_ID)")
+    join.add_argument("--api-port", type=int, default=None, help="serve the SwarmAPI (gRPC, proto/api.proto; with health checks and reflection) on this port (0 picks one)")
+    join.add_argument("--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on this port (0 picks one)")
+    join.add_argument("--api-token", default=os.environ.get("EDGESWARM_API_TOKEN"), help="clients of the APIs must send it as a Bearer token (default: $EDGESWARM_API_TOKEN; none: open)")
+    join.add_argument("--api-rate", type=float, default=20.0, help="requests per second each API client may make (bursts of twice that)")
+    join.add_argument("--identity", default=None, metavar="FILE", help="this node's Ed25519 key (created if missing, mode 0600); its id is the key's fingerprint (default: a new key each run)")
+    join.add_argument("--swarm-key", default=None, metavar="FILE", help="join a private swarm: only holders of this key (see `swarm-node new-swarm-key`) can join, serve or be routed to")
+    join.add_argument("--tls", action="store_true", help="serve gRPC over TLS, with a certificate bound to this node's identity and announced in its signed record")
     join.add_argument("--no-agents", dest="agents", action="store_false", help="take no agent steps and coordinate no agent runs")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
@@ -71,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--model", default="default", help="the swarm's model (as given to join)")
     generate.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="any node of the swarm (default: find one on the LAN by mDNS)")
     generate.add_argument("--swarm-id", default="edgeswarm", help="the swarm to look for on the LAN")
+    generate.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--link-quality", default="lossless", metavar="BUDGET", help="activation compression on the links: lossless, high, balanced, max (or prefill=...,decode=..., or a codec name)")
     generate.add_argument("--log-level", default="WARNING")
@@ -80,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--model", default="default", help="the swarm's model (as given to join)")
     agent.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="any node of the swarm (default: find one on the LAN by mDNS)")
     agent.add_argument("--swarm-id", default="edgeswarm", help="the swarm to look for on the LAN")
+    agent.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm")
     agent.add_argument("--tools", nargs="*", default=None, metavar="NAME", help="tools the agent may call (default: every tool a node hosts)")
     agent.add_argument("--memory", default=None, metavar="NAMESPACE", help="long-term memory namespace to read facts from and remember the answer in")
     agent.add_argument("--strategy", choices=["react", "plan", "team"], default="react")
@@ -88,10 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--json", action="store_true", help="print every event as a JSON line")
     agent.add_argument("--log-level", default="WARNING")
 
+    new_key = commands.add_parser("new-swarm-key", help="write a new random key for a private swarm to FILE")
+    new_key.add_argument("file")
+    new_key.add_argument("--log-level", default="WARNING")
+
     status = commands.add_parser("status", help="show the swarm's nodes and block coverage")
     status.add_argument("--model", default="default", help="the model whose swarm to show (as given to join)")
     status.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="any node of the swarm (default: find one on the LAN by mDNS)")
     status.add_argument("--swarm-id", default="edgeswarm", help="the swarm to look for on the LAN")
+    status.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm")
     status.add_argument("--announce-ttl", type=float, default=15.0, help="the nodes' --announce-ttl, to tell how long ago each was seen")
     status.add_argument("--json", action="store_true", help="print JSON instead of tables")
     status.add_argument("--plot", metavar="FILE.png", help="also draw the swarm: spans over the block axis, one row per node")
@@ -132,6 +147,13 @@ def run_join(args: argparse.Namespace) -> int:
         agents=args.agents,
         tools_file=args.tools_file,
         data_dir=args.data_dir,
+        api_port=args.api_port,
+        http_port=args.http_port,
+        api_token=args.api_token,
+        api_rate=args.api_rate,
+        identity=args.identity,
+        swarm_key=args.swarm_key,
+        tls=args.tls,
     )
     node = SwarmNode(settings)
     node.start()
@@ -144,11 +166,32 @@ def run_join(args: argparse.Namespace) -> int:
         record = node.record
         print(f"serving blocks {record.start_block}:{record.end_block} of {record.model_id} at {record.address}")
         print("to join this swarm, run:  swarm-node join --initial-peers " + node.initial_peers[0])
+        if node.api_address:
+            print(f"SwarmAPI (gRPC) at {node.api_address}")
+        if node.http_address:
+            print(f"OpenAI-compatible API at http://{node.http_address}/v1")
         print(node.ready_line(), flush=True)
         stop.wait()
         print(f"stopping: withdrawing the announcement, draining {node.servicer.active_sessions} sessions", flush=True)
     finally:
         node.stop()
+    return 0
+
+
+def _swarm_key(args: argparse.Namespace) -> bytes | None:
+    from protocol.channels import use_swarm_key
+    from protocol.swarm_key import read_swarm_key
+
+    key = read_swarm_key(args.swarm_key) if args.swarm_key else None
+    use_swarm_key(key)
+    return key
+
+
+def run_new_swarm_key(args: argparse.Namespace) -> int:
+    from protocol.swarm_key import generate_swarm_key
+
+    generate_swarm_key(args.file)
+    print(f"wrote a new swarm key to {args.file}: give it to every node (--swarm-key) and client of the swarm")
     return 0
 
 
@@ -162,7 +205,9 @@ def run_status(args: argparse.Namespace) -> int:
     peers = args.initial_peers or discover_peers(args.swarm_id)
     if not peers:
         raise SwarmError(f"no --initial-peers given and no node of swarm {args.swarm_id!r} found on the LAN")
-    dht = swarm_dht.start_dht(peers, client_mode=True)
+    swarm_key = _swarm_key(args)
+    dht = swarm_dht.start_dht(peers, client_mode=True, swarm_key=swarm_key)
+    swarm_dht.use_auth(dht, swarm_dht.RecordAuth(swarm_key=swarm_key))
     try:
         status = collect_status(dht, model.model_id, model.num_blocks, ttl=args.announce_ttl)
     finally:
@@ -178,7 +223,9 @@ def run_status(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     from swarm.client import SwarmClient
 
-    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, link_quality=args.link_quality) as client:
+    with SwarmClient(
+        args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, link_quality=args.link_quality, swarm_key=_swarm_key(args)
+    ) as client:
         prompt = client.apply_chat_template([{"role": "user", "content": args.prompt}])
         for event in client.stream(prompt, max_new_tokens=args.max_new_tokens):
             print(event.text, end="", flush=True)
@@ -220,7 +267,7 @@ def describe_event(event: dict) -> str | None:
 def run_agent(args: argparse.Namespace) -> int:
     from swarm.client import SwarmClient
 
-    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id) as client:
+    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, swarm_key=_swarm_key(args)) as client:
         task = client.submit_agent_task(
             args.goal, tools=args.tools, memory_namespace=args.memory, max_steps=args.max_steps, strategy=args.strategy,
             tool_choice=args.tool_choice,
@@ -253,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.command == "agent":
             return run_agent(args)
-    except (ModelNotFoundError, UnsupportedModelError, ValueError, SwarmError, OSError) as error:
+        if args.command == "new-swarm-key":
+            return run_new_swarm_key(args)
+    except (ModelNotFoundError, UnsupportedModelError, ValueError, SwarmError, OSError, IdentityError) as error:
         print(f"swarm-node: error: {error}", file=sys.stderr)
         return 2
     return 1

@@ -18,7 +18,10 @@ import psutil
 
 from node.calibration import load_or_fit_basis
 from node.agent_services import AgentServices
+from node.api_service import ApiGuard, SwarmApiServicer, start_api_server
 from node.model_files import ModelSource, open_model
+from node.openai_http import OpenAIServer
+from node.rate_limit import RateLimiter
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
 from node.span import TransformerSpan
 from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key
@@ -32,8 +35,12 @@ from partition.profiling import (
 from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
 from protocol.codecs import SemanticBasis
+from protocol.identity import NodeIdentity
 from protocol.records import ServerRecord
+from protocol.channels import use_swarm_key
+from protocol.swarm_key import read_swarm_key
 from swarm import dht as swarm_dht
+from swarm.dht import RecordAuth
 from swarm.mdns import DEFAULT_SWARM_ID, LanPresence, discover_peers
 
 logger = logging.getLogger(__name__)
@@ -74,6 +81,13 @@ class NodeSettings:
     agents: bool = True  # take agent steps and coordinate agent runs (TaskService)
     tools_file: str | None = None  # a Python file of @tool functions this node hosts, beside the built-ins
     data_dir: str | None = None  # where memory and the run journal live (default ~/.cache/edgeswarm/nodes/<node id>)
+    api_port: int | None = None  # serve the SwarmAPI for apps on this port (0 picks one); None: no API
+    http_port: int | None = None  # serve the OpenAI-compatible HTTP API on this port (0 picks one); None: none
+    api_token: str | None = None  # clients of both APIs must present it (Bearer token)
+    api_rate: float = 20.0  # requests per second each API client may make (bursts of twice that)
+    identity: str | None = None  # file of this node's Ed25519 key (created if missing); None: a new key each run
+    swarm_key: str | None = None  # file holding a private swarm's shared key; None: an open swarm
+    tls: bool = False  # serve gRPC (data plane, tasks, API) over TLS with a certificate bound to the identity
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -106,8 +120,14 @@ class SwarmNode:
         self.model: ModelSource = open_model(settings.model)  # fails fast on a bad path or family
         if settings.blocks is not None:
             self.model.check_span(*settings.blocks)
+        if (settings.api_port is not None or settings.http_port is not None) and not settings.agents:
+            raise ValueError("--api-port and --http-port need the agent services: drop --no-agents")
         if settings.num_blocks is not None and not 0 < settings.num_blocks <= self.model.num_blocks:
             raise ValueError(f"--num-blocks must be in [1, {self.model.num_blocks}], got {settings.num_blocks}")
+        self.identity = NodeIdentity.load_or_create(settings.identity) if settings.identity else NodeIdentity.generate()
+        self.tls: tuple[bytes, bytes] | None = None  # (certificate PEM, key PEM) with --tls
+        self.swarm_key = read_swarm_key(settings.swarm_key) if settings.swarm_key else None
+        use_swarm_key(self.swarm_key)  # this node's own calls to its peers carry the swarm's token
         self._stopped = threading.Event()
         self._record_lock = threading.Lock()  # the announce, rebalance and link threads all update the record
         self.dht = None
@@ -116,6 +136,11 @@ class SwarmNode:
         self.servicer: BlockServicer | None = None
         self.lan_presence: LanPresence | None = None
         self.agents: AgentServices | None = None
+        self.api_server: grpc.Server | None = None
+        self.api_servicer: SwarmApiServicer | None = None
+        self.api_address = ""
+        self.http_server: OpenAIServer | None = None
+        self.http_address = ""
 
     def _choose_span(self) -> tuple[int, int]:
         if self.settings.blocks is not None:
@@ -139,8 +164,10 @@ class SwarmNode:
             announce_maddrs=settings.announce_maddrs or None,
             use_relay=settings.use_relay,
             use_auto_relay=settings.use_auto_relay,
+            swarm_key=self.swarm_key,
         )
-        node_id = self.dht.peer_id.to_base58()
+        swarm_dht.use_auth(self.dht, RecordAuth(self.identity, self.swarm_key))
+        node_id = self.identity.fingerprint
         start, end = self._choose_span()
         rss_before = psutil.Process().memory_info().rss
         span = self._load_span(start, end)
@@ -156,8 +183,9 @@ class SwarmNode:
         )
         self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
         host = reachable_host(settings.host, settings.announce_host)
+        self.tls = self.identity.tls_certificate([host]) if settings.tls else None
         add_services = (lambda server, port: self._add_agent_services(server, f"{host}:{port}")) if settings.agents else None
-        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port, add_services)
+        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port, add_services, self.swarm_key, self.tls)
         self.record = ServerRecord(
             node_id=node_id,
             address=f"{host}:{port}",
@@ -172,12 +200,14 @@ class SwarmNode:
             partition=settings.partition,
             codecs=tuple(self.servicer.codecs),
             weight_quant=settings.quant,
+            tls_cert=self.tls_certificate,
         )
         self._measure_links()
         if not swarm_dht.announce(self.dht, self.record, settings.announce_ttl):
             logger.warning("the DHT did not accept the first announcement; retrying in the refresh loop")
         if self.agents is not None:
             self.agents.announce(settings.announce_ttl)
+            self._start_apis()
         threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
         if settings.mdns:
             try:
@@ -190,10 +220,33 @@ class SwarmNode:
             threading.Thread(target=self._prepare_semantic_basis, name="semantic-basis", daemon=True).start()
 
     def _add_agent_services(self, server: grpc.Server, address: str) -> None:
-        node_id = self.dht.peer_id.to_base58()
+        node_id = self.identity.fingerprint
         data_dir = self.settings.data_dir or os.path.expanduser(f"~/.cache/edgeswarm/nodes/{node_id}")
-        self.agents = AgentServices(node_id, address, self.model, self.dht, data_dir, self.settings.tools_file)
+        self.agents = AgentServices(
+            node_id, address, self.model, self.dht, data_dir, self.settings.tools_file, tls_cert=self.tls_certificate
+        )
         self.agents.add_to(server)
+
+    @property
+    def tls_certificate(self) -> str:
+        """The PEM certificate this node serves TLS with ("" without --tls)."""
+        return self.tls[0].decode() if self.tls else ""
+
+    def _start_apis(self) -> None:
+        """The SwarmAPI (gRPC) and the OpenAI-compatible HTTP endpoint, as configured."""
+        settings, agents = self.settings, self.agents
+        limiter = RateLimiter(settings.api_rate, burst=2 * settings.api_rate)
+        host = reachable_host(settings.host, settings.announce_host)
+        if settings.api_port is not None:
+            self.api_servicer = SwarmApiServicer(agents.new_swarm_client, self.model, self.dht, agents.directory)
+            guard = ApiGuard(settings.api_token, limiter.allow)
+            self.api_server, port = start_api_server(self.api_servicer, settings.host, settings.api_port, guard, self.tls)
+            self.api_address = f"{host}:{port}"
+        if settings.http_port is not None:
+            self.http_server = OpenAIServer(
+                agents.new_swarm_client, settings.host, settings.http_port, api_token=settings.api_token, rate_limiter=limiter
+            )
+            self.http_address = f"{host}:{self.http_server.start()}"
 
     def _prepare_semantic_basis(self) -> None:
         """Loads (or fits and caches) the semantic codec's basis, then offers the codec to clients."""
@@ -280,14 +333,19 @@ class SwarmNode:
 
     def _recorded_plan(self, key: str) -> tuple[Plan | None, list[str]]:
         """The plan in the DHT and the participants it was made for (None, [] if absent or malformed)."""
-        value = swarm_dht.fetch_value(self.dht, key)
-        if not isinstance(value, dict) or value.get("partition") != self.settings.partition:
+        found = swarm_dht.fetch_value(self.dht, key)
+        if found is None or found[0].get("partition") != self.settings.partition:
             return None, []
+        value, signer = found
         try:
-            return Plan.from_dict(value["plan"]), [str(member) for member in value["members"]]
+            plan, members = Plan.from_dict(value["plan"]), [str(member) for member in value["members"]]
         except (KeyError, TypeError, ValueError) as error:
             logger.warning("ignoring a malformed plan: %r", error)
             return None, []
+        if not members or signer != members[0]:  # only the plan's coordinator may record it
+            logger.warning("ignoring a plan signed by %s, who does not coordinate it", signer)
+            return None, []
+        return plan, members
 
     def move_to(self, start: int, end: int) -> None:
         """Loads blocks [start, end) and serves them to new sessions; sessions in flight finish on the old ones."""
@@ -329,6 +387,9 @@ class SwarmNode:
             "blocks": [self.record.start_block, self.record.end_block],
             "throughput": round(self.record.throughput, 2),
             "initial_peers": self.initial_peers,
+            "api_address": self.api_address,
+            "http_address": self.http_address,
+            "tls_cert": self.tls_certificate,
         }
         return READY_PREFIX + json.dumps(info)
 
@@ -336,6 +397,11 @@ class SwarmNode:
         """Leaves gracefully: refuses new requests, withdraws the announcement, lets open sessions finish
         (for up to `drain_timeout` seconds; clients of sessions cut after that fail over), then exits the DHT."""
         self._stopped.set()
+        if self.api_server is not None:
+            self.api_server.stop(grace)
+            self.api_servicer.close()
+        if self.http_server is not None:
+            self.http_server.stop()
         if self.lan_presence is not None:
             self.lan_presence.close()
         if self.servicer is not None:

@@ -52,7 +52,8 @@ class _StreamingStepper:
 
 
 class LLMWorker:
-    """Runs llm steps through the swarm with `client` (a swarm.client.SwarmClient, made on first use)."""
+    """Runs llm steps through the swarm with `client` (a swarm.client.SwarmClient, made on first use by
+    `client_factory`; it is not closed here)."""
 
     def __init__(self, client_factory: Callable[[], Any], max_sessions: int = 8, idle_seconds: float = 300.0):
         self._client_factory = client_factory
@@ -160,8 +161,6 @@ class LLMWorker:
             run_ids = list(self._sessions)
         for run_id in run_ids:
             self.forget(run_id)
-        if self._client is not None:
-            self._client.close()
 
 
 def _messages(args: dict) -> list[dict]:

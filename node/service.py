@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from partition.profiling import kv_bytes_per_token
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
+from protocol.swarm_key import SwarmKeyInterceptor
 from protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
 
 logger = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     Each request keeps the span it started with, so `replace_span` (a rebalancing move) never breaks
     a session in flight: old sessions finish on the old blocks while new ones get the new blocks.
     After `stop_accepting` (a node leaving), new requests are refused as UNAVAILABLE.
+
+    Test hook: with EDGESWARM_FAULT_INJECTION=corrupt_outputs=S in its environment (read once, here), the
+    node lies: it adds gaussian noise of relative scale S (S times each position's RMS) to every hidden
+    state it returns, from sessions and Forward alike. It exists to test spot checks (swarm.spot_check).
     """
 
     def __init__(
@@ -73,6 +79,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self.accepting = True
         self.evicted_sessions = 0
         self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see node.calibration)
+        self.corrupt_outputs = _corrupt_outputs_scale(os.environ.get("EDGESWARM_FAULT_INJECTION", ""))
         threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
 
     @property
@@ -120,6 +127,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         reply_codec: str,
     ) -> pb.Tensor:
         output = self.batcher.run(span, inputs.hidden_states, inputs.position_ids, inputs.padding_mask, start, end, cache)
+        if self.corrupt_outputs:  # the fault-injection test hook (class docstring)
+            output = output + self.corrupt_outputs * output.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(output)
         return self._encode_reply(output.to(inputs.wire_dtype), reply_codec, boundary=end)
 
     def _encode_reply(self, output: torch.Tensor, codec: str, boundary: int) -> pb.Tensor:
@@ -268,12 +277,30 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         return pb.EchoResponse(payload=bytes(request.reply_bytes))
 
 
+def _corrupt_outputs_scale(setting: str) -> float:
+    """S of an EDGESWARM_FAULT_INJECTION value `corrupt_outputs=S` (0 when unset)."""
+    if not setting:
+        return 0.0
+    name, _, value = setting.partition("=")
+    if name.strip() != "corrupt_outputs":
+        raise ValueError(f"EDGESWARM_FAULT_INJECTION: unknown fault {setting!r}; expected corrupt_outputs=SCALE")
+    logger.warning("fault injection: this node corrupts its outputs (relative noise %s)", value.strip())
+    return float(value)
+
+
 def start_grpc_server(
-    servicer: BlockServicer, host: str, port: int, add_services: Callable[[grpc.Server, int], None] | None = None
+    servicer: BlockServicer,
+    host: str,
+    port: int,
+    add_services: Callable[[grpc.Server, int], None] | None = None,
+    swarm_key: bytes | None = None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.Server, int]:
     """Starts the data plane on host:port (port 0 picks a free one) and returns the server and its port.
 
     `add_services(server, port)` may add more services once the port is known, before the server starts.
+    With a `swarm_key`, calls without the private swarm's token are refused (UNAUTHENTICATED). With `tls`
+    (certificate PEM, key PEM), it serves over TLS only.
     """
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -284,9 +311,10 @@ def start_grpc_server(
         futures.ThreadPoolExecutor(max_workers=servicer.limits.max_concurrent_rpcs + 4),
         options=options,
         maximum_concurrent_rpcs=servicer.limits.max_concurrent_rpcs,
+        interceptors=[SwarmKeyInterceptor(swarm_key)] if swarm_key is not None else [],
     )
     pb_grpc.add_BlockServiceServicer_to_server(servicer, server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
+    bound_port = bind(server, f"{host}:{port}", tls)
     if bound_port == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     if add_services is not None:
@@ -294,3 +322,11 @@ def start_grpc_server(
     server.start()
     return server, bound_port
 
+
+
+def bind(server: grpc.Server, address: str, tls: tuple[bytes, bytes] | None) -> int:
+    """Adds a plaintext port, or a TLS one with `tls` = (certificate PEM, key PEM); returns the port (0: failed)."""
+    if tls is None:
+        return server.add_insecure_port(address)
+    certificate, key = tls
+    return server.add_secure_port(address, grpc.ssl_server_credentials([(key, certificate)]))

@@ -73,12 +73,11 @@ def measure_link(address: str, probe_bytes: int = 1024 * 1024, timeout: float = 
     RTT is the best of three empty echoes; bandwidth comes from one echo of `probe_bytes` each way,
     less that round trip.
     """
-    import grpc
-
     from proto import dataplane_pb2 as pb
     from proto import dataplane_pb2_grpc as pb_grpc
+    from protocol.channels import open_channel
 
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address) as channel:
         echo = pb_grpc.BlockServiceStub(channel).Echo
         echo(pb.EchoRequest(), timeout=timeout)  # connect outside the timings
         rtt = float("inf")

@@ -10,6 +10,7 @@ OFFLINE = "offline"
 PARTITIONS = ("auto", "pipeline", "ring")
 MAX_LINKS = 256  # a record lists at most this many measured links
 MAX_CODECS = 32
+MAX_CERT_CHARS = 8192
 
 
 def servers_key(model_id: str) -> str:
@@ -38,6 +39,7 @@ class ServerRecord:
     codecs: tuple[str, ...] = ("none",)  # activation codecs it reads and writes (see protocol.codecs)
     semantic_basis: str = ""  # digest of its semantic codec basis, if it holds one
     weight_quant: str = "none"  # how it holds its weights (see node.quantization)
+    tls_cert: str = ""  # PEM certificate of its TLS endpoint, bound to its identity ("" : plaintext gRPC)
 
     @property
     def num_blocks(self) -> int:
@@ -71,6 +73,7 @@ class ServerRecord:
                 codecs=_parse_names(value.get("codecs", ["none"])),
                 semantic_basis=str(value.get("semantic_basis", "")),
                 weight_quant=str(value.get("weight_quant", "none")),
+                tls_cert=str(value.get("tls_cert", "")),
             )
         except (KeyError, TypeError, ValueError) as error:
             raise ValueError(f"malformed record: {error!r}") from error
@@ -82,6 +85,8 @@ class ServerRecord:
             raise ValueError(f"throughput {record.throughput} is not positive")
         if record.partition not in PARTITIONS:
             raise ValueError(f"unknown partition {record.partition!r}")
+        if len(record.tls_cert) > MAX_CERT_CHARS:
+            raise ValueError(f"tls_cert longer than {MAX_CERT_CHARS} characters")
         if record.prefill_throughput < 0 or record.max_blocks < 0 or record.memory_bytes < 0:
             raise ValueError("negative profile value")
         return record

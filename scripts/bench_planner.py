@@ -127,7 +127,8 @@ def real_layout(args_per_node: list[list[str]], slow_index: int, cpu_fraction: f
             if planned:
                 deadline = time.monotonic() + 120
                 while True:
-                    value = swarm_dht.fetch_value(client.dht, plan_key(client.model.model_id))
+                    found = swarm_dht.fetch_value(client.dht, plan_key(client.model.model_id))
+                    value = found[0] if found else None
                     spans = {(r.node_id, r.start_block, r.end_block) for r in client.servers()}
                     if value and len(value["members"]) == len(nodes):
                         plan = Plan.from_dict(value["plan"])

@@ -77,12 +77,17 @@ class AgentTask:
         """The final answer; raises AgentRunError if the run failed or was cancelled, TimeoutError if late."""
         if not self._finished.wait(timeout):
             raise TimeoutError(f"run {self.run_id} has not finished within {timeout}s")
-        final = next((event for event in reversed(self._events) if event.get("type") == FINISHED), None)
+        final = self.final_event()
         if final is None:
             raise AgentRunError(f"run {self.run_id} was lost: {self._error}")
         if final["status"] != "succeeded":
             raise AgentRunError(f"run {self.run_id} {final['status']}: {final.get('error')}")
         return final.get("answer") or ""
+
+    def final_event(self) -> dict | None:
+        """The "run.finished" event, once the run has ended (None before)."""
+        with self._changed:
+            return next((event for event in reversed(self._events) if event.get("type") == FINISHED), None)
 
     def cancel(self) -> None:
         """Asks the coordinator to stop the run; in-flight steps are cancelled and it ends "cancelled"."""

@@ -21,10 +21,12 @@ from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.codecs import SemanticBasis
 from protocol.link_policy import LinkQuality
 from protocol.records import ServerRecord
+from protocol.channels import use_swarm_key
 from protocol.tensors import serialize_tensor
 from swarm import dht as swarm_dht
 from agent.runtime import RunSpec
 from swarm.agent_client import AgentGateway, AgentTask
+from swarm.dht import RecordAuth
 from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
 from swarm.links import LinkCodecs
@@ -80,9 +82,11 @@ class SwarmClient:
         mdns: bool = True,
         link_quality: LinkQuality | str = "lossless",
         dht: hivemind.DHT | None = None,
+        swarm_key: bytes | None = None,
     ):
         """`dht`: a running DHT peer to use (a node's own) instead of joining as a new client peer.
-        `model` may also be an opened ModelSource."""
+        `model` may also be an opened ModelSource. `swarm_key`: a private swarm's key
+        (protocol.swarm_key.read_swarm_key), without which its records and nodes are out of reach."""
         if dht is None and not initial_peers and mdns:  # look for the swarm on the LAN
             initial_peers = discover_peers(swarm_id)
         if dht is None and not initial_peers:
@@ -97,7 +101,10 @@ class SwarmClient:
         self.busy_seconds = busy_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
         self._owns_dht = dht is None
-        self.dht = swarm_dht.start_dht(initial_peers, client_mode=True) if dht is None else dht
+        self.dht = swarm_dht.start_dht(initial_peers, client_mode=True, swarm_key=swarm_key) if dht is None else dht
+        if self._owns_dht:
+            swarm_dht.use_auth(self.dht, RecordAuth(swarm_key=swarm_key))
+            use_swarm_key(swarm_key)
         if isinstance(link_quality, str):
             link_quality = LinkQuality.parse(link_quality)
         self.links = LinkCodecs(link_quality, self.model.config.hidden_size, self._semantic_basis)

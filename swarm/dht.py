@@ -2,19 +2,97 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from functools import partial
+from weakref import WeakKeyDictionary
 
 import hivemind
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import get_dht_time
+from hivemind.utils.serializer import MSGPackSerializer
 
+from protocol.channels import register_certificate
+from protocol.identity import NodeIdentity
 from protocol.records import OFFLINE, ONLINE, ServerRecord, servers_key
+from protocol.signing import ForgedRecordError, ReplayGuard, record_message, sign_record
 from swarm.errors import SwarmConnectionError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RecordAuth:
+    """How a DHT peer signs what it stores and checks what it reads.
+
+    Every value is a signed envelope (protocol.signing) from the node whose id is its key's
+    fingerprint; forged, unsigned, expired and replayed values are skipped when read. In a private swarm
+    (`swarm_key`), values must also carry an HMAC of the signed message under the swarm key, so nodes
+    without the key can announce nothing that members will read.
+    """
+
+    identity: NodeIdentity | None = None  # None: a client, which reads but announces nothing
+    swarm_key: bytes | None = None
+    replay_guards: dict[str, ReplayGuard] = field(default_factory=dict)  # per DHT key: each has its own sequence
+
+    def seal(self, payload: dict, ttl: float) -> dict:
+        if self.identity is None:
+            raise RuntimeError("this DHT peer has no identity to sign records with")
+        envelope = sign_record(self.identity, payload, expires_at=get_dht_time() + ttl, sequence=time.time_ns() // 1000)
+        return {"signed": envelope, "swarm_tag": self._tag(envelope)}
+
+    def open(self, key: str, value, owner: str | None) -> tuple[dict, str]:
+        """The payload of a value stored under `key` and its signer's id; ForgedRecordError if it must be ignored."""
+        if not isinstance(value, dict) or set(value) != {"signed", "swarm_tag"}:
+            raise ForgedRecordError("not a signed record")
+        envelope = value["signed"]
+        guard = self.replay_guards.setdefault(key, ReplayGuard())
+        payload, signer = guard.verify(envelope, now=get_dht_time(), owner=owner)
+        if self.swarm_key is not None and not hmac.compare_digest(bytes(value["swarm_tag"]), self._tag(envelope)):
+            raise ForgedRecordError("the record lacks this private swarm's key")
+        return payload, signer
+
+    def _tag(self, envelope: dict) -> bytes:
+        if self.swarm_key is None:
+            return b""
+        message = record_message(envelope["payload"], envelope["public_key"], envelope["expires_at"], envelope["sequence"])
+        return hmac.new(self.swarm_key, message, hashlib.sha256).digest()
+
+
+_auths: WeakKeyDictionary = WeakKeyDictionary()
+
+
+def use_auth(dht: hivemind.DHT, auth: RecordAuth) -> None:
+    """Makes `dht` sign and check records with `auth` (a peer without one reads only, in an open swarm)."""
+    _auths[dht] = auth
+
+
+def auth_of(dht: hivemind.DHT) -> RecordAuth:
+    return _auths.setdefault(dht, RecordAuth())
+
+
+class SignedRecordValidator(RecordValidatorBase):
+    """Makes every DHT peer of the swarm refuse to store or return a value that is not a signed envelope
+    (from the node its subkey names, and tagged with the swarm key in a private swarm). Replays of older
+    authentic values are caught when reading (`RecordAuth.open`), which keeps per-node history."""
+
+    def __init__(self, swarm_key: bytes | None = None):
+        self.swarm_key = swarm_key
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            value = MSGPackSerializer.loads(record.value)
+            subkey = MSGPackSerializer.loads(record.subkey) if record.subkey else None
+            RecordAuth(swarm_key=self.swarm_key).open("", value, owner=subkey if isinstance(subkey, str) else None)
+            return True
+        except Exception as error:  # any malformed value is simply refused
+            logger.debug("refusing a DHT value: %r", error)
+            return False
 
 
 def start_dht(
@@ -22,16 +100,26 @@ def start_dht(
     host: str = "127.0.0.1",
     port: int = 0,
     client_mode: bool = False,
+    swarm_key: bytes | None = None,
     **p2p_options,
 ) -> hivemind.DHT:
     """Starts a DHT peer (a child process of hivemind's) and joins it to `initial_peers`, if any.
+
+    The peer stores and returns only signed values (`SignedRecordValidator`, with `swarm_key` in a
+    private swarm).
 
     `p2p_options` go to hivemind's libp2p daemon: for nodes behind NAT, `announce_maddrs` (the public
     addresses to announce), `use_relay` and `use_auto_relay` (reach and be reached through relays).
     """
     options = dict(p2p_options) if client_mode else {"host_maddrs": [f"/ip4/{host}/tcp/{port}"], **p2p_options}
     try:
-        return hivemind.DHT(initial_peers=list(initial_peers), client_mode=client_mode, start=True, **options)
+        return hivemind.DHT(
+            initial_peers=list(initial_peers),
+            client_mode=client_mode,
+            start=True,
+            record_validators=[SignedRecordValidator(swarm_key)],
+            **options,
+        )
     except P2PDaemonError as error:
         reason = str(error).split(": ", 1)[-1]
         raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: {reason}") from error
@@ -47,12 +135,14 @@ def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float, timeout: float
     return store_subkey(dht, servers_key(record.model_id), record.node_id, record.to_dict(), ttl, timeout)
 
 
-def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value, ttl: float, timeout: float = 10.0) -> bool:
-    """Stores `value` as `subkey` of `key` (one subkey per node) for `ttl` seconds; returns whether it was accepted."""
+def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value: dict, ttl: float, timeout: float = 10.0) -> bool:
+    """Stores `value` signed as `subkey` of `key` (one subkey per node) for `ttl` seconds; returns whether
+    it was accepted."""
     if not dht.is_alive():
         logger.warning("cannot store %s/%s: the DHT process has exited", key, subkey)
         return False
-    future = dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl, return_future=True)
+    sealed = auth_of(dht).seal(value, ttl)
+    future = dht.store(key, subkey=subkey, value=sealed, expiration_time=get_dht_time() + ttl, return_future=True)
     try:
         return bool(future.result(timeout=timeout))
     except Exception as error:  # a timeout, or a DHT process that is already gone
@@ -62,11 +152,17 @@ def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value, ttl: float, ti
 
 
 def fetch_subkeys(dht: hivemind.DHT, key: str) -> dict[str, object]:
-    """The unexpired values stored under `key`, by subkey (empty if none)."""
+    """The authentic unexpired values stored under `key`, by subkey (each signed by the node it names)."""
     found = dht.get(key, latest=True)
     if found is None or not isinstance(found.value, dict):
         return {}
-    return {str(subkey): getattr(entry, "value", None) for subkey, entry in found.value.items()}
+    auth, values = auth_of(dht), {}
+    for subkey, entry in found.value.items():
+        try:
+            values[str(subkey)], _ = auth.open(key, getattr(entry, "value", None), owner=str(subkey))
+        except ForgedRecordError as error:
+            logger.warning("ignoring the value of %s under %s: %s", subkey, key, error)
+    return values
 
 
 def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool:
@@ -87,14 +183,17 @@ def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[Ser
         if record.model_id != model_id or record.node_id != subkey:
             logger.warning("ignoring record %r: it names another model or node", subkey)
             continue
+        if record.tls_cert and not register_certificate(record.address, record.node_id, record.tls_cert):
+            continue
         if record.state == ONLINE:
             records.append(record)
     return sorted(records, key=lambda record: (record.start_block, record.node_id))
 
 
-def store_value(dht: hivemind.DHT, key: str, value, ttl: float, timeout: float = 10.0) -> bool:
-    """Stores a plain msgpack-able value under `key` for `ttl` seconds."""
-    future = dht.store(key, value=value, expiration_time=get_dht_time() + ttl, return_future=True)
+def store_value(dht: hivemind.DHT, key: str, value: dict, ttl: float, timeout: float = 10.0) -> bool:
+    """Stores a msgpack-able dict under `key` for `ttl` seconds, signed by this peer."""
+    sealed = auth_of(dht).seal(value, ttl)
+    future = dht.store(key, value=sealed, expiration_time=get_dht_time() + ttl, return_future=True)
     try:
         return bool(future.result(timeout=timeout))
     except Exception as error:
@@ -103,10 +202,16 @@ def store_value(dht: hivemind.DHT, key: str, value, ttl: float, timeout: float =
         return False
 
 
-def fetch_value(dht: hivemind.DHT, key: str):
-    """The latest unexpired value under `key`, or None."""
+def fetch_value(dht: hivemind.DHT, key: str) -> tuple[dict, str] | None:
+    """The latest unexpired authentic value under `key` and the id of the node that signed it, or None."""
     found = dht.get(key, latest=True)
-    return None if found is None else found.value
+    if found is None:
+        return None
+    try:
+        return auth_of(dht).open(key, found.value, owner=None)
+    except ForgedRecordError as error:
+        logger.warning("ignoring the value under %s: %s", key, error)
+        return None
 
 
 async def _ping_peers(maddrs: Sequence[str], dht: hivemind.DHT, node) -> int:

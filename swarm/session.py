@@ -4,6 +4,10 @@ Every input a hop was sent is kept. When a node dies (a stream error) or stalls 
 deadline derived from its measured speed), the session finds other nodes for that hop's blocks (one or
 several), replays the kept inputs there to rebuild the KV cache, and goes on from the step that failed.
 No token is lost or repeated, and greedy output stays that of a run without the failure.
+
+With `SessionPolicy(spot_check=f)`, the first step and a fraction f of the others are verified on other
+nodes, and a node caught returning wrong hidden states is banned and replaced the same way (see
+swarm.spot_check).
 """
 
 from __future__ import annotations
@@ -11,13 +15,24 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from proto import dataplane_pb2 as pb
 from swarm.errors import NodeBusyError, NodeUnavailableError, NoRouteError
+from swarm.links import StepCodecs
 from swarm.routing import Hop, plan_route
-from swarm.transport import SpanStream, StepTimeout
+from swarm.spot_check import (
+    CheckInputs,
+    Misbehaviour,
+    NodeMisbehaved,
+    SpotChecker,
+    SpotCheckStats,
+    difference,
+    tolerance_for,
+)
+from swarm.transport import SpanStream, StepTimeout, decode_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +59,13 @@ class SessionPolicy:
     A step that takes longer than `min_step_deadline` seconds, or several times the node's measured step
     time, counts as a stall when another node could take over; otherwise the session waits up to
     `step_timeout`. When no node serves a failed hop's blocks, it waits up to `replacement_wait` for one.
+
+    `spot_check`: the fraction of steps (besides the first, always checked when it is above 0) on which
+    every hop's output is verified on another node serving the same blocks; 0 turns spot checks off.
+    Outputs may differ by `spot_check_tolerance` (float32 nodes) or `spot_check_quantized_tolerance`
+    (bf16/int8 nodes), relative to their norm, per position; a node judged lying is banned for
+    `spot_check_ban_seconds`. `spot_check_seed` fixes which steps and verifiers are chosen. See
+    swarm.spot_check for what is compared and who is judged lying.
     """
 
     connect_timeout: float = 3.0
@@ -51,6 +73,15 @@ class SessionPolicy:
     min_step_deadline: float = 0.5
     replacement_wait: float = 30.0
     max_failover_attempts: int = 3
+    spot_check: float = 0.0
+    spot_check_tolerance: float = 1e-3
+    spot_check_quantized_tolerance: float = 0.2
+    spot_check_ban_seconds: float = 24 * 3600.0
+    spot_check_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.spot_check <= 1.0:
+            raise ValueError(f"spot_check must be a fraction in [0, 1], got {self.spot_check}")
 
 
 @dataclass
@@ -60,6 +91,15 @@ class SentStep:
     hidden: torch.Tensor
     positions: torch.Tensor
     mask: torch.Tensor
+    # the hidden states as the node decoded them, when a lossy codec carried them and spot checks are on
+    # (a verifier must get exactly what the node got); None when that is `hidden` itself
+    seen: torch.Tensor | None = None
+
+
+def _joined(steps: list[SentStep], seen: bool = False) -> SentStep:
+    """Steps concatenated along positions (`seen`: the hidden states as the node decoded them)."""
+    hidden = [step.seen if seen and step.seen is not None else step.hidden for step in steps]
+    return SentStep(torch.cat(hidden, dim=1), *(torch.cat([getattr(step, name) for step in steps], dim=1) for name in ("positions", "mask")))
 
 
 @dataclass
@@ -127,6 +167,15 @@ class InferenceSession:
         self.session_id = uuid.uuid4().hex
         self.length = 0  # positions appended so far (padding included)
         self.failovers: list[FailoverEvent] = []
+        self.misbehaviours: list[Misbehaviour] = []  # nodes caught lying by spot checks
+        self.spot_checks = SpotCheckStats()
+        self._spot_checker = (
+            SpotChecker(client, self.policy, self.session_id, self.spot_checks, self.misbehaviours)
+            if self.policy.spot_check > 0
+            else None
+        )
+        self._steps = 0  # step() calls so far
+        self._streams_opened = 0
         self._tokens_seen: torch.Tensor | None = None  # [batch] real tokens so far
         self._hops: list[_HopState] = []
         try:
@@ -156,9 +205,14 @@ class InferenceSession:
         for state in self._hops:
             state.stream.close()
         self._hops = []
+        if self._spot_checker is not None:
+            self._spot_checker.close()
 
-    def _open_stream(self, hop: Hop) -> SpanStream:
-        return SpanStream(hop, self.session_id, self.client.model.model_id, self.max_length, self.policy.connect_timeout)
+    def _open_stream(self, hop: Hop, fresh: bool = False) -> SpanStream:
+        """A stream for `hop`; `fresh`: under a new session id, for a node this session already has a stream to."""
+        self._streams_opened += 1
+        session_id = f"{self.session_id}.{self._streams_opened}" if fresh else self.session_id
+        return SpanStream(hop, session_id, self.client.model.model_id, self.max_length, self.policy.connect_timeout)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feeds [batch, length] token ids (0 in attention_mask marks left padding); returns [batch, vocab] logits."""
@@ -175,35 +229,92 @@ class InferenceSession:
         if self.length + input_ids.shape[1] > self.max_length:
             raise ValueError(f"session would grow to {self.length + input_ids.shape[1]} tokens, above max_length {self.max_length}")
         hidden = None
+        check = self._spot_checker is not None and self._spot_checker.wants_check(self._steps)
         for begin in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk_ids = input_ids[:, begin : begin + self.prefill_chunk]
             chunk_mask = mask[:, begin : begin + self.prefill_chunk]
             positions = positions_for(chunk_mask, self._tokens_seen)
-            hidden = self._run_hops(self.client.head.embed(chunk_ids), positions, chunk_mask)
+            hidden = self._run_hops(self.client.head.embed(chunk_ids), positions, chunk_mask, check)
             self._tokens_seen = self._tokens_seen + chunk_mask.long().sum(dim=1)
             self.length += chunk_ids.shape[1]
+        self._steps += 1
         return self.client.head.logits(hidden[:, -1])
 
     # --- running the chain, and replacing hops that fail -------------------------------------------
 
-    def _run_hops(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run_hops(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, check: bool = False) -> torch.Tensor:
         index = 0
         while index < len(self._hops):
             step = SentStep(hidden, positions, mask)
             try:
-                hidden = self._step_hop(self._hops[index], step)
+                hidden = self._step_hop(self._hops[index], step, check)
                 index += 1
             except NodeUnavailableError as error:
-                replacements, hidden = self._fail_over(index, step, error)
+                replacements, replayed = self._fail_over(index, step, error)
                 self._hops[index : index + 1] = replacements
                 index += len(replacements)
+                length = step.hidden.shape[1]
+                hidden = replayed[:, replayed.shape[1] - length :]
+                if isinstance(error, NodeMisbehaved):  # its past outputs may have been lies too
+                    self._repair_downstream(index, replayed[:, : replayed.shape[1] - length], self._tolerance(replacements))
+        # a node judged lying during this step (as a verifier, or by another session of the client) may
+        # run another hop of this session: it is replaced before this step's output is used
+        while (found := self._convicted_hop()) is not None:
+            index, misbehaviour = found
+            length = hidden.shape[1]
+            replacements, replayed = self._fail_over(index, None, NodeMisbehaved(misbehaviour))
+            self._hops[index : index + 1] = replacements
+            after = index + len(replacements)
+            rebuilt = self._repair_downstream(after, replayed, self._tolerance(replacements))
+            if after == len(self._hops):
+                hidden = replayed[:, replayed.shape[1] - length :]
+            elif rebuilt is not None:
+                hidden = rebuilt[:, rebuilt.shape[1] - length :]
         return hidden
 
-    def _step_hop(self, state: _HopState, step: SentStep) -> torch.Tensor:
+    def _tolerance(self, states: list[_HopState]) -> float:
+        return max(tolerance_for(self.policy, state.hop.record) for state in states)
+
+    def _convicted(self) -> dict[str, Misbehaviour]:
+        """Nodes judged lying (by this session, or by any of the client's if it keeps a `misbehaviours` log)
+        within `spot_check_ban_seconds`, and the judgement."""
+        client_log = getattr(self.client, "misbehaviours", None)
+        judged = [*self.misbehaviours, *(client_log if isinstance(client_log, list) else [])]
+        now = time.time()
+        return {m.node_id: m for m in judged if now - m.time < self.policy.spot_check_ban_seconds}
+
+    def _convicted_hop(self) -> tuple[int, Misbehaviour] | None:
+        """The first hop whose node was judged lying (see `_convicted`), and that judgement."""
+        recent = self._convicted()
+        if not recent:
+            return None
+        for index, state in enumerate(self._hops):
+            if state.hop.record.node_id in recent:
+                return index, recent[state.hop.record.node_id]
+        return None
+
+    def _send(self, state: _HopState, step: SentStep, codecs: StepCodecs) -> SentStep:
+        """Queues `step` on the hop's stream; returns it with what the node will decode, if spot checks need it."""
+        encoded: pb.Tensor = state.stream.send(step.hidden, step.positions, step.mask, codecs)
+        if self._spot_checker is None or not codecs.compressed:
+            return step
+        return replace(step, seen=decode_hidden(state.hop, encoded, codecs))
+
+    def _step_hop(self, state: _HopState, step: SentStep, check: bool = False) -> torch.Tensor:
         tokens = step.hidden.shape[0] * step.hidden.shape[1]
         codecs = self.client.links.for_step(state.hop, *step.hidden.shape[:2])
+        if check:  # compared uncompressed, so that codec error never looks like a lie
+            codecs = replace(codecs, reply="")
         began = time.monotonic()
-        state.stream.send(step.hidden, step.positions, step.mask, codecs)
+        step = self._send(state, step, codecs)
+        pending = inputs = None
+        if check:
+            history = _joined([*state.sent, step], seen=True)
+            inputs = CheckInputs(
+                state.hop, history.hidden, history.positions, history.mask, step.hidden.shape[1],
+                self._steps, history.hidden.shape[1] - step.hidden.shape[1],
+            )
+            pending = self._spot_checker.start(inputs)
         try:
             output = state.stream.receive(state.deadline(tokens, self.policy.min_step_deadline))
         except StepTimeout:
@@ -212,11 +323,13 @@ class InferenceSession:
             # nobody else could take over: a slow node is better than none
             output = state.stream.receive(self.policy.step_timeout)
         state.observe(time.monotonic() - began, tokens)
+        if pending is not None:
+            self._spot_checker.finish(inputs, output, pending)  # raises NodeMisbehaved if the node lied
         state.sent.append(step)
         return output
 
     def _replacement_route(self, hop: Hop, extra_exclude: str | None = None) -> list[Hop] | None:
-        exclude = {extra_exclude} if extra_exclude else set()
+        exclude = {extra_exclude, *self._convicted()} - {None}
         try:
             return plan_route(
                 self.client.usable_servers(),
@@ -228,16 +341,22 @@ class InferenceSession:
         except NoRouteError:
             return None
 
-    def _fail_over(self, index: int, current: SentStep, error: NodeUnavailableError) -> tuple[list[_HopState], torch.Tensor]:
-        """Replaces hop `index` after `error`; returns the new hops and their output for `current`."""
+    def _fail_over(
+        self, index: int, current: SentStep | None, error: NodeUnavailableError
+    ) -> tuple[list[_HopState], torch.Tensor]:
+        """Replaces hop `index` after `error`; returns the new hops and their outputs for every input it had
+        been sent and then `current` (if any)."""
         began = time.monotonic()
         failed = self._hops[index]
         failed.stream.close()
-        history = [*failed.sent, current]
-        replay = SentStep(*(torch.cat([getattr(step, name) for step in history], dim=1) for name in ("hidden", "positions", "mask")))
+        replay = _joined([*failed.sent, *([current] if current is not None else [])])
         blamed, reason, busy = failed.hop.record.node_id, str(error), isinstance(error, NodeBusyError)
+        # a node caught lying is already banned, for longer than a failed one
+        misbehaved = isinstance(error, NodeMisbehaved)
         for _ in range(self.policy.max_failover_attempts):
-            self.client.ban(blamed, self.client.busy_seconds if busy else None)
+            if not misbehaved:
+                self.client.ban(blamed, self.client.busy_seconds if busy else None)
+            misbehaved = False
             logger.warning("replacing blocks %d:%d after: %s", failed.hop.start, failed.hop.end, reason)
             route = self._wait_for_replacement(failed.hop)
             if route is None:
@@ -260,7 +379,7 @@ class InferenceSession:
             self.failovers.append(
                 FailoverEvent(failed.hop.record.node_id, str(error), route, replay.hidden.shape[1], time.monotonic() - began)
             )
-            return replacements, output[:, -current.hidden.shape[1] :]
+            return replacements, output
         raise NodeUnavailableError(f"blocks {failed.hop.start}:{failed.hop.end} could not be replaced: {reason}") from error
 
     def _wait_for_replacement(self, hop: Hop) -> list[Hop] | None:
@@ -277,9 +396,41 @@ class InferenceSession:
         for begin in range(0, inputs.hidden.shape[1], self.prefill_chunk):
             chunk = SentStep(*(tensor[:, begin : begin + self.prefill_chunk] for tensor in (inputs.hidden, inputs.positions, inputs.mask)))
             codecs = self.client.links.for_step(state.hop, *chunk.hidden.shape[:2])
-            outputs.append(state.stream.step(chunk.hidden, chunk.positions, chunk.mask, self.policy.step_timeout, codecs))
+            chunk = self._send(state, chunk, codecs)
+            outputs.append(state.stream.receive(self.policy.step_timeout))
             state.sent.append(chunk)
         return torch.cat(outputs, dim=1)
+
+    def _repair_downstream(self, index: int, corrected: torch.Tensor, tolerance: float) -> torch.Tensor | None:
+        """After a lying hop was replaced: `corrected` are the right outputs of the inputs it had been sent.
+        If its lies had reached hop `index` (steps that were not checked), that hop's cache and those after
+        it were built on wrong states: each is rebuilt on its node from corrected inputs (or replaced, if
+        that fails). Returns the last hop's outputs if every hop from `index` on was rebuilt, else None."""
+        while index < len(self._hops):
+            stale = self._hops[index]
+            was_sent = _joined(stale.sent) if stale.sent else None
+            if was_sent is None or was_sent.hidden.shape != corrected.shape:
+                return None  # nothing it was sent (or not the same positions) to repair
+            if difference(was_sent.hidden, corrected, was_sent.mask) <= tolerance:
+                return None  # it got the right states: so did every hop after it
+            logger.warning("rebuilding blocks %d:%d, whose cache holds states from a lying node", stale.hop.start, stale.hop.end)
+            inputs = SentStep(corrected, was_sent.positions, was_sent.mask)
+            stale.stream.close()
+            rebuilt = None
+            try:
+                rebuilt = _HopState(self._open_stream(stale.hop, fresh=True))
+                corrected = self._replay(rebuilt, inputs)
+                self._hops[index] = rebuilt
+                index += 1
+            except NodeUnavailableError as error:
+                if rebuilt is not None:
+                    rebuilt.stream.close()
+                stale.sent = [inputs]  # a failover replays the corrected states
+                replacements, corrected = self._fail_over(index, None, error)
+                self._hops[index : index + 1] = replacements
+                index += len(replacements)
+            tolerance = max(tolerance, tolerance_for(self.policy, stale.hop.record))
+        return corrected
 
 
 def greedy_decode(session: InferenceSession, prompt: list[int], count: int, after_token=None) -> list[int]:

@@ -16,6 +16,7 @@ from partition.span_selection import block_throughputs
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.records import ONLINE, ServerRecord, servers_key
+from protocol.channels import open_channel
 from swarm.dht import fetch_servers
 from swarm.routing import coverage_gaps
 
@@ -143,7 +144,7 @@ def _coverage(records: Iterable[ServerRecord], num_blocks: int) -> list[int]:
 def query_node_info(address: str, timeout: float = 2.0) -> pb.NodeInfoResponse | None:
     """The node's NodeInfo answer, or None if it is unreachable or does not answer within `timeout` seconds."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address) as channel:
             return pb_grpc.BlockServiceStub(channel).NodeInfo(pb.NodeInfoRequest(), timeout=timeout)
     except grpc.RpcError as error:
         logger.debug("NodeInfo from %s failed: %r", address, error)

@@ -11,6 +11,7 @@ import torch
 from node.service import MAX_MESSAGE_BYTES
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol import channels
 from protocol.codecs import decode_tensor, encode_tensor, encoded_size
 from protocol.tensors import TensorDecodeError, serialize_tensor
 from swarm.errors import NodeBusyError, NodeUnavailableError, RemoteError
@@ -38,8 +39,9 @@ _CALLER_ERRORS = {
 
 
 def open_channel(address: str, connect_timeout: float) -> grpc.Channel:
-    """A channel to `address` that is known to answer, or NodeUnavailableError within `connect_timeout`."""
-    channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
+    """A channel to `address` that is known to answer, or NodeUnavailableError within `connect_timeout`
+    (over TLS and with the swarm's token as protocol.channels decides)."""
+    channel = channels.open_channel(address, options=_CHANNEL_OPTIONS)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as error:
@@ -75,6 +77,46 @@ def decode_hidden(hop: Hop, message: pb.Tensor, codecs: StepCodecs) -> torch.Ten
         return decode_tensor(message, bases=bases)
     except TensorDecodeError as error:
         raise RemoteError(f"node {hop.record.node_id} sent a malformed tensor: {error}") from error
+
+
+def forward_hop(
+    hop: Hop,
+    model_id: str,
+    hidden: torch.Tensor,
+    positions: torch.Tensor,
+    mask: torch.Tensor,
+    timeout: float,
+    connect_timeout: float,
+    codecs: StepCodecs = RAW,
+    channel: grpc.Channel | None = None,
+) -> torch.Tensor:
+    """One stateless Forward of blocks [hop.start, hop.end) on hop's node over whole sequences (no KV cache);
+    returns the output hidden states of every position. NodeUnavailableError or RemoteError on failure.
+
+    `channel`: an open channel to the node, kept open; without one, a channel is opened and closed, and
+    closing a channel just opened waits for grpc's connectivity poller (up to 0.2 s): callers that make
+    several calls to a node should keep a channel.
+    """
+    own_channel = channel is None
+    if own_channel:
+        channel = open_channel(hop.record.address, connect_timeout)
+    try:
+        request = pb.ForwardRequest(
+            model_id=model_id,
+            start_block=hop.start,
+            end_block=hop.end,
+            hidden_states=encode_hidden(hidden, codecs, hop.start),
+            position_ids=serialize_tensor(positions),
+            attention_mask=serialize_tensor(mask),
+            reply_codec=codecs.reply,
+        )
+        response = pb_grpc.BlockServiceStub(channel).Forward(request, timeout=timeout)
+    except grpc.RpcError as error:
+        raise remote_error(hop, error) from error
+    finally:
+        if own_channel:
+            channel.close()
+    return decode_hidden(hop, response.hidden_states, codecs)
 
 
 class StepTimeout(NodeUnavailableError):
@@ -121,8 +163,9 @@ class SpanStream:
         self.send(hidden, positions, mask, codecs)
         return self.receive(timeout)
 
-    def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW) -> None:
-        """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`."""
+    def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW) -> pb.Tensor:
+        """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`.
+        Returns the hidden states as encoded on the link (what the node will decode)."""
         encoded = encode_hidden(hidden, codecs, self.hop.start)
         self.bytes_sent += encoded_size(encoded)
         step = pb.SessionStep(
@@ -135,6 +178,7 @@ class SpanStream:
         self._requests.put(pb.SessionRequest(step=step))
         self._codecs.append(codecs)
         self._next_step_id += 1
+        return encoded
 
     def receive(self, timeout: float) -> torch.Tensor:
         """The output of the oldest unanswered step; StepTimeout if it takes longer than `timeout` seconds."""

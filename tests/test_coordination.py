@@ -62,7 +62,8 @@ def test_nodes_follow_the_plan_recorded_in_the_dht(tiny_llama_dir, partition):
     with LocalSwarm([args] * 3) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
         deadline = time.monotonic() + 60
         while True:
-            value = swarm_dht.fetch_value(client.dht, plan_key(client.model.model_id))
+            found = swarm_dht.fetch_value(client.dht, plan_key(client.model.model_id))
+            value = found[0] if found else None
             plan = Plan.from_dict(value["plan"]) if value else None
             spans = {(r.node_id, r.start_block, r.end_block) for r in client.servers()}
             # a plan made before the last node announced itself is replaced: wait for one with all three

@@ -1,0 +1,90 @@
+"""Signed records and private swarms, on real nodes of a tiny model and a real hivemind DHT."""
+
+import time
+
+import grpc
+import hivemind
+import pytest
+from hivemind.utils import get_dht_time
+
+from node.launcher import LocalSwarm
+from proto import dataplane_pb2 as pb
+from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.identity import NodeIdentity
+from protocol.records import servers_key
+from protocol.signing import sign_record
+from protocol.channels import use_swarm_key
+from protocol.swarm_key import generate_swarm_key, read_swarm_key
+from swarm import dht as swarm_dht
+from swarm.client import SwarmClient
+from swarm.errors import SwarmError
+
+pytestmark = pytest.mark.slow
+
+
+def store_raw(dht, key, subkey, value, ttl=30.0):
+    """Stores as a malicious peer would: from a DHT peer without the swarm's validator."""
+    return dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl)
+
+
+def wait_for_servers(client, count, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while len(client.servers()) < count and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return client.servers()
+
+
+def test_forged_unsigned_and_replayed_records_are_ignored(tiny_llama_dir):
+    model = ["--model", str(tiny_llama_dir)]
+    with LocalSwarm([[*model, "--blocks", "0:6"]]) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
+        [honest] = wait_for_servers(client, 1)
+        key = servers_key(client.model.model_id)
+        attacker_dht = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True)
+        raw_before = client.dht.get(key, latest=True).value[honest.node_id].value
+        attacker = NodeIdentity.generate()
+        forged = {**honest.to_dict(), "node_id": attacker.fingerprint, "address": "127.0.0.1:1"}
+        envelope = sign_record(attacker, forged, expires_at=get_dht_time() + 30, sequence=time.time_ns() // 1000)
+        # the swarm's DHT peers refuse to store these
+        assert not store_raw(attacker_dht, key, "unsigned-node", forged)  # no signature at all
+        assert not store_raw(attacker_dht, key, honest.node_id, {"signed": envelope, "swarm_tag": b""})  # not signed by that node
+        tampered = {"signed": {**raw_before["signed"], "payload": {**raw_before["signed"]["payload"], "address": "127.0.0.1:1"}}, "swarm_tag": b""}
+        assert not store_raw(attacker_dht, key, "tampered-node", tampered)
+        servers = client.servers()
+        assert [record.node_id for record in servers] == [honest.node_id]
+        assert servers[0].address == honest.address
+        # a replay: the honest node's older record, stored again with a later DHT expiration
+        time.sleep(6)  # the node re-announces every announce_ttl / 3 = 5 s
+        client.servers()
+        assert store_raw(attacker_dht, key, honest.node_id, raw_before, ttl=60.0)  # authentic, so peers store it
+        assert client.servers() == []  # but readers refuse the older record (which now shadows the real one)
+        attacker_dht.shutdown()
+
+
+def test_a_node_without_the_swarm_key_can_neither_serve_nor_be_routed_to(tiny_llama_dir, tmp_path):
+    key_file = str(tmp_path / "swarm.key")
+    generate_swarm_key(key_file)
+    other_key = str(tmp_path / "other.key")
+    generate_swarm_key(other_key)
+    model = ["--model", str(tiny_llama_dir)]
+    members = [[*model, "--blocks", "0:6", "--swarm-key", key_file]]
+    with LocalSwarm(members) as swarm:
+        peers = swarm.initial_peers
+        with LocalSwarm([[*model, "--blocks", "0:6", "--initial-peers", *peers, "--swarm-key", other_key]]) as outsiders:
+            member = swarm.nodes[0].info
+            outsider = outsiders.nodes[0].info
+            with SwarmClient(peers, model=str(tiny_llama_dir), swarm_key=read_swarm_key(key_file)) as client:
+                time.sleep(2)
+                assert [record.node_id for record in wait_for_servers(client, 1)] == [member["node_id"]]
+                assert client.generate([1, 2, 3], max_new_tokens=4).finish_reason in ("eos", "length")  # members serve it
+            use_swarm_key(None)
+            # without the key: the member refuses every call, and its records are not the outsider's to use
+            with grpc.insecure_channel(member["address"]) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    pb_grpc.BlockServiceStub(channel).NodeInfo(pb.NodeInfoRequest(), timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with SwarmClient(peers, model=str(tiny_llama_dir)) as keyless:
+                # a keyless client reads the records (it checks no swarm tag), but no node serves it
+                wait_for_servers(keyless, 2)
+                keyless.ban(outsider["node_id"])
+                with pytest.raises(SwarmError):
+                    keyless.generate([1, 2, 3], max_new_tokens=4)

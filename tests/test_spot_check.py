@@ -1,0 +1,277 @@
+"""Spot checks catch a node that returns wrong hidden states, and never flag honest ones.
+
+The judging rule and the difference measure are tested directly; the rest runs a real swarm of the tiny
+model: two honest nodes and one that corrupts its outputs (EDGESWARM_FAULT_INJECTION), all serving every
+block, so each can verify the others.
+"""
+
+import threading
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from node.launcher import LocalSwarm, start_node
+from node.reference import reference_greedy_tokens
+from node.service import _corrupt_outputs_scale
+from protocol.records import ServerRecord
+from swarm.client import SwarmClient
+from swarm.routing import Hop
+from swarm.session import InferenceSession, SessionPolicy, greedy_decode
+from swarm.spot_check import difference, judge
+from tests.swarm_helpers import until_eos
+
+PROMPT = [5, 77, 300, 12, 9, 401]
+TOKENS = 16
+NOISE = 0.05
+FAULT = {"EDGESWARM_FAULT_INJECTION": f"corrupt_outputs={NOISE}"}
+POLICY = SessionPolicy(spot_check=1.0, spot_check_seed=0, replacement_wait=20, min_step_deadline=5.0)
+
+
+# --- the measure and the rule, without a swarm ------------------------------------------------------
+
+
+def noisy(tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    return tensor + scale * tensor.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(tensor)
+
+
+def test_difference_is_relative_per_position_and_ignores_padding():
+    torch.manual_seed(0)
+    a = torch.randn(2, 5, 64) * torch.tensor([1.0, 1000.0])[:, None, None]  # rows of very different scale
+    assert difference(a, a.clone()) == 0.0
+    assert 0.04 < difference(a, noisy(a, NOISE)) < 0.08
+    b = a.clone()
+    b[0, 0] = 1e6  # garbage at a padding position
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 0] = False
+    assert difference(a, b, mask) == 0.0 and difference(a, b) > 0.5
+    b[1, 2, 3] = float("nan")
+    assert difference(a, b, mask) == float("inf")
+    assert difference(a, a[:, :4]) == float("inf")
+
+
+def record(name: str) -> ServerRecord:
+    return ServerRecord(name, f"{name}:1", "m", 0, 6, 100.0, 0)
+
+
+def test_the_judging_rule():
+    torch.manual_seed(0)
+    truth, mask, tolerance = torch.randn(1, 3, 16), torch.ones(1, 3, dtype=torch.bool), 1e-3
+    hop, verifier, referee = record("hop"), record("verifier"), record("referee")
+    honest = lambda record: truth + 1e-7 * torch.randn_like(truth)  # noqa: E731
+    liar = lambda record: noisy(truth, NOISE)  # noqa: E731
+    lie = noisy(truth, NOISE)
+
+    def asking(liars):
+        return lambda record: liar(record) if record.node_id in liars else honest(record)
+
+    # a referee that agrees with the verifier outvotes the hop, and the other way round
+    verdict = judge(hop, lie, verifier, truth, [referee], asking({"hop"}), mask, tolerance)
+    assert list(verdict.liars) == ["hop"] and verdict.liars["hop"][1].startswith("outvoted")
+    verdict = judge(hop, truth, verifier, lie, [referee], asking({"verifier"}), mask, tolerance)
+    assert list(verdict.liars) == ["verifier"]
+    # no referee: each side is asked again, and a node that contradicts itself is the liar
+    verdict = judge(hop, lie, verifier, truth, [], asking({"hop"}), mask, tolerance)
+    assert list(verdict.liars) == ["hop"] and verdict.liars["hop"][1].startswith("inconsistent")
+    verdict = judge(hop, truth, verifier, lie, [], asking({"verifier"}), mask, tolerance)
+    assert list(verdict.liars) == ["verifier"]
+    # a referee that agrees with neither side settles nothing: self-consistency decides
+    verdict = judge(hop, lie, verifier, truth, [referee], asking({"hop", "referee"}), mask, tolerance)
+    assert list(verdict.liars) == ["hop"] and verdict.liars["hop"][1].startswith("inconsistent")
+    # two self-consistent nodes that disagree, and nobody else: nobody is banned
+    wrong = truth + 1.0
+    consistent = lambda record: wrong if record.node_id == "hop" else truth  # noqa: E731
+    assert judge(hop, wrong, verifier, truth, [], consistent, mask, tolerance).liars == {}
+    # a node that cannot answer again is not convicted
+    assert judge(hop, lie, verifier, truth, [], lambda record: None, mask, tolerance).liars == {}
+
+
+def test_fault_injection_setting():
+    assert _corrupt_outputs_scale("") == 0.0
+    assert _corrupt_outputs_scale("corrupt_outputs=0.05") == 0.05
+    with pytest.raises(ValueError, match="unknown fault"):
+        _corrupt_outputs_scale("drop_everything=1")
+
+
+def test_spot_check_must_be_a_fraction():
+    with pytest.raises(ValueError, match="fraction"):
+        SessionPolicy(spot_check=1.5)
+
+
+# --- a swarm with a liar -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def swarm(tiny_llama_dir):
+    """Honest nodes 0 and 1, and the liar as node 2; every one serves all 6 blocks."""
+    args = ["--model", str(tiny_llama_dir), "--blocks", "0:6"]
+    with LocalSwarm([args, args]) as local_swarm:
+        liar = start_node(args, local_swarm.initial_peers, env=FAULT)  # LocalSwarm passes no environment
+        local_swarm.nodes.append(liar)  # stopped with the others
+        yield local_swarm
+
+
+@pytest.fixture
+def client(swarm, tiny_llama_dir):
+    with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=POLICY) as swarm_client:
+        if not hasattr(swarm_client, "misbehaviours"):  # until SwarmClient keeps the log itself
+            swarm_client.misbehaviours = []
+        yield swarm_client
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def expected(reference):
+    return reference_greedy_tokens(reference, PROMPT, TOKENS)
+
+
+def node_id(node) -> str:
+    return node.info["node_id"]
+
+
+def session_on(client, node, **kwargs) -> InferenceSession:
+    """A session whose one hop is `node`, whatever routing would choose."""
+    records = {record.address: record for record in client.servers()}
+    return InferenceSession(client, [Hop(records[node.address], 0, 6)], max_length=64, **kwargs)
+
+
+def usable_ids(client) -> set[str]:
+    return {record.node_id for record in client.usable_servers()}
+
+
+@pytest.mark.slow
+def test_a_liar_on_the_route_is_outvoted_banned_and_replaced(swarm, client, expected):
+    honest, liar = swarm.nodes[:2], swarm.nodes[2]
+    with session_on(client, liar) as session:
+        assert greedy_decode(session, PROMPT, TOKENS) == expected
+        [caught] = session.misbehaviours
+        assert caught.node_id == node_id(liar) and caught.blocks == (0, 6) and caught.step == 0
+        assert caught.reason.startswith("outvoted") and caught.difference > 20 * POLICY.spot_check_tolerance
+        assert client.misbehaviours == [caught]
+        [failover] = session.failovers
+        assert failover.failed_node == node_id(liar) and failover.replayed_tokens == len(PROMPT)
+        assert session.route[0].record.node_id in {node_id(node) for node in honest}
+        stats = session.spot_checks
+        # every step of every hop was checked; after the liar left, the other honest node agreed each time
+        assert stats.checks == TOKENS + 1 and stats.disputes == 1 and stats.agreed == TOKENS and stats.unverified == 0
+    assert usable_ids(client) == {node_id(node) for node in honest}
+
+
+@pytest.mark.slow
+def test_with_a_single_verifier_a_lying_hop_contradicts_itself(swarm, client, expected):
+    honest, other_honest, liar = swarm.nodes
+    client.ban(node_id(other_honest), 3600)  # only one node is left to verify the liar
+    with session_on(client, liar) as session:
+        assert greedy_decode(session, PROMPT, TOKENS) == expected
+        [caught] = session.misbehaviours
+        assert caught.node_id == node_id(liar) and caught.reason.startswith("inconsistent")
+        assert [hop.record.node_id for hop in session.route] == [node_id(honest)]
+        assert [event.failed_node for event in session.failovers] == [node_id(liar)]
+        # the only node left is the hop itself: nobody can verify it any more
+        assert session.spot_checks.unverified == TOKENS
+
+
+@pytest.mark.slow
+def test_a_lying_verifier_is_caught_and_the_honest_hop_kept(swarm, client, expected):
+    honest, other_honest, liar = swarm.nodes
+    client.ban(node_id(other_honest), 3600)  # the liar is the only possible verifier
+    with session_on(client, honest) as session:
+        assert greedy_decode(session, PROMPT, TOKENS) == expected
+        [caught] = session.misbehaviours
+        assert caught.node_id == node_id(liar) and caught.reason.startswith("inconsistent")
+        assert session.failovers == [] and session.route[0].record.node_id == node_id(honest)
+    assert node_id(liar) not in usable_ids(client)
+
+
+@pytest.mark.slow
+def test_generate_catches_the_liar_wherever_routing_puts_it(swarm, client, expected):
+    # the route is one of the three nodes; if it is an honest one, the liar is picked as its verifier
+    # on some step (each time with probability 1/2) and outvoted by the other honest node
+    result = client.generate(PROMPT, max_new_tokens=TOKENS)
+    assert result.token_ids == until_eos(expected, {2})
+    assert [m.node_id for m in client.misbehaviours] == [node_id(swarm.nodes[2])]
+    assert usable_ids(client) == {node_id(node) for node in swarm.nodes[:2]}
+
+
+@pytest.mark.slow
+def test_honest_nodes_are_never_flagged(swarm, client, reference, expected):
+    client.ban(node_id(swarm.nodes[2]), 3600)  # only the honest nodes remain
+    sessions, outputs = [], {}
+
+    def decode(name, prompt, expected_tokens):
+        with client.inference_session(max_length=64) as session:
+            sessions.append(session)
+            outputs[name] = (greedy_decode(session, prompt, TOKENS), expected_tokens)
+
+    # two sessions at once (the nodes batch their decode steps), and one padded batch
+    other = [250, 8, 13, 99]
+    threads = [
+        threading.Thread(target=decode, args=("first", PROMPT, expected)),
+        threading.Thread(target=decode, args=("second", other, reference_greedy_tokens(reference, other, TOKENS))),
+    ]
+    for thread in threads:
+        thread.start()
+    with client.inference_session(max_length=64) as padded:
+        ids = torch.tensor([PROMPT, [0, 0] + other])
+        mask = torch.tensor([[True] * 6, [False, False] + [True] * 4])
+        logits = padded.step(ids, mask)
+        for _ in range(TOKENS):
+            logits = padded.step(logits.argmax(dim=-1)[:, None])
+    for thread in threads:
+        thread.join(timeout=300)
+    assert all(tokens == wanted for tokens, wanted in outputs.values()) and len(outputs) == 2
+    for session in [*sessions, padded]:
+        stats = session.spot_checks
+        assert stats.checks == TOKENS + 1 and stats.agreed == stats.checks, stats
+        assert session.misbehaviours == [] and session.failovers == []
+    assert client.misbehaviours == []
+    assert usable_ids(client) == {node_id(node) for node in swarm.nodes[:2]}
+
+
+def two_hop_session(client, first, second) -> InferenceSession:
+    """A session running blocks 0:3 on node `first` and 3:6 on node `second`."""
+    records = {record.address: record for record in client.servers()}
+    return InferenceSession(client, [Hop(records[first.address], 0, 3), Hop(records[second.address], 3, 6)], max_length=64)
+
+
+def restrict_verifiers(session, allowed) -> None:
+    """Only nodes for which `allowed(hop, record)` holds may verify (white-box: to make the scenario exact)."""
+    candidates = session._spot_checker.candidates
+    session._spot_checker.candidates = lambda hop: [record for record in candidates(hop) if allowed(hop, record)]
+
+
+@pytest.mark.slow
+def test_lies_that_passed_unverified_are_repaired_downstream(swarm, client, reference, caplog):
+    honest, other_honest, liar = swarm.nodes
+    with two_hop_session(client, liar, honest) as session:
+        # the first step of the liar's hop finds no verifier, so its lie reaches the next hop's cache;
+        # from the second step on it is checked (and the next hop only ever by the other honest node)
+        restrict_verifiers(
+            session, lambda hop, record: session._steps > 0 if hop.start == 0 else record.node_id == node_id(other_honest)
+        )
+        tokens = greedy_decode(session, PROMPT, TOKENS)
+        [caught] = session.misbehaviours
+        assert caught.node_id == node_id(liar) and caught.blocks == (0, 3) and (caught.step, caught.position) == (1, 6)
+        assert "rebuilding blocks 3:6" in caplog.text
+        assert session.route[1].record.node_id == node_id(honest)
+    # the first token came from corrupted states; everything after it from repaired caches
+    assert tokens[1:] == reference_greedy_tokens(reference, PROMPT + tokens[:1], TOKENS - 1)
+
+
+@pytest.mark.slow
+def test_a_verifier_judged_lying_is_replaced_where_it_runs_another_hop(swarm, client, expected, caplog):
+    honest, other_honest, liar = swarm.nodes
+    with two_hop_session(client, liar, honest) as session:
+        # nobody verifies the liar's own hop 0:3, and the liar is the only verifier of hop 3:6: it is
+        # caught there, and its hop 0:3 replaced within the same step, the hop after it rebuilt
+        restrict_verifiers(session, lambda hop, record: hop.start == 3 and record.node_id == node_id(liar))
+        assert greedy_decode(session, PROMPT, TOKENS) == expected
+        [caught] = session.misbehaviours
+        assert caught.node_id == node_id(liar) and caught.blocks == (3, 6) and caught.step == 0
+        assert [event.failed_node for event in session.failovers] == [node_id(liar)]
+        assert "rebuilding blocks 3:6" in caplog.text
+        assert node_id(liar) not in [hop.record.node_id for hop in session.route]

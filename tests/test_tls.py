@@ -1,0 +1,44 @@
+"""TLS between nodes and to the API, with certificates bound to the identities the nodes announce."""
+
+import grpc
+import pytest
+
+from node.launcher import LocalSwarm
+from proto import api_pb2 as api
+from proto import dataplane_pb2 as pb
+from proto import dataplane_pb2_grpc as pb_grpc
+from proto import api_pb2_grpc as api_grpc
+from protocol.channels import register_certificate
+from protocol.identity import NodeIdentity
+from swarm.client import SwarmClient
+
+
+def test_a_certificate_counts_only_for_the_identity_it_is_bound_to():
+    node, impostor = NodeIdentity.generate(), NodeIdentity.generate()
+    certificate = node.tls_certificate(["127.0.0.1"])[0].decode()
+    assert register_certificate("127.0.0.1:1", node.fingerprint, certificate)
+    assert not register_certificate("127.0.0.1:2", impostor.fingerprint, certificate)
+    assert not register_certificate("127.0.0.1:3", node.fingerprint, "not a certificate")
+
+
+@pytest.mark.slow
+def test_nodes_serve_over_tls_and_clients_pin_the_announced_certificate(tiny_llama_dir):
+    model = ["--model", str(tiny_llama_dir), "--tls"]
+    with LocalSwarm([[*model, "--blocks", "0:3", "--api-port", "0"], [*model, "--blocks", "3:6"]]) as swarm:
+        first = swarm.nodes[0].info
+        assert first["tls_cert"].startswith("-----BEGIN CERTIFICATE-----")
+        with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
+            records = client.servers()
+            assert len(records) == 2 and all(record.tls_cert for record in records)
+            assert client.generate([1, 2, 3], max_new_tokens=4).finish_reason in ("eos", "length")
+        # plaintext is refused
+        with grpc.insecure_channel(first["address"]) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.BlockServiceStub(channel).NodeInfo(pb.NodeInfoRequest(), timeout=5)
+            assert refused.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        # an app reaches the API over TLS, trusting the certificate the node announced
+        credentials = grpc.ssl_channel_credentials(root_certificates=first["tls_cert"].encode())
+        options = [("grpc.ssl_target_name_override", first["node_id"])]
+        with grpc.secure_channel(first["api_address"], credentials, options=options) as channel:
+            [model_info] = api_grpc.SwarmAPIStub(channel).ListModels(api.ListModelsRequest(), timeout=10).models
+            assert model_info.servable
