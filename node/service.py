@@ -225,11 +225,17 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         cache: SpanCache,
         session_id: str,
     ) -> Iterator[pb.SessionResponse]:
+        last_step_id = -1
         for request in request_iterator:
             self.kv_budget.touch(session_id)
             if not request.HasField("step"):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
             step = request.step
+            if step.step_id <= last_step_id:  # a replayed or reordered step would append its tokens twice
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id} is replayed: this session is past step {last_step_id}"
+                )
+            last_step_id = step.step_id
             try:
                 inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask, step.reply_codec)
                 batch, length = inputs.hidden_states.shape[:2]

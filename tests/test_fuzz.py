@@ -746,8 +746,15 @@ def node(tiny_llama_dir):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=30)
     yield servicer, channel
+    import faulthandler, sys as _s
+    st_ = server._state
+    print("BEFORE STOP", st_.active_rpc_count, len(st_.rpc_states), st_.due, st_.stage, file=_s.stderr)
     channel.close()
+    time.sleep(0.5)
+    print("AFTER CLOSE", st_.active_rpc_count, len(st_.rpc_states), st_.due, st_.stage, file=_s.stderr)
+    faulthandler.dump_traceback_later(15, exit=True)
     server.stop(None)
+    faulthandler.cancel_dump_traceback_later()
 
 
 def _rpc(channel, method: str, request: bytes):

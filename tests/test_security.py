@@ -5,6 +5,7 @@ import time
 import grpc
 import hivemind
 import pytest
+import torch
 from hivemind.utils import get_dht_time
 
 from node.launcher import LocalSwarm
@@ -17,7 +18,9 @@ from protocol.channels import use_swarm_key
 from protocol.swarm_key import generate_swarm_key, read_swarm_key
 from swarm import dht as swarm_dht
 from swarm.client import SwarmClient
-from swarm.errors import SwarmError
+from swarm.errors import RemoteError, SwarmError
+from swarm.routing import Hop
+from swarm.transport import SpanStream
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +37,29 @@ def wait_for_servers(client, count, timeout=30.0):
     return client.servers()
 
 
-def test_forged_unsigned_and_replayed_records_are_ignored(tiny_llama_dir):
-    model = ["--model", str(tiny_llama_dir)]
-    with LocalSwarm([[*model, "--blocks", "0:6"]]) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
+@pytest.fixture(scope="module")
+def one_node(tiny_llama_dir):
+    with LocalSwarm([["--model", str(tiny_llama_dir), "--blocks", "0:6"]]) as swarm:
+        yield swarm
+
+
+def test_a_replayed_session_step_is_refused(one_node, tiny_llama_dir):
+    with SwarmClient(one_node.initial_peers, model=str(tiny_llama_dir)) as client:
+        [record] = wait_for_servers(client, 1)
+        hidden = torch.zeros(1, 1, client.model.config.hidden_size)
+        positions, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+        stream = SpanStream(Hop(record, 0, 6), "replay", client.model.model_id, 16, connect_timeout=5)
+        stream.step(hidden, positions, mask, 10)
+        stream._next_step_id -= 1  # send step 0 again
+        with pytest.raises(RemoteError, match="INVALID_ARGUMENT: step 0 is replayed"):
+            stream.step(hidden, positions + 1, mask, 10)
+        stream.close()
+        assert client.generate([1, 2, 3], max_new_tokens=2).finish_reason in ("eos", "length")  # still serving
+
+
+def test_forged_unsigned_and_replayed_records_are_ignored(one_node, tiny_llama_dir):
+    swarm = one_node
+    with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
         [honest] = wait_for_servers(client, 1)
         key = servers_key(client.model.model_id)
         attacker_dht = hivemind.DHT(initial_peers=swarm.initial_peers, client_mode=True, start=True)
