@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--api-rate", type=float, default=20.0, help="requests per second each API client may make (bursts of twice that)")
     join.add_argument("--identity", default=None, metavar="FILE", help="this node's Ed25519 key (created if missing, mode 0600); its id is the key's fingerprint (default: a new key each run)")
     join.add_argument("--swarm-key", default=None, metavar="FILE", help="join a private swarm: only holders of this key (see `swarm-node new-swarm-key`) can join, serve or be routed to")
-    join.add_argument("--tls", action="store_true", help="serve gRPC over TLS, with a certificate bound to this node's identity and announced in its signed record")
+    join.add_argument("--tls", action="store_true", help="serve gRPC (and the HTTP API as HTTPS) over TLS, with a certificate bound to this node's identity and announced in its signed record")
     join.add_argument("--no-agents", dest="agents", action="store_false", help="take no agent steps and coordinate no agent runs")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
@@ -169,7 +169,7 @@ def run_join(args: argparse.Namespace) -> int:
         if node.api_address:
             print(f"SwarmAPI (gRPC) at {node.api_address}")
         if node.http_address:
-            print(f"OpenAI-compatible API at http://{node.http_address}/v1")
+            print(f"OpenAI-compatible API at {'https' if node.tls else 'http'}://{node.http_address}/v1")
         print(node.ready_line(), flush=True)
         stop.wait()
         print(f"stopping: withdrawing the announcement, draining {node.servicer.active_sessions} sessions", flush=True)

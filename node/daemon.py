@@ -244,7 +244,12 @@ class SwarmNode:
             self.api_address = f"{host}:{port}"
         if settings.http_port is not None:
             self.http_server = OpenAIServer(
-                agents.new_swarm_client, settings.host, settings.http_port, api_token=settings.api_token, rate_limiter=limiter
+                agents.new_swarm_client,
+                settings.host,
+                settings.http_port,
+                api_token=settings.api_token,
+                rate_limiter=limiter,
+                tls=self.tls,
             )
             self.http_address = f"{host}:{self.http_server.start()}"
 

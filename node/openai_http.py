@@ -31,12 +31,15 @@ import json
 import logging
 import math
 import re
+import ssl
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -657,9 +660,22 @@ class _HTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], app: OpenAIServer):
+    def __init__(self, address: tuple[str, int], app: OpenAIServer, tls: ssl.SSLContext | None = None):
         self.app = app
         super().__init__(address, _Handler)
+        if tls is not None:  # the handshake happens in each connection's thread, at its first read
+            self.socket = tls.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+
+
+def server_tls_context(certificate: bytes, key: bytes) -> ssl.SSLContext:
+    """A server-side TLS context for a certificate and key given as PEM bytes."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    with tempfile.TemporaryDirectory() as directory:
+        cert_file, key_file = Path(directory, "cert.pem"), Path(directory, "key.pem")
+        cert_file.write_bytes(certificate)
+        key_file.write_bytes(key)
+        context.load_cert_chain(cert_file, key_file)
+    return context
 
 
 class OpenAIServer:
@@ -670,7 +686,7 @@ class OpenAIServer:
     `Authorization: Bearer <api_token>`. `rate_limiter`: requests are counted per API token when one is
     configured and given, else per client IP. `model_name`: the model's name in the API (default: the
     client's `model.model_id`). At most `max_concurrent` completions run at once; others wait up to
-    `queue_seconds`, then get 503.
+    `queue_seconds`, then get 503. `tls`: (certificate PEM, key PEM) to serve HTTPS instead of HTTP.
     """
 
     def __init__(
@@ -688,7 +704,9 @@ class OpenAIServer:
         queue_seconds: float = 30.0,
         socket_timeout: float = 60.0,
         call_bias: float = SMOLLM2_CALL_BIAS,
+        tls: tuple[bytes, bytes] | None = None,
     ):
+        self._tls = server_tls_context(*tls) if tls is not None else None
         is_factory = callable(client) and not hasattr(client, "generate")
         self._factory: Callable[[], Any] | None = client if is_factory else None
         self._client = None if is_factory else client
@@ -711,12 +729,12 @@ class OpenAIServer:
     def start(self) -> int:
         """Binds and serves in a background thread; returns the bound port (port 0 picks a free one)."""
         if self._httpd is None:
-            self._httpd = _HTTPServer((self.host, self.port), self)
+            self._httpd = _HTTPServer((self.host, self.port), self, self._tls)
             self.port = self._httpd.server_address[1]
             self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2},
                                             name=f"openai-http-{self.port}", daemon=True)
             self._thread.start()
-            logger.info("OpenAI-compatible API on http://%s:%d/v1", self.host, self.port)
+            logger.info("OpenAI-compatible API on %s", self.url)
         return self.port
 
     def stop(self) -> None:
@@ -741,7 +759,7 @@ class OpenAIServer:
     @property
     def url(self) -> str:
         """The API's base URL, for `openai.OpenAI(base_url=...)`."""
-        return f"http://{self.host}:{self.port}/v1"
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self.port}/v1"
 
     @property
     def engine(self) -> ChatEngine:

@@ -751,6 +751,8 @@ def node(tiny_llama_dir):
     print("BEFORE STOP", st_.active_rpc_count, len(st_.rpc_states), st_.due, st_.stage, file=_s.stderr)
     channel.close()
     time.sleep(0.5)
+    for r_ in list(st_.rpc_states):
+        print("LEAK", {k: (v if k not in ("request",) else str(v)[:80]) for k, v in vars(r_).items() if k not in ("condition",)}, file=_s.stderr)
     print("AFTER CLOSE", st_.active_rpc_count, len(st_.rpc_states), st_.due, st_.stage, file=_s.stderr)
     faulthandler.dump_traceback_later(15, exit=True)
     server.stop(None)

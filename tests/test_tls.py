@@ -1,5 +1,9 @@
 """TLS between nodes and to the API, with certificates bound to the identities the nodes announce."""
 
+import json
+import ssl
+import urllib.request
+
 import grpc
 import pytest
 
@@ -22,9 +26,9 @@ def test_a_certificate_counts_only_for_the_identity_it_is_bound_to():
 
 
 @pytest.mark.slow
-def test_nodes_serve_over_tls_and_clients_pin_the_announced_certificate(tiny_llama_dir):
+def test_nodes_serve_over_tls_and_clients_pin_the_announced_certificate(tiny_llama_dir, tmp_path):
     model = ["--model", str(tiny_llama_dir), "--tls"]
-    with LocalSwarm([[*model, "--blocks", "0:3", "--api-port", "0"], [*model, "--blocks", "3:6"]]) as swarm:
+    with LocalSwarm([[*model, "--blocks", "0:3", "--api-port", "0", "--http-port", "0"], [*model, "--blocks", "3:6"]]) as swarm:
         first = swarm.nodes[0].info
         assert first["tls_cert"].startswith("-----BEGIN CERTIFICATE-----")
         with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
@@ -42,3 +46,9 @@ def test_nodes_serve_over_tls_and_clients_pin_the_announced_certificate(tiny_lla
         with grpc.secure_channel(first["api_address"], credentials, options=options) as channel:
             [model_info] = api_grpc.SwarmAPIStub(channel).ListModels(api.ListModelsRequest(), timeout=10).models
             assert model_info.servable
+        # and the HTTP API is HTTPS with the same certificate (its SANs hold the node's address)
+        certificate = tmp_path / "node.pem"
+        certificate.write_text(first["tls_cert"])
+        context = ssl.create_default_context(cafile=str(certificate))
+        with urllib.request.urlopen(f"https://{first['http_address']}/v1/models", context=context, timeout=30) as reply:
+            assert json.load(reply)["data"][0]["owned_by"] == "edgeswarm"
