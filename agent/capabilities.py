@@ -86,7 +86,7 @@ class TaskCapabilities:
                 running_steps=int(value.get("running_steps", 0)),
                 tls_cert=str(value.get("tls_cert", ""))[:MAX_CERT_CHARS],
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # OverflowError: int(inf), float(10**400)
             raise ValueError(f"malformed capabilities: {error!r}") from error
         bad = [name for name in capabilities.tools if not TOOL_NAME_PATTERN.match(name)]
         if bad:

@@ -26,8 +26,8 @@ from agent.capabilities import TaskCapabilities
 from agent.memory import replica_nodes
 from agent.steps import Step, StepOutcome
 from proto import tasks_pb2 as pb
-from protocol.channels import open_channel
 from proto import tasks_pb2_grpc as pb_grpc
+from protocol.channels import open_channel
 
 logger = logging.getLogger(__name__)
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field, replace
 import grpc
 import psutil
 
-from node.calibration import load_or_fit_basis
 from node.agent_services import AgentServices
 from node.api_service import ApiGuard, SwarmApiServicer, start_api_server
+from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
 from node.openai_http import OpenAIServer
 from node.rate_limit import RateLimiter
@@ -34,10 +34,10 @@ from partition.profiling import (
 )
 from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
+from protocol.channels import use_swarm_key
 from protocol.codecs import SemanticBasis
 from protocol.identity import NodeIdentity
 from protocol.records import ServerRecord
-from protocol.channels import use_swarm_key
 from protocol.swarm_key import read_swarm_key
 from swarm import dht as swarm_dht
 from swarm.dht import RecordAuth
@@ -419,7 +419,7 @@ class SwarmNode:
             while self.servicer.active_sessions and time.monotonic() < deadline:
                 time.sleep(0.1)
         if self.server is not None:
-            self.server.stop(grace).wait()
+            self.server.stop(grace).wait(timeout=grace + 5)  # grpcio can leave a finished call that never lets stop() end
         if self.servicer is not None:
             self.servicer.batcher.stop()
         if self.agents is not None:

@@ -75,7 +75,7 @@ class ServerRecord:
                 weight_quant=str(value.get("weight_quant", "none")),
                 tls_cert=str(value.get("tls_cert", "")),
             )
-        except (KeyError, TypeError, ValueError) as error:
+        except (KeyError, TypeError, ValueError, OverflowError) as error:  # OverflowError: int(inf), float(10**400)
             raise ValueError(f"malformed record: {error!r}") from error
         if not 0 <= record.start_block < record.end_block <= num_blocks:
             raise ValueError(f"span {record.start_block}:{record.end_block} outside a model of {num_blocks} blocks")

@@ -14,17 +14,17 @@ import grpc
 import hivemind
 import torch
 
+from agent.runtime import RunSpec
 from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.channels import use_swarm_key
 from protocol.codecs import SemanticBasis
 from protocol.link_policy import LinkQuality
 from protocol.records import ServerRecord
-from protocol.channels import use_swarm_key
 from protocol.tensors import serialize_tensor
 from swarm import dht as swarm_dht
-from agent.runtime import RunSpec
 from swarm.agent_client import AgentGateway, AgentTask
 from swarm.dht import RecordAuth
 from swarm.errors import NodeUnavailableError, SwarmConnectionError

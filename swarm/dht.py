@@ -12,8 +12,8 @@ from functools import partial
 from weakref import WeakKeyDictionary
 
 import hivemind
-from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
+from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 

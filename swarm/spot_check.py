@@ -227,8 +227,8 @@ class SpotChecker:
             self._pool.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             channels, self._channels = list(self._channels.values()), {}
-        if channels:  # closing may wait for grpc's connectivity poller: not on the caller's time
-            threading.Thread(target=lambda: [channel.close() for channel in channels], daemon=True).start()
+        for channel in channels:  # on this thread: a grpc close racing a fork (hivemind's DHT) can hang
+            channel.close()
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:

@@ -15,8 +15,8 @@ from hivemind.utils import get_dht_time
 from partition.span_selection import block_throughputs
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.records import ONLINE, ServerRecord, servers_key
 from protocol.channels import open_channel
+from protocol.records import ONLINE, ServerRecord, servers_key
 from swarm.dht import fetch_servers
 from swarm.routing import coverage_gaps
 

@@ -12,7 +12,9 @@ call is timed), never allocate much (the peak RSS of the process is checked arou
 - protocol.signing.verify_record -> ForgedRecordError
 - a real gRPC BlockService on a tiny model: random bytes and random well-formed requests get a proper
   status (INVALID_ARGUMENT / RESOURCE_EXHAUSTED from our code; INTERNAL "Exception deserializing request!"
-  is what grpcio itself answers for bytes that do not parse -- checked here), and the node serves on.
+  is what grpcio itself answers for bytes that do not parse -- checked here), and the node serves on;
+  the same for InferenceSession streams. Known grpcio issue found here (xfail below): after some streams
+  of a valid `open` then unparseable bytes, server.stop() never completes.
 
 Every test is derandomized, so CI runs the same examples every time.
 """
@@ -40,10 +42,23 @@ from node.span import TransformerSpan
 from node.validation import InvalidRequest, decode_step_inputs
 from proto import dataplane_pb2 as pb
 from proto import tasks_pb2
-from protocol.codecs import CODECS, MAX_TENSOR_BYTES, CodecError, decode_tensor, encode_tensor, fit_semantic_basis
+from protocol.codecs import (
+    CODECS,
+    MAX_TENSOR_BYTES,
+    CodecError,
+    decode_tensor,
+    encode_tensor,
+    fit_semantic_basis,
+)
 from protocol.identity import NodeIdentity, fingerprint_of_key
 from protocol.records import ServerRecord
-from protocol.signing import ForgedRecordError, ReplayGuard, record_message, sign_record, verify_record
+from protocol.signing import (
+    ForgedRecordError,
+    ReplayGuard,
+    record_message,
+    sign_record,
+    verify_record,
+)
 from protocol.tensors import TensorDecodeError, deserialize_tensor, serialize_tensor
 
 pytestmark = pytest.mark.timeout(300)
@@ -290,7 +305,7 @@ def _decoded_dtype(message: pb.Tensor) -> torch.dtype:
 # protocol.tensors
 
 
-@fuzz(600)
+@fuzz(400)
 @given(message=st.one_of(raw_tensors(), st.builds(pb.Tensor, data=st.binary(max_size=64), dtype=dtype_names, shape=wild_shapes)))
 def test_deserialize_tensor_raises_only_tensor_decode_error(message):
     tensor, error = call(deserialize_tensor, message, expected=TensorDecodeError)
@@ -321,7 +336,7 @@ def _check_decoded(message: pb.Tensor, tensor: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("codec", list(CODECS))
 def test_decode_tensor_raises_only_codec_error_on_damaged_encodings(codec):
-    @fuzz(250)
+    @fuzz(200)
     @given(message=valid_encodings(codec).flatmap(lambda message: mutated_message(message, DIGESTS)))
     def check(message):
         tensor, error = call(decode_tensor, message, bases=BASES, expected=CodecError)
@@ -344,7 +359,7 @@ def test_decode_tensor_decodes_every_genuine_encoding(codec):
     check()
 
 
-@fuzz(400)
+@fuzz(300)
 @given(
     message=st.builds(
         pb.Tensor,
@@ -444,7 +459,7 @@ def step_tensors(draw):
     return hidden, positions, mask
 
 
-@fuzz(500)
+@fuzz(300)
 @given(tensors=step_tensors())
 def test_decode_step_inputs_raises_only_invalid_request(tensors):
     hidden, positions, mask = tensors
@@ -507,7 +522,7 @@ def mutated_dict(draw, valid: dict, extra_keys: list[str]) -> dict:
     value = dict(valid)
     keys = list(valid) + extra_keys
     for _ in range(draw(st.integers(1, 4))):
-        key = draw(st.one_of(st.sampled_from(keys), st.text(max_size=8)))
+        key = draw(st.sampled_from(keys) if draw(st.integers(0, 5)) else st.text(max_size=8))
         if draw(st.integers(0, 4)) == 0:
             value.pop(key, None)
         else:
@@ -536,7 +551,7 @@ VALID_RECORD = {
 NUM_BLOCKS = 6
 
 
-@fuzz(600)
+@fuzz(300)
 @given(value=st.one_of(json_values, mutated_dict(VALID_RECORD, [])))
 def test_server_record_from_dict_raises_only_value_error(value):
     record, error = call(ServerRecord.from_dict, value, NUM_BLOCKS, expected=ValueError)
@@ -574,7 +589,7 @@ def mutated_tools(draw) -> dict:
     return {**VALID_CAPABILITIES, "tools": tools}
 
 
-@fuzz(500)
+@fuzz(300)
 @given(value=st.one_of(json_values, mutated_dict(VALID_CAPABILITIES, []), mutated_tools()))
 def test_task_capabilities_from_dict_raises_only_value_error(value):
     capabilities, error = call(TaskCapabilities.from_dict, value, expected=ValueError)
@@ -611,7 +626,7 @@ def mutated_plans(draw) -> list:
     return plan
 
 
-@fuzz(500)
+@fuzz(250)
 @given(calls=st.one_of(json_values, mutated_plans()))
 def test_parse_plan_raises_only_value_error(calls):
     plan, error = call(parse_plan, calls, expected=ValueError)
@@ -635,7 +650,7 @@ VALID_RUN_SPEC = {
 }
 
 
-@fuzz(500)
+@fuzz(250)
 @given(
     value=st.one_of(
         json_values,
@@ -647,6 +662,37 @@ def test_run_spec_from_dict_raises_only_value_error(value):
     spec, error = call(RunSpec.from_dict, value, expected=ValueError)
     if error is None:
         assert isinstance(spec.goal, str) and spec.goal.strip()
+
+
+def _field_cases(valid: dict) -> list[dict]:
+    """`valid` with each field in turn removed, or set to each tricky value."""
+    cases = []
+    for key in valid:
+        cases.append({name: value for name, value in valid.items() if name != key})
+        cases.extend({**valid, key: tricky} for tricky in TRICKY_SCALARS + [[], {}, [1.0, 2.0], {"a": 1}, [[]]])
+    return cases
+
+
+TOOL_INFO = VALID_CAPABILITIES["tools"]["calculator"]
+EXHAUSTIVE = {
+    "server_record": (lambda value: ServerRecord.from_dict(value, NUM_BLOCKS), _field_cases(VALID_RECORD)),
+    "server_record_links": (
+        lambda value: ServerRecord.from_dict({**VALID_RECORD, "links": {"peer": [value["bandwidth"], value["rtt"]]}}, NUM_BLOCKS),
+        [case for case in _field_cases({"bandwidth": 1e6, "rtt": 0.01}) if len(case) == 2],
+    ),
+    "task_capabilities": (TaskCapabilities.from_dict, _field_cases(VALID_CAPABILITIES)),
+    "task_capabilities_tool": (lambda value: TaskCapabilities.from_dict({**VALID_CAPABILITIES, "tools": {"calculator": value}}), _field_cases(TOOL_INFO)),
+    "run_spec": (RunSpec.from_dict, _field_cases(VALID_RUN_SPEC)),
+    "plan_call": (lambda value: parse_plan([VALID_PLAN[0], value]), _field_cases(VALID_PLAN[1])),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXHAUSTIVE))
+def test_every_field_with_every_tricky_value_raises_only_value_error(name):
+    """Deterministic complement to the fuzzing above: every field of a valid value, times every tricky value."""
+    decoder, cases = EXHAUSTIVE[name]
+    for case in cases:
+        call(decoder, case, expected=ValueError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -706,7 +752,13 @@ def test_valid_envelope_verifies():
     assert verify_record(ENVELOPE, NOW) == (VALID_PAYLOAD, IDENTITY.fingerprint)
 
 
-@fuzz(600)
+def test_every_envelope_field_with_every_tricky_value_raises_only_forged_record_error():
+    payload_cases = [{**ENVELOPE, "payload": payload} for payload in _field_cases(VALID_PAYLOAD)]
+    for case in _field_cases(ENVELOPE) + payload_cases:
+        call(verify_record, case, NOW, expected=ForgedRecordError)
+
+
+@fuzz(300)
 @given(envelope=st.one_of(signing_values, mutated_envelopes()), owner=st.sampled_from([None, IDENTITY.fingerprint, OTHER.fingerprint]))
 def test_verify_record_raises_only_forged_record_error(envelope, owner):
     result, error = call(verify_record, envelope, NOW, owner, expected=ForgedRecordError)
@@ -746,17 +798,10 @@ def node(tiny_llama_dir):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     grpc.channel_ready_future(channel).result(timeout=30)
     yield servicer, channel
-    import faulthandler, sys as _s
-    st_ = server._state
-    print("BEFORE STOP", st_.active_rpc_count, len(st_.rpc_states), st_.due, st_.stage, file=_s.stderr)
     channel.close()
-    time.sleep(0.5)
-    for r_ in list(st_.rpc_states):
-        print("LEAK", {k: (v if k not in ("request",) else str(v)[:80]) for k, v in vars(r_).items() if k not in ("condition",)}, file=_s.stderr)
-    print("AFTER CLOSE", st_.active_rpc_count, len(st_.rpc_states), st_.due, st_.stage, file=_s.stderr)
-    faulthandler.dump_traceback_later(15, exit=True)
-    server.stop(None)
-    faulthandler.cancel_dump_traceback_later()
+    # not server.stop(None): grpcio may never finish stopping after some malformed session streams
+    # (see test_grpc_server_stops_after_garbage_in_a_session), and a fixture must not hang
+    server.stop(0).wait(timeout=0.5)
 
 
 def _rpc(channel, method: str, request: bytes):
@@ -805,6 +850,7 @@ def _check_serves_on(servicer: BlockServicer, channel) -> None:
 def test_grpc_node_answers_random_bytes_with_proper_statuses(node):
     servicer, channel = node
     _check_serves_on(servicer, channel)
+    outcomes = {"ok": 0, "unparseable": 0, "refused": 0}
 
     @fuzz(300)
     @given(method=st.sampled_from(sorted(UNARY_METHODS)), raw=_wire_bytes())
@@ -813,10 +859,13 @@ def test_grpc_node_answers_random_bytes_with_proper_statuses(node):
         reply, error = _rpc(channel, method, raw)
         if error is None:
             reply_type.FromString(reply)
+            outcomes["ok"] += 1
         else:
             _check_status(error, request_type, raw)
+            outcomes["unparseable" if error.code() == grpc.StatusCode.INTERNAL else "refused"] += 1
 
     check()
+    assert min(outcomes.values()) >= 10, outcomes  # every path really exercised
     _check_serves_on(servicer, channel)
 
 
@@ -868,7 +917,7 @@ def test_grpc_node_answers_random_forward_requests_and_serves_on(node):
     node_basis[:] = [servicer.semantic_basis]
     outcomes = {"ok": 0, "refused": 0}
 
-    @fuzz(250)
+    @fuzz(150)
     @given(request=forward_requests())
     def check(request):
         raw = request.SerializeToString()
@@ -921,7 +970,7 @@ def test_grpc_node_answers_random_sessions_and_serves_on(node):
     node_basis[:] = [servicer.semantic_basis]
     session = channel.stream_stream(SERVICE + "InferenceSession", request_serializer=None, response_deserializer=None)
 
-    @fuzz(100)
+    @fuzz(80)
     @given(messages=session_streams())
     def check(messages):
         started = time.perf_counter()
@@ -944,3 +993,22 @@ def test_grpc_node_answers_random_sessions_and_serves_on(node):
         time.sleep(0.05)
     assert servicer.active_sessions == 0 and servicer.kv_budget.used_bytes == 0  # every session cleaned up
     _check_serves_on(servicer, channel)
+
+
+@pytest.mark.xfail(reason="grpcio: a session stream aborted for unparseable bytes can leave a call that never finishes, "
+                   "so server.stop never completes (node.daemon waits on it without a timeout)", strict=False)
+def test_grpc_server_stops_after_garbage_in_a_session(tiny_llama_dir):
+    """Found by the session fuzzing: some streams of a valid `open` then bytes that do not parse leave an
+    RPC state in grpcio that never completes (it has no thread or slot, but server.stop(...).wait() hangs)."""
+    source = open_model(tiny_llama_dir)
+    span = TransformerSpan(source.config, 0, 1, [source.block_state(0)])
+    servicer = BlockServicer(span, MODEL_ID, "stop-node", 1.0, ServiceLimits(max_session_length=SERVER_MAX_LENGTH))
+    server, port = start_grpc_server(servicer, "127.0.0.1", 0)
+    opening = pb.SessionRequest(open=pb.SessionOpen(session_id="s", model_id=MODEL_ID, start_block=0, end_block=1, max_length=8))
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        session = channel.stream_stream(SERVICE + "InferenceSession", request_serializer=None, response_deserializer=None)
+        for _ in range(40):
+            with pytest.raises(grpc.RpcError) as error:
+                list(session(iter([opening.SerializeToString(), b"\xff\xff"]), timeout=10))
+            assert (error.value.code(), error.value.details()) == UNPARSEABLE
+    assert server.stop(0).wait(timeout=1), "server.stop did not complete"

@@ -11,12 +11,11 @@ from hivemind.utils import get_dht_time
 from node.launcher import LocalSwarm
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.channels import use_swarm_key
 from protocol.identity import NodeIdentity
 from protocol.records import servers_key
 from protocol.signing import sign_record
-from protocol.channels import use_swarm_key
 from protocol.swarm_key import generate_swarm_key, read_swarm_key
-from swarm import dht as swarm_dht
 from swarm.client import SwarmClient
 from swarm.errors import RemoteError, SwarmError
 from swarm.routing import Hop

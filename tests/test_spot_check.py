@@ -275,3 +275,19 @@ def test_a_verifier_judged_lying_is_replaced_where_it_runs_another_hop(swarm, cl
         assert [event.failed_node for event in session.failovers] == [node_id(liar)]
         assert "rebuilding blocks 3:6" in caplog.text
         assert node_id(liar) not in [hop.record.node_id for hop in session.route]
+
+
+@pytest.mark.slow
+def test_lossy_links_do_not_look_like_lies(swarm, tiny_llama_dir):
+    # int8_block inputs differ from the exact ones by far more than the tolerance: the verifier must get
+    # what the node decoded, and the checked reply must come back uncompressed
+    with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=POLICY, link_quality="int8_block") as lossy:
+        lossy.ban(node_id(swarm.nodes[2]), 3600)
+        with lossy.inference_session(max_length=64) as session:
+            greedy_decode(session, PROMPT, TOKENS)
+            sent = session._hops[0].sent
+            assert all(step.seen is not None for step in sent)  # the links did compress
+            assert difference(sent[0].hidden, sent[0].seen) > 3 * POLICY.spot_check_tolerance
+            stats = session.spot_checks
+            assert stats.checks == TOKENS + 1 and stats.agreed == stats.checks, stats
+            assert session.misbehaviours == [] and session.failovers == []

@@ -2,6 +2,7 @@ import json
 import socket
 import time
 from concurrent import futures
+from dataclasses import replace
 from types import SimpleNamespace
 
 import grpc
@@ -9,7 +10,9 @@ import pytest
 
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.identity import NodeIdentity
 from protocol.records import OFFLINE, ServerRecord, servers_key
+from swarm.dht import RecordAuth
 from swarm.status import SwarmStatus, collect_status, fetch_node_infos, plot_status, render_table
 
 NUM_BLOCKS = 30
@@ -153,8 +156,10 @@ def test_fetch_node_infos_mixes_live_and_dead_nodes(live_address):
 
 
 def test_collect_status_reads_records_and_expirations_from_the_dht(live_address):
-    live = record("a", 0, 10, 100.0, address=live_address)
-    entries = {live.node_id: SimpleNamespace(value=live.to_dict(), expiration_time=time.time() + TTL - 2.0)}
+    identity = NodeIdentity.generate()
+    live = replace(record("a", 0, 10, 100.0, address=live_address), node_id=identity.fingerprint)
+    signed = RecordAuth(identity).seal(live.to_dict(), TTL)  # records are read only when signed by their node
+    entries = {live.node_id: SimpleNamespace(value=signed, expiration_time=time.time() + TTL - 2.0)}
 
     class FakeDHT:
         def get(self, key, latest):

@@ -9,9 +9,9 @@ import pytest
 
 from node.launcher import LocalSwarm
 from proto import api_pb2 as api
+from proto import api_pb2_grpc as api_grpc
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
-from proto import api_pb2_grpc as api_grpc
 from protocol.channels import register_certificate
 from protocol.identity import NodeIdentity
 from swarm.client import SwarmClient
