@@ -10,20 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cached_property
 
-import grpc
 import hivemind
 import torch
 
 from agent.runtime import RunSpec
 from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
 from protocol.channels import use_swarm_key
 from protocol.codecs import SemanticBasis
 from protocol.link_policy import LinkQuality
 from protocol.records import ServerRecord
-from protocol.tensors import serialize_tensor
 from swarm import dht as swarm_dht
 from swarm.agent_client import AgentGateway, AgentTask
 from swarm.dht import RecordAuth
@@ -34,7 +30,8 @@ from swarm.mdns import DEFAULT_SWARM_ID, discover_peers
 from swarm.routing import Hop, plan_route
 from swarm.sampling import next_tokens
 from swarm.session import InferenceSession, SessionPolicy, positions_for
-from swarm.transport import decode_hidden, encode_hidden, open_channel, remote_error
+from swarm.spot_check import Misbehaviour
+from swarm.transport import forward_hop
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +97,7 @@ class SwarmClient:
         self.ban_seconds = ban_seconds
         self.busy_seconds = busy_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
+        self.misbehaviours: list[Misbehaviour] = []  # nodes spot checks caught lying, from every session (swarm.spot_check)
         self._owns_dht = dht is None
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True, swarm_key=swarm_key) if dht is None else dht
         if self._owns_dht:
@@ -155,8 +153,10 @@ class SwarmClient:
 
     def ban(self, node_id: str, seconds: float | None = None) -> None:
         """Stops routing to a node that failed, for `seconds` (default `ban_seconds`, longer than a dead
-        node's record lives; a busy node is skipped only for `busy_seconds`)."""
-        self._banned_until[node_id] = time.monotonic() + (self.ban_seconds if seconds is None else seconds)
+        node's record lives; a busy node is skipped only for `busy_seconds`). A longer ban already in force
+        (a node caught lying) is never shortened."""
+        until = time.monotonic() + (self.ban_seconds if seconds is None else seconds)
+        self._banned_until[node_id] = max(self._banned_until.get(node_id, 0.0), until)
 
     def usable_servers(self) -> list[ServerRecord]:
         """The announced nodes minus those banned after failing."""
@@ -375,23 +375,7 @@ class SwarmClient:
         hidden = self.head.embed(input_ids)
         for hop in self.route():
             codecs = self.links.for_step(hop, *hidden.shape[:2])
-            channel = open_channel(hop.record.address, self.policy.connect_timeout)
-            try:
-                request = pb.ForwardRequest(
-                    model_id=self.model.model_id,
-                    start_block=hop.start,
-                    end_block=hop.end,
-                    hidden_states=encode_hidden(hidden, codecs, hop.start),
-                    position_ids=serialize_tensor(positions),
-                    attention_mask=serialize_tensor(mask),
-                    reply_codec=codecs.reply,
-                )
-                response = pb_grpc.BlockServiceStub(channel).Forward(request, timeout=timeout)
-            except grpc.RpcError as error:
-                raise remote_error(hop, error) from error
-            finally:
-                channel.close()
-            hidden = decode_hidden(hop, response.hidden_states, codecs)
+            hidden = forward_hop(hop, self.model.model_id, hidden, positions, mask, timeout, self.policy.connect_timeout, codecs)
         return self.head.logits(hidden)
 
     # --- agents ----------------------------------------------------------------------------------
