@@ -76,10 +76,14 @@ def auth_of(dht: hivemind.DHT) -> RecordAuth:
     return _auths.setdefault(dht, RecordAuth())
 
 
+EXPIRY_SLACK = 5.0  # seconds a DHT expiration may exceed the signed one (clock steps between signing and storing)
+
+
 class SignedRecordValidator(RecordValidatorBase):
     """Makes every DHT peer of the swarm refuse to store or return a value that is not a signed envelope
-    (from the node its subkey names, and tagged with the swarm key in a private swarm). Replays of older
-    authentic values are caught when reading (`RecordAuth.open`), which keeps per-node history."""
+    (from the node its subkey names, and tagged with the swarm key in a private swarm), or whose DHT
+    expiration is later than its signed one. Replays of older authentic values are also caught when
+    reading (`RecordAuth.open`), which keeps per-node history."""
 
     def __init__(self, swarm_key: bytes | None = None):
         self.swarm_key = swarm_key
@@ -89,7 +93,9 @@ class SignedRecordValidator(RecordValidatorBase):
             value = MSGPackSerializer.loads(record.value)
             subkey = MSGPackSerializer.loads(record.subkey) if record.subkey else None
             RecordAuth(swarm_key=self.swarm_key).open("", value, owner=subkey if isinstance(subkey, str) else None)
-            return True
+            # a value may not outlive its signature in the DHT: a replayed old record cannot be kept
+            # stored past its signed expiry, where it would shadow the node's newer ones
+            return record.expiration_time <= value["signed"]["expires_at"] + EXPIRY_SLACK
         except Exception as error:  # any malformed value is simply refused
             logger.debug("refusing a DHT value: %r", error)
             return False

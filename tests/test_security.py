@@ -74,11 +74,13 @@ def test_forged_unsigned_and_replayed_records_are_ignored(one_node, tiny_llama_d
         servers = client.servers()
         assert [record.node_id for record in servers] == [honest.node_id]
         assert servers[0].address == honest.address
-        # a replay: the honest node's older record, stored again with a later DHT expiration
+        # a replay: the honest node's older record, stored again once the node has announced a newer one
         time.sleep(6)  # the node re-announces every announce_ttl / 3 = 5 s
-        client.servers()
-        assert store_raw(attacker_dht, key, honest.node_id, raw_before, ttl=60.0)  # authentic, so peers store it
-        assert client.servers() == []  # but readers refuse the older record (which now shadows the real one)
+        assert [(r.node_id, r.address) for r in client.servers()] == [(honest.node_id, honest.address)]
+        signed_expiry = raw_before["signed"]["expires_at"]
+        assert not store_raw(attacker_dht, key, honest.node_id, raw_before, ttl=60.0)  # may not outlive its signature
+        store_raw(attacker_dht, key, honest.node_id, raw_before, ttl=signed_expiry - get_dht_time())  # older than the stored one
+        assert [(r.node_id, r.address) for r in client.servers()] == [(honest.node_id, honest.address)]  # the newer one stands
         attacker_dht.shutdown()
 
 
