@@ -17,7 +17,8 @@ import openai
 import pytest
 
 from node.launcher import LocalSwarm
-from node.openai_http import OpenAIServer, _StopText
+from node.openai_chat import StopText
+from node.openai_http import OpenAIServer
 from node.rate_limit import RateLimiter
 from swarm.client import SwarmClient, TokenEvent
 from swarm.errors import NoRouteError, SwarmConnectionError
@@ -349,9 +350,9 @@ def test_a_client_that_cannot_be_made_is_503_until_it_can(smollm, tokenizer):
         assert len(attempts) == 2
 
 
-def stream_text(pieces: list[str], stop: list[str]) -> tuple[list[str], _StopText]:
-    """The deltas of `_StopText` over tokens spelling `pieces` (U+FFFD + a character: one character in two tokens)."""
-    text, out = _StopText(lambda ids: "".join(pieces[i] for i in ids).replace("\ufffd\u00e9", "\u00e9"), stop), []
+def stream_text(pieces: list[str], stop: list[str]) -> tuple[list[str], StopText]:
+    """The deltas of `StopText` over tokens spelling `pieces` (U+FFFD + a character: one character in two tokens)."""
+    text, out = StopText(lambda ids: "".join(pieces[i] for i in ids).replace("\ufffd\u00e9", "\u00e9"), stop), []
     for index in range(len(pieces)):
         out.append(text.push(index))
         if text.stopped:
