@@ -130,6 +130,11 @@ class RunCoordinator:
                     pass  # the child's coordinator is gone; the child ends with it
         return self.info(run_id)
 
+    def is_cancelled(self, run_id: str) -> bool:
+        with self._lock:
+            active = self._active.get(run_id)
+        return active is not None and active.cancelled.is_set()
+
     def info(self, run_id: str) -> pb.RunReply:
         run = self._run(run_id)
         with self._lock:
@@ -338,11 +343,6 @@ class _JournaledRun:
     def emit(self, event: dict) -> None:
         self.coordinator.emit(self.run_id, event)
 
-    def _cancelled(self) -> bool:
-        with self.coordinator._lock:
-            active = self.coordinator._active.get(self.run_id)
-        return active is not None and active.cancelled.is_set()
-
     def tool_schemas(self) -> list[dict]:
         catalog = self.coordinator.tool_catalog()
         names = [name for name in (self.spec.tools if self.spec.tools is not None else sorted(catalog)) if name in catalog]
@@ -355,7 +355,7 @@ class _JournaledRun:
         return bool(self.coordinator.tool_catalog().get(name, {}).get("idempotent", False))
 
     def step(self, step: Step) -> StepOutcome:
-        if self._cancelled():
+        if self.coordinator.is_cancelled(self.run_id):
             raise RunCancelled()
         replayed = self._replayed(step)
         if replayed is not None:

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from node.launcher import LocalSwarm
+from swarm.agent_client import AgentRunError
 from swarm.client import SwarmClient
 
 pytestmark = pytest.mark.slow
@@ -196,6 +197,19 @@ def wait_for(task, predicate, timeout=RUN_TIMEOUT):
         if predicate(event):
             return event
     raise AssertionError("the run ended before the awaited event")
+
+
+def test_a_cancelled_run_stops_at_once_and_says_so(swarm, client):
+    task = client.submit_agent_task(
+        "What is the secret code for key beta?", tools=["slow_lookup"], tool_choice="required", coordinator=node_id(swarm, 0)
+    )
+    wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_lookup")
+    began = time.monotonic()
+    task.cancel()
+    with pytest.raises(AgentRunError, match="cancelled"):
+        task.result(timeout=RUN_TIMEOUT)
+    assert time.monotonic() - began < 5  # the 6 s tool step was not waited for
+    assert not any(event["type"] == "answer" for event in task.events())
 
 
 def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client):
