@@ -199,6 +199,7 @@ class RunCoordinator:
         self.journal.finish_run(run_id, status, result)
         self.emit(run_id, {"type": FINISHED, "status": status, "answer": result.get("answer"), "error": result.get("error")})
         self.replicate(run_id)
+        self.scheduler.forget_run(run_id)
         with self._lock:
             self._active.pop(run_id, None)
 

@@ -64,6 +64,7 @@ class StepScheduler:
         self._banned_until: dict[str, float] = {}
         self._channels: dict[str, grpc.Channel] = {}
         self._calls: dict[str, set] = {}  # run id -> RunStep calls in flight, for cancellation
+        self._cancelled_runs: set[str] = set()
 
     # --- placement -------------------------------------------------------------------------------
 
@@ -179,7 +180,11 @@ class StepScheduler:
         accepted = False
         with self.occupy(run_id, node.node_id) as calls:
             call = pb_grpc.TaskServiceStub(channel).RunStep(request, timeout=self.step_timeout)
-            calls.add(call)
+            with self._lock:
+                calls.add(call)
+                cancelled = run_id in self._cancelled_runs
+            if cancelled:  # cancelled while this step was being sent
+                call.cancel()
             try:
                 for update in call:
                     which = update.WhichOneof("update")
@@ -196,7 +201,8 @@ class StepScheduler:
                     return StepOutcome(ok=False, error=error.details(), node_id=node.node_id), accepted
                 return StepOutcome(ok=False, error=f"{error.code().name}: {error.details()}"), accepted
             finally:
-                calls.discard(call)
+                with self._lock:
+                    calls.discard(call)
         return StepOutcome(ok=False, error=f"node {node.node_id} closed the step without a result"), accepted
 
     @contextmanager
@@ -215,11 +221,17 @@ class StepScheduler:
                     del self._calls[run_id]
 
     def cancel_run(self, run_id: str) -> None:
-        """Cancels every step of `run_id` in flight from this scheduler."""
+        """Cancels every step of `run_id` in flight from this scheduler, and any it sends until `forget_run`."""
         with self._lock:
-            calls = list(self._calls.pop(run_id, ()))
+            self._cancelled_runs.add(run_id)
+            calls = list(self._calls.get(run_id, ()))
         for call in calls:
             call.cancel()
+
+    def forget_run(self, run_id: str) -> None:
+        """Drops what this scheduler keeps about a run that has ended."""
+        with self._lock:
+            self._cancelled_runs.discard(run_id)
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:

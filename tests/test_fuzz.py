@@ -996,7 +996,7 @@ def test_grpc_node_answers_random_sessions_and_serves_on(node):
 
 
 @pytest.mark.xfail(reason="grpcio: a session stream aborted for unparseable bytes can leave a call that never finishes, "
-                   "so server.stop never completes (node.daemon waits on it without a timeout)", strict=False)
+                   "so server.stop never completes (node.daemon therefore bounds its wait)", strict=False)
 def test_grpc_server_stops_after_garbage_in_a_session(tiny_llama_dir):
     """Found by the session fuzzing: some streams of a valid `open` then bytes that do not parse leave an
     RPC state in grpcio that never completes (it has no thread or slot, but server.stop(...).wait() hangs)."""
