@@ -65,6 +65,7 @@ class StepScheduler:
         self._channels: dict[str, grpc.Channel] = {}
         self._calls: dict[str, set] = {}  # run id -> RunStep calls in flight, for cancellation
         self._cancelled_runs: set[str] = set()
+        self._llm_nodes: dict[str, dict[str, str]] = {}  # run id -> node id -> address of nodes that ran its llm steps
 
     # --- placement -------------------------------------------------------------------------------
 
@@ -125,6 +126,9 @@ class StepScheduler:
                 on_dispatch(node.node_id, attempt)
             outcome, accepted = self._send(run_id, step, attempt, node, on_text)
             outcome.tried = list(tried)
+            if step.kind == "llm" and outcome.node_id:  # that node may keep the run's session open
+                with self._lock:
+                    self._llm_nodes.setdefault(run_id, {})[node.node_id] = node.address
             if outcome.ok or outcome.node_id:  # the node answered: its answer stands, even an error
                 return outcome
             if on_failure is not None:
@@ -229,9 +233,16 @@ class StepScheduler:
             call.cancel()
 
     def forget_run(self, run_id: str) -> None:
-        """Drops what this scheduler keeps about a run that has ended."""
+        """Drops what this scheduler keeps about a run that has ended, and tells the nodes that ran its llm
+        steps to close its session (their KV caches would otherwise wait for the nodes' idle timeout)."""
         with self._lock:
             self._cancelled_runs.discard(run_id)
+            llm_nodes = self._llm_nodes.pop(run_id, {})
+        for node_id, address in llm_nodes.items():
+            try:
+                pb_grpc.TaskServiceStub(self._channel(address)).EndRun(pb.RunQuery(run_id=run_id), timeout=self.connect_timeout)
+            except grpc.RpcError as error:  # a node that is gone has nothing left to free
+                logger.info("could not end run %s on node %s: %s", run_id, node_id, error.code().name)
 
     def _channel(self, address: str) -> grpc.Channel:
         with self._lock:

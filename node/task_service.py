@@ -85,6 +85,11 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
     def ResumeRun(self, request: pb.RunQuery, context: grpc.ServicerContext) -> pb.RunReply:
         return self._known(context, self.coordinator.resume, request.run_id)
 
+    def EndRun(self, request: pb.RunQuery, context: grpc.ServicerContext) -> pb.RunReply:
+        _check_id(request.run_id, "run_id", context)
+        self.worker.end_run(request.run_id)
+        return pb.RunReply(run_id=request.run_id)
+
     def ReplicateRun(self, request: pb.RunJournal, context: grpc.ServicerContext) -> pb.RunReply:
         _check_id(request.run_id, "run_id", context)
         export = _json_object(request.export_json, "export_json", MAX_JOURNAL_BYTES, context)

@@ -55,6 +55,11 @@ class TaskWorker:
             with self._lock:
                 self._running -= 1
 
+    def end_run(self, run_id: str) -> None:
+        """Frees what this node keeps for a run that has ended: its llm session, if any."""
+        if self.llm is not None:
+            self.llm.forget(run_id)
+
     def _tool(self, args: dict) -> Any:
         name = args.get("name")
         if not isinstance(name, str):

@@ -1,1 +1,1 @@
-"""Deciding which node serves which blocks: profiling, span choice, and (later) planners and rebalancing."""
+"""Deciding which node serves which blocks: profiling, span choice, planners and rebalancing."""

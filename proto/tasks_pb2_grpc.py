@@ -69,6 +69,11 @@ class TaskServiceStub:
                 request_serializer=proto_dot_tasks__pb2.RunQuery.SerializeToString,
                 response_deserializer=proto_dot_tasks__pb2.RunReply.FromString,
                 _registered_method=True)
+        self.EndRun = channel.unary_unary(
+                '/edgeswarm.v1.TaskService/EndRun',
+                request_serializer=proto_dot_tasks__pb2.RunQuery.SerializeToString,
+                response_deserializer=proto_dot_tasks__pb2.RunReply.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -122,6 +127,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EndRun(self, request, context):
+        """The run has ended: this node frees what it keeps for the run's llm steps (their inference session,
+        and so the KV caches on the pipeline's nodes). Unknown runs are fine: there is nothing to free.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -157,6 +170,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
             ),
             'ResumeRun': grpc.unary_unary_rpc_method_handler(
                     servicer.ResumeRun,
+                    request_deserializer=proto_dot_tasks__pb2.RunQuery.FromString,
+                    response_serializer=proto_dot_tasks__pb2.RunReply.SerializeToString,
+            ),
+            'EndRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.EndRun,
                     request_deserializer=proto_dot_tasks__pb2.RunQuery.FromString,
                     response_serializer=proto_dot_tasks__pb2.RunReply.SerializeToString,
             ),
@@ -348,6 +366,33 @@ class TaskService:
             request,
             target,
             '/edgeswarm.v1.TaskService/ResumeRun',
+            proto_dot_tasks__pb2.RunQuery.SerializeToString,
+            proto_dot_tasks__pb2.RunReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EndRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeswarm.v1.TaskService/EndRun',
             proto_dot_tasks__pb2.RunQuery.SerializeToString,
             proto_dot_tasks__pb2.RunReply.FromString,
             options,

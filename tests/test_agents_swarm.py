@@ -17,6 +17,7 @@ import pytest
 from node.launcher import LocalSwarm
 from swarm.agent_client import AgentRunError
 from swarm.client import SwarmClient
+from tests.swarm_helpers import node_info
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 240
@@ -103,7 +104,7 @@ def digits(text: str) -> str:
     return re.sub(r"(?<=\d),(?=\d)", "", text)
 
 
-def test_a_task_that_needs_the_calculator_gets_the_right_number(client):
+def test_a_task_that_needs_the_calculator_gets_the_right_number(swarm, client):
     task = client.submit_agent_task("What is 1234 * 5678?", tools=["calculator"], tool_choice="required")
     answer = task.result(timeout=RUN_TIMEOUT)
     events = list(task.events())
@@ -116,6 +117,11 @@ def test_a_task_that_needs_the_calculator_gets_the_right_number(client):
     assert thinking[1]["node"] == thinking[0]["node"]
     assert 0 < thinking[0]["value"]["prompt_tokens"] <= thinking[1]["value"]["reused_tokens"]
     assert any(event["type"] == "token" for event in events)
+    # once the run has ended, its llm session is closed: no node keeps its KV caches
+    deadline = time.monotonic() + 10
+    while sum(node_info(node.address).active_sessions for node in swarm.nodes) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [node_info(node.address).active_sessions for node in swarm.nodes] == [0, 0, 0]
 
 
 def test_a_fact_written_to_memory_is_found_and_used(swarm, client):
