@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from node.cache_dir import cache_dir
 from node.model_files import ModelSource
 from node.span import TransformerSpan
 from protocol.codecs import CodecError, SemanticBasis, fit_semantic_basis
@@ -74,11 +75,6 @@ def fit_model_basis(source: ModelSource, rank: int = DEFAULT_RANK, tokens: int =
         hidden = span(hidden, positions, mask)
         activations[block + 1] = hidden.reshape(-1, config.hidden_size).clone()
     return fit_semantic_basis(activations, max_rank=rank)
-
-
-def cache_dir() -> Path:
-    """Where fitted bases are kept: $EDGESWARM_CACHE, else ~/.cache/edgeswarm."""
-    return Path(os.environ.get("EDGESWARM_CACHE", Path.home() / ".cache" / "edgeswarm"))
 
 
 def basis_path(source: ModelSource, rank: int = DEFAULT_RANK) -> Path:

@@ -6,8 +6,8 @@ transformers takes about 4 s more to turn that vocabulary into a fast tokenizer.
 used to pay both on start. The cache holds the scalar metadata and where each tensor's bytes lie (as
 JSON), and the tokenizer as transformers saves it.
 
-Entries live in `EDGESWARM_CACHE_DIR` (default `~/.cache/edgeswarm`) under a key made of the file's
-resolved path, size and modification time, so a changed file is read afresh. Entries are written to a
+Entries live in `EDGESWARM_CACHE` (default `~/.cache/edgeswarm`, see node.cache_dir) under a key made of
+the file's resolved path, size and modification time, so a changed file is read afresh. Entries are written to a
 temporary name and renamed, so processes starting together never see half an entry. A cache that
 cannot be written is skipped with a log line: everything still works, only slower.
 """
@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from node.cache_dir import cache_dir
+
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "EDGESWARM_CACHE_DIR"
 _INDEX_FORMAT = 1
 _FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}
 
@@ -68,16 +69,12 @@ class GGUFIndex:
         return cls(fields=data["fields"], tensors=tensors)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV) or Path.home() / ".cache" / "edgeswarm")
-
-
 def entry_dir(path: Path) -> Path:
     """The cache directory of this version of the file."""
     resolved = path.resolve()
     stat = resolved.stat()
     key = hashlib.sha256(f"{resolved}\n{stat.st_size}\n{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return cache_root() / "gguf" / f"{resolved.stem}-{key}"
+    return cache_dir() / "gguf" / f"{resolved.stem}-{key}"
 
 
 def read_index(path: Path) -> GGUFIndex:

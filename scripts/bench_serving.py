@@ -304,8 +304,8 @@ def export_tiny(directory: Path) -> Path:
 
 
 def petals_model_dir(kind: str) -> Path:
-    """The model directory for the Petals comparison, made once and cached (see node.calibration.cache_dir)."""
-    from node.calibration import cache_dir
+    """The model directory for the Petals comparison, made once and cached (see node.cache_dir)."""
+    from node.cache_dir import cache_dir
 
     directory = cache_dir() / "bench-serving" / ("smollm2-135m-hf" if kind == "smollm" else "tiny-llama-30")
     if not (directory / "config.json").is_file():

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from node import gguf_cache
+from node.cache_dir import CACHE_ENV
 from node.model_files import default_model_path, open_model
 
 PROMPT = [{"role": "user", "content": "Ünïcode, 日本語 and 1234 * 5678?\n\n  spaces"}]
@@ -18,7 +19,7 @@ PROMPT = [{"role": "user", "content": "Ünïcode, 日本語 and 1234 * 5678?\n\n
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     directory = tmp_path / "cache"
-    monkeypatch.setenv(gguf_cache.CACHE_DIR_ENV, str(directory))
+    monkeypatch.setenv(CACHE_ENV, str(directory))
     return directory
 
 
@@ -87,7 +88,7 @@ def test_an_unusable_cache_entry_is_replaced(cache_dir, model_copy):
 def test_an_unwritable_cache_costs_only_time(tmp_path, model_copy, monkeypatch):
     blocker = tmp_path / "not-a-directory"
     blocker.write_text("")
-    monkeypatch.setenv(gguf_cache.CACHE_DIR_ENV, str(blocker))
+    monkeypatch.setenv(CACHE_ENV, str(blocker))
     model = open_model(model_copy)
     assert model.num_blocks == 30 and model.block_state(3)
     assert model.tokenizer()("hello").input_ids

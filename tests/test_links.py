@@ -5,7 +5,6 @@ choice would keep links uncompressed: the swarm tests pin codecs, and the choice
 measured costs with slow and fast bandwidths.
 """
 
-import os
 import time
 
 import grpc
@@ -28,17 +27,9 @@ PROMPT = "The Python standard library offers modules for files, networking and t
 
 
 @pytest.fixture(scope="module")
-def basis_cache(tmp_path_factory, smollm):
-    """A fresh basis cache shared by this process and the nodes, with the basis fitted once."""
-    previous = os.environ.get("EDGESWARM_CACHE")
-    os.environ["EDGESWARM_CACHE"] = str(tmp_path_factory.mktemp("edgeswarm-cache"))
-    try:
-        yield load_or_fit_basis(smollm)
-    finally:
-        if previous is None:
-            os.environ.pop("EDGESWARM_CACHE")
-        else:
-            os.environ["EDGESWARM_CACHE"] = previous
+def basis_cache(smollm):
+    """The basis in the cache that this process and the nodes share (node.cache_dir), fitted if missing."""
+    return load_or_fit_basis(smollm)
 
 
 @pytest.fixture(scope="module")
