@@ -47,48 +47,46 @@ def expected(tiny_llama_dir):
     return reference_greedy_tokens(AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval(), PROMPT, 16)
 
 
-def test_hosts_find_each_other_over_mdns_and_serve_a_generation(tiny_llama_dir, expected):
+@pytest.fixture(scope="module")
+def lan(tiny_llama_dir):
+    """Five hosts: 1 to 4 serve the tiny model of swarm `edgeswarm` (blocks 0:2, 2:4, 2:4, 4:6), found by
+    one another over mDNS; host 5 serves all of it in another swarm on the same LAN, which must stay apart."""
     model = ["--model", str(tiny_llama_dir)]
-    with Testbed(4, force=True) as testbed:
+    with Testbed(5, force=True) as testbed:
         nodes = []
         try:
-            for host, span in ((1, "0:2"), (2, "2:4"), (3, "4:6")):
+            for host, span in ((1, "0:2"), (2, "2:4"), (3, "2:4"), (4, "4:6")):
                 nodes.append(node_on(testbed, host, [*model, "--blocks", span]))
-            # a swarm with another id on the same LAN, serving everything: it must stay apart
-            nodes.append(node_on(testbed, 4, [*model, "--blocks", "0:6", "--swarm-id", "another-swarm"]))
-            finished = testbed.run(
-                4, [sys.executable, "-c", ZERO_CONFIG_CLIENT, str(tiny_llama_dir), "3", json.dumps(PROMPT)], timeout=180
-            )
-            assert finished.returncode == 0, finished.stderr[-3000:]
-            result = json.loads(finished.stdout.strip().splitlines()[-1])
-            assert result["spans"] == [[0, 2], [2, 4], [4, 6]]  # all three hosts, and not the other swarm
-            assert result["tokens"] == until_eos(expected[:8], {2})
+            nodes.append(node_on(testbed, 5, [*model, "--blocks", "0:6", "--swarm-id", "another-swarm"]))
+            yield testbed, nodes
         finally:
             for node in nodes:
                 node.stop()
 
 
-def test_a_cut_link_mid_generation_fails_over_to_another_host(tiny_llama_dir, expected):
-    model = ["--model", str(tiny_llama_dir)]
-    with Testbed(4, force=True) as testbed:
-        nodes = []
-        try:
-            for host, span in ((1, "0:2"), (2, "2:4"), (3, "2:4"), (4, "4:6")):
-                nodes.append(node_on(testbed, host, [*model, "--blocks", span]))
-            # the test process is the client, in the root namespace, reaching the hosts over the bridge
-            with SwarmClient(nodes[0].initial_peers, model=str(tiny_llama_dir), mdns=False) as client:
-                records = {record.address: record for record in client.servers()}
-                route = [Hop(records[nodes[0].address], 0, 2), Hop(records[nodes[1].address], 2, 4), Hop(records[nodes[3].address], 4, 6)]
-                with InferenceSession(client, route, max_length=64) as session:
-                    cut = lambda i: i == 4 and testbed.cut(2)  # noqa: E731
-                    assert greedy_decode(session, PROMPT, 16, after_token=cut) == expected
-                    [event] = session.failovers
-                    assert event.failed_node == nodes[1].info["node_id"]
-                    assert [hop.record.address for hop in event.replacement] == [nodes[2].address]
-        finally:
-            for index, node in enumerate(nodes):
-                # the cut host's node would wait out its drain timeout for a session nobody can close
-                node.stop(signal.SIGKILL if index == 1 else signal.SIGTERM)
+def test_hosts_find_each_other_over_mdns_and_serve_a_generation(lan, tiny_llama_dir, expected):
+    testbed, _ = lan
+    finished = testbed.run(5, [sys.executable, "-c", ZERO_CONFIG_CLIENT, str(tiny_llama_dir), "4", json.dumps(PROMPT)], timeout=180)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    result = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert result["spans"] == [[0, 2], [2, 4], [2, 4], [4, 6]]  # all four hosts, and not the other swarm
+    assert result["tokens"] == until_eos(expected[:8], {2})
+
+
+def test_a_cut_link_mid_generation_fails_over_to_another_host(lan, tiny_llama_dir, expected):
+    testbed, nodes = lan
+    # the test process is the client, in the root namespace, reaching the hosts over the bridge
+    with SwarmClient(nodes[0].initial_peers, model=str(tiny_llama_dir), mdns=False) as client:
+        records = {record.address: record for record in client.servers()}
+        route = [Hop(records[nodes[0].address], 0, 2), Hop(records[nodes[1].address], 2, 4), Hop(records[nodes[3].address], 4, 6)]
+        with InferenceSession(client, route, max_length=64) as session:
+            cut = lambda i: i == 4 and testbed.cut(2)  # noqa: E731
+            assert greedy_decode(session, PROMPT, 16, after_token=cut) == expected
+            [event] = session.failovers
+            assert event.failed_node == nodes[1].info["node_id"]
+            assert [hop.record.address for hop in event.replacement] == [nodes[2].address]
+    # the cut host is gone for good: a SIGTERM would wait out its drain timeout for a session nobody can close
+    nodes[1].stop(signal.SIGKILL)
 
 
 ADVERTISE = """
