@@ -8,6 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from agent.memory_placement import is_storage_id
 from agent.tools import TOOL_NAME_PATTERN, ToolRegistry
 from protocol.channels import register_certificate
 from protocol.records import MAX_CERT_CHARS
@@ -29,8 +30,8 @@ class TaskCapabilities:
     """One node's offer of agent work.
 
     `tools` maps each hosted tool to its {"description", "parameters", "idempotent"} (idempotent: safe to
-    run twice). `namespaces` are the
-    memory namespaces it holds records of; `free_cpu` is the idle fraction of its cores and
+    run twice). `namespaces` are the storage ids (agent.memory_placement: keyed hashes, never names) of
+    the memory namespaces it holds records of; `free_cpu` is the idle fraction of its cores and
     `running_steps` how many steps it is running, for least-loaded placement.
     """
 
@@ -38,7 +39,7 @@ class TaskCapabilities:
     address: str  # host:port of its gRPC server (TaskService beside the data plane)
     tools: dict[str, dict] = field(default_factory=dict)
     memory: bool = True  # it keeps vector memory (and takes memory.write / memory.search steps)
-    namespaces: tuple[str, ...] = ()
+    namespaces: tuple[str, ...] = ()  # storage ids
     llm: bool = True  # it can run llm steps (it drives the model pipeline as a client)
     coordinator: bool = True  # it coordinates runs
     free_cpu: float = 1.0
@@ -91,6 +92,8 @@ class TaskCapabilities:
         bad = [name for name in capabilities.tools if not TOOL_NAME_PATTERN.match(name)]
         if bad:
             raise ValueError(f"malformed tool names {bad[:3]}")
+        if not all(is_storage_id(store) for store in capabilities.namespaces):
+            raise ValueError("namespaces must be storage ids (32 lowercase hex characters)")
         if not 0.0 <= capabilities.free_cpu <= 1.0 or capabilities.running_steps < 0:
             raise ValueError(f"load out of range: free_cpu {capabilities.free_cpu}, running {capabilities.running_steps}")
         return capabilities
@@ -132,7 +135,7 @@ def fetch_capabilities(dht, model_id: str) -> list[TaskCapabilities]:
             continue
         if capabilities.node_id != subkey:
             continue
-        if capabilities.tls_cert and not register_certificate(capabilities.address, capabilities.node_id, capabilities.tls_cert):
+        if capabilities.tls_cert and not register_certificate(capabilities.node_id, capabilities.tls_cert):
             continue
         nodes.append(capabilities)
     return sorted(nodes, key=lambda node: node.node_id)

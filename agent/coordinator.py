@@ -25,6 +25,7 @@ from agent.scheduler import StepScheduler
 from agent.steps import Step, StepOutcome
 from proto import tasks_pb2 as pb
 from proto import tasks_pb2_grpc as pb_grpc
+from protocol.memory_access import READ, WRITE, check_access
 
 logger = logging.getLogger(__name__)
 
@@ -95,10 +96,19 @@ class RunCoordinator:
         missing = sorted(set(spec.tools or ()) - set(self.tool_catalog()) - {"memory_search"})
         if missing:
             raise ValueError(f"no node of the swarm hosts the tools {missing}")
+        if spec.memory_namespace is not None:
+            self._check_memory_access(spec)
         self.journal.create_run(run_id, spec.goal, spec.to_dict())
         self.emit(run_id, {"type": "run.started", "node": self.node_id, "goal": spec.goal, "strategy": spec.strategy})
         self._launch(run_id, spec, exclude_backup=set())
         return self.info(run_id)
+
+    def _check_memory_access(self, spec: RunSpec) -> None:
+        """Refuses (MemoryAccessError) a run whose token would not let this node, which sends the run's
+        memory steps, read its namespace (and write it, if the run remembers its answer)."""
+        store = self.scheduler.storage_id(spec.memory_owner, spec.memory_namespace)
+        for right in (READ, WRITE) if spec.remember else (READ,):
+            check_access(spec.memory_access, spec.memory_owner, store, right, caller=self.node_id)
 
     def resume(self, run_id: str) -> pb.RunReply:
         """Takes over a run from its journal copy here (a no-op if it runs here or has finished)."""
@@ -209,7 +219,7 @@ class RunCoordinator:
         """Picks the least loaded other coordinator-capable node, sends it the journal, announces it."""
         nodes = [n for n in self.scheduler.nodes() if n.coordinator and n.node_id != self.node_id and n.node_id not in exclude]
         for node in sorted(nodes, key=lambda n: (self.scheduler.load(n), n.node_id)):
-            if self._push(run_id, node.address):
+            if self._push(run_id, node.address, node.node_id):
                 active.backup, active.backup_address = node.node_id, node.address
                 self.emit(run_id, {"type": "run.backup", "node": node.node_id, "address": node.address})
                 return True
@@ -224,14 +234,14 @@ class RunCoordinator:
             active = self._active.get(run_id)
         if active is None:
             return
-        if not (active.backup_address and self._push(run_id, active.backup_address)):
+        if not (active.backup_address and self._push(run_id, active.backup_address, active.backup)):
             self._choose_backup(run_id, active, exclude={active.backup} if active.backup else set())
 
-    def _push(self, run_id: str, address: str) -> bool:
+    def _push(self, run_id: str, address: str, node_id: str) -> bool:
         export = json.dumps(self.journal.export_run(run_id))
         request = pb.RunJournal(run_id=run_id, export_json=export, coordinator=self.node_id)
         try:
-            pb_grpc.TaskServiceStub(self.scheduler.channel(address)).ReplicateRun(request, timeout=10)
+            pb_grpc.TaskServiceStub(self.scheduler.channel(address, node_id)).ReplicateRun(request, timeout=10)
             return True
         except grpc.RpcError as error:
             logger.info("could not copy run %s to %s: %s", run_id, address, error.details())
@@ -273,7 +283,7 @@ class RunCoordinator:
         if not address:
             return False
         try:
-            grpc.channel_ready_future(self.scheduler.channel(address)).result(timeout=self.watch_period)
+            grpc.channel_ready_future(self.scheduler.channel(address, node_id)).result(timeout=self.watch_period)
             return True
         except grpc.FutureTimeoutError:
             return False
@@ -298,7 +308,7 @@ class RunCoordinator:
             attempt += 1
             with self.scheduler.occupy(parent.run_id, node.node_id):
                 try:
-                    stub = pb_grpc.TaskServiceStub(self.scheduler.channel(node.address))
+                    stub = pb_grpc.TaskServiceStub(self.scheduler.channel(node.address, node.node_id))
                     reply = stub.StartRun(pb.RunRequest(run_id=child_id, spec_json=json.dumps(step.args)), timeout=30)
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
@@ -382,7 +392,7 @@ class _JournaledRun:
         scheduler = self.coordinator.scheduler
         if step.kind == "subagent":
             outcome = self.coordinator.run_subagent(self, step, on_dispatch, first_attempt)
-        elif step.kind == "memory.write":
+        elif step.kind.startswith("memory."):  # sent to several replicas at once: journaled as one attempt
             on_dispatch("replicas", first_attempt)
             outcome = scheduler.run(self.run_id, step, first_attempt)
         else:

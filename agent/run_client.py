@@ -44,17 +44,20 @@ class RunLocation:
 
 class RunFollower:
     """Streams a run's events (dicts with a "type") until it finishes, moving to its backup if its
-    coordinator dies. `channel(address)` gives a gRPC channel to a node."""
+    coordinator dies. `channel(address, node_id)` gives a gRPC channel to a node."""
 
-    def __init__(self, location: RunLocation, channel: Callable[[str], grpc.Channel], max_takeovers: int = 3):
+    def __init__(self, location: RunLocation, channel: Callable[[str, str], grpc.Channel], max_takeovers: int = 3):
         self.location = location
         self._channel = channel
         self.max_takeovers = max_takeovers
         self.last_seq = -1
         self.takeovers = 0
 
-    def stub(self, address: str | None = None) -> pb_grpc.TaskServiceStub:
-        return pb_grpc.TaskServiceStub(self._channel(address or self.location.coordinator_address))
+    def stub(self, address: str | None = None, node_id: str | None = None) -> pb_grpc.TaskServiceStub:
+        """A stub for the run's coordinator, or for the node `node_id` at `address`."""
+        if address is None:
+            address, node_id = self.location.coordinator_address, self.location.coordinator
+        return pb_grpc.TaskServiceStub(self._channel(address, node_id))
 
     def events(self) -> Iterator[dict]:
         """Every event after the last one seen; ends with the "run.finished" event."""
@@ -87,7 +90,7 @@ class RunFollower:
         logger.warning("coordinator %s of run %s is unreachable; resuming on %s", location.coordinator, location.run_id, location.backup)
         for attempt in range(3):
             try:
-                reply = self.stub(location.backup_address).ResumeRun(pb.RunQuery(run_id=location.run_id), timeout=30)
+                reply = self.stub(location.backup_address, location.backup).ResumeRun(pb.RunQuery(run_id=location.run_id), timeout=30)
                 self.location = RunLocation.from_reply(reply)
                 if reply.resumed_seq > 0:  # events seen past the journal copy were the dead coordinator's
                     self.last_seq = min(self.last_seq, reply.resumed_seq - 1)

@@ -20,8 +20,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 from agent.dag import PlanError, PlannedCall, execute_plan, parse_plan
-from agent.memory import ShortTermMemory, check_namespace
+from agent.memory import ShortTermMemory
 from agent.steps import Step, StepFailed, StepOutcome
+from agent.vector_store import check_namespace
+from protocol.memory_access import MAX_ID_CHARS, MAX_TOKEN_CHARS
 
 STRATEGIES = ("react", "plan", "team")
 TOOL_CHOICES = ("auto", "required", "none")
@@ -75,6 +77,8 @@ class RunSpec:
     goal: str
     tools: list[str] | None = None  # tool names the run may call; None: every tool in the swarm
     memory_namespace: str | None = None  # long-term memory to read facts from and remember the answer in
+    memory_owner: str | None = None  # the principal id that owns the namespace (with a namespace)
+    memory_access: str | None = None  # the owner's token (protocol.memory_access) for the run's memory steps
     max_steps: int = 8  # llm decisions (react) before an answer is forced
     strategy: str = "react"
     plan: list[dict] | None = None  # for "plan": the calls to run, instead of asking the model for them
@@ -99,6 +103,12 @@ class RunSpec:
             raise ValueError(f"max_steps must be an int in [1, {MAX_STEPS}], got {self.max_steps!r}")
         if self.memory_namespace is not None:
             check_namespace(self.memory_namespace)
+            if not (isinstance(self.memory_owner, str) and 0 < len(self.memory_owner) <= MAX_ID_CHARS):
+                raise ValueError("a run with a memory namespace needs memory_owner, the principal id that owns it")
+            if not (isinstance(self.memory_access, str) and 0 < len(self.memory_access) <= MAX_TOKEN_CHARS):
+                raise ValueError("a run with a memory namespace needs memory_access, its owner's access token")
+        elif self.memory_owner is not None or self.memory_access is not None:
+            raise ValueError("memory_owner and memory_access go with a memory_namespace")
         if self.tools is not None and not (isinstance(self.tools, list) and all(isinstance(t, str) for t in self.tools)):
             raise ValueError("tools must be a list of tool names")
         if self.plan is not None:
@@ -162,14 +172,14 @@ def run_agent(ctx: RunContext) -> dict[str, Any]:
     answer = strategy(ctx)
     ctx.emit({"type": "answer", "text": answer})
     if spec.memory_namespace and spec.remember and answer:
-        ctx.step(
-            Step(
-                "memory.write",
-                "memory.write",
-                {"namespace": spec.memory_namespace, "text": f"{spec.goal} {answer}", "record_id": _record_id(ctx.run_id)},
-            )
-        )
+        args = memory_args(spec, text=f"{spec.goal} {answer}", record_id=_record_id(ctx.run_id))
+        ctx.step(Step("memory.write", "memory.write", args))
     return {"answer": answer, "strategy": spec.strategy}
+
+
+def memory_args(spec: RunSpec, **args: Any) -> dict[str, Any]:
+    """The arguments of a memory step on the run's namespace: whose it is, and the token that opens it."""
+    return {"owner": spec.memory_owner, "namespace": spec.memory_namespace, "access": spec.memory_access, **args}
 
 
 def _record_id(run_id: str) -> str:
@@ -183,8 +193,7 @@ def recall(ctx: RunContext, conversation: Conversation) -> None:
     spec = ctx.spec
     if not spec.memory_namespace:
         return
-    args = {"namespace": spec.memory_namespace, "query": spec.goal, "k": MEMORY_HITS}
-    outcome = ctx.step(Step("memory.read", "memory.search", args))
+    outcome = ctx.step(Step("memory.read", "memory.search", memory_args(spec, query=spec.goal, k=MEMORY_HITS)))
     if not outcome.ok or not outcome.value.get("hits"):
         return
     call = {"name": "memory_search", "arguments": {"query": spec.goal}}
@@ -222,8 +231,7 @@ def call_tool(ctx: RunContext, step_id: str, name: str, arguments: dict) -> Step
     """One tool call as a step: memory_search goes to the run's memory, anything else to a node hosting it."""
     if name == "memory_search" and ctx.spec.memory_namespace:
         query = str(arguments.get("query", ""))[:1000] or ctx.spec.goal
-        args = {"namespace": ctx.spec.memory_namespace, "query": query, "k": MEMORY_HITS}
-        return ctx.step(Step(step_id, "memory.search", args))
+        return ctx.step(Step(step_id, "memory.search", memory_args(ctx.spec, query=query, k=MEMORY_HITS)))
     idempotent = ctx.tool_is_idempotent(name)
     return ctx.step(Step(step_id, "tool", {"name": name, "arguments": arguments}, idempotent=idempotent))
 
@@ -329,6 +337,8 @@ def team(ctx: RunContext) -> str:
             goal=task,
             tools=spec.tools,
             memory_namespace=spec.memory_namespace,
+            memory_owner=spec.memory_owner,
+            memory_access=spec.memory_access,
             max_steps=min(spec.max_steps, 4),
             role="worker",
             remember=False,

@@ -2,7 +2,12 @@
 
 Placement: a tool step goes to a node hosting the tool; an llm step to the node that ran the run's
 previous llm step (it holds the run's KV prefix) unless that node is much busier; memory steps follow
-the namespace's rendezvous replicas; otherwise the least loaded capable node wins.
+the namespace's rendezvous order (agent.memory_placement); otherwise the least loaded capable node wins.
+
+Memory: a write succeeds only once `MEMORY_REPLICAS` nodes hold it; a node that fails is replaced by the
+next one in rendezvous order, and a write still short of replicas is reported as failed, naming what is
+missing. A search asks every live replica (the first `MEMORY_REPLICAS` that answer in rendezvous order,
+and every node that announces holding the namespace) and merges their hits.
 
 Retries: a node that cannot be reached, or that fails while running an idempotent step, is skipped for
 `ban_seconds` and the step goes to the next candidate. A non-idempotent step that a node had accepted
@@ -17,22 +22,27 @@ import json
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import replace
 
 import grpc
 
 from agent.capabilities import TaskCapabilities
-from agent.memory import replica_nodes
+from agent.memory_placement import MEMORY_REPLICAS, replica_nodes, storage_id
 from agent.steps import Step, StepOutcome
 from proto import tasks_pb2 as pb
 from proto import tasks_pb2_grpc as pb_grpc
 from protocol.channels import open_channel
+from protocol.identity import NodeIdentity
 
 logger = logging.getLogger(__name__)
 
 AFFINITY_SLACK = 2.0  # an llm step stays on its run's node unless that node is this much busier than the idlest
-MEMORY_REPLICAS = 2
+MAX_SEARCH_NODES = 2 * MEMORY_REPLICAS  # a memory search asks at most this many nodes at once
+ACCESS_DENIED = "permission denied"  # how an outcome's error starts when a node refused the caller (PERMISSION_DENIED)
 
 TextCallback = Callable[[str], None]
 DispatchCallback = Callable[[str, int], None]  # (node id, attempt number) just before a node is sent the step
@@ -53,8 +63,14 @@ class StepScheduler:
         step_timeout: float = 600.0,
         ban_seconds: float = 30.0,
         max_attempts: int = 3,
+        swarm_key: bytes | None = None,
+        identity: NodeIdentity | None = None,
     ):
+        """`swarm_key`: the private swarm's key, which memory storage ids are keyed with (None: open swarm).
+        `identity` signs this scheduler's calls (default: this process's)."""
         self._capabilities = capabilities
+        self._swarm_key = swarm_key
+        self._identity = identity
         self.connect_timeout = connect_timeout
         self.step_timeout = step_timeout
         self.ban_seconds = ban_seconds
@@ -82,12 +98,16 @@ class StepScheduler:
             local = self._in_flight.get(node.node_id, 0)
         return max(node.running_steps, local) + (1.0 - node.free_cpu)
 
+    def storage_id(self, owner: str, namespace: str) -> str:
+        """The storage id of `owner`'s namespace in this swarm (agent.memory_placement); ValueError if malformed."""
+        return storage_id(owner, namespace, self._swarm_key)
+
     def candidates(self, step: Step, exclude: set[str] = frozenset()) -> list[TaskCapabilities]:
-        """The nodes that can run `step`, best first."""
+        """The nodes that can run `step`, best first (for memory steps: in the namespace's rendezvous order)."""
         kind = "run" if step.kind == "subagent" else step.kind
         capable = [n for n in self.nodes() if n.can_run(kind, step.tool) and n.node_id not in exclude]
         if step.kind.startswith("memory."):
-            return _by_replica_rank(capable, step.args.get("namespace", ""))
+            return _by_replica_rank(capable, self.storage_id(step.args.get("owner"), step.args.get("namespace")))
         ranked = sorted(capable, key=lambda node: (self.load(node), node.node_id))
         if step.prefer_node is not None and ranked:
             preferred = next((n for n in ranked if n.node_id == step.prefer_node), None)
@@ -112,8 +132,15 @@ class StepScheduler:
         on_failure: FailureCallback | None = None,
     ) -> StepOutcome:
         """Runs a node step (llm, tool, memory.*) on the best node that answers; see the module doc."""
+        if step.kind.startswith("memory."):
+            try:
+                self.storage_id(step.args.get("owner"), step.args.get("namespace"))
+            except ValueError as error:
+                return StepOutcome(ok=False, error=f"{step.describe()}: {error}")
         if step.kind == "memory.write":
             return self._write_replicated(run_id, step, first_attempt, on_dispatch, on_failure)
+        if step.kind == "memory.search":
+            return self._search_replicas(run_id, step, first_attempt, on_dispatch, on_failure)
         tried: list[str] = []
         attempt = first_attempt
         while len(tried) < self.max_attempts:
@@ -145,35 +172,87 @@ class StepScheduler:
         return StepOutcome(ok=False, error=f"{step.describe()} could not run: {where}", tried=tried)
 
     def _write_replicated(self, run_id, step, attempt, on_dispatch, on_failure) -> StepOutcome:
-        """Writes a memory record on the namespace's first `MEMORY_REPLICAS` nodes that answer."""
+        """Writes a memory record on the namespace's first `MEMORY_REPLICAS` nodes, in rendezvous order,
+        that take it; fails, naming what is missing, if fewer do. Every replica gets the same record id,
+        so writing again (a retry, a replayed run) stores nothing twice."""
+        if "record_id" not in step.args:
+            step = replace(step, args={**step.args, "record_id": uuid.uuid4().hex})
         began = time.perf_counter()
         written, tried, errors = [], [], []
         for node in self.candidates(step):
-            if len(written) == MEMORY_REPLICAS:
+            if len(written) == MEMORY_REPLICAS or len(tried) == MEMORY_REPLICAS + self.max_attempts:
                 break
             tried.append(node.node_id)
             if on_dispatch is not None:
                 on_dispatch(node.node_id, attempt)
             outcome, _ = self._send(run_id, step, attempt, node, None)
+            attempt += 1
             if outcome.ok:
                 written.append(node.node_id)
-            else:
-                errors.append(outcome.error or "failed")
-                if on_failure is not None:
-                    on_failure(node.node_id, attempt, outcome.error or "failed")
-                if not outcome.node_id:
-                    self.ban(node.node_id)
-            attempt += 1
+                continue
+            if _denied(outcome):  # every replica decides access alike: asking the next one is pointless
+                outcome.tried, outcome.seconds = tried, time.perf_counter() - began
+                return outcome
+            errors.append(f"{node.node_id}: {outcome.error or 'failed'}")
+            if on_failure is not None:
+                on_failure(node.node_id, attempt - 1, outcome.error or "failed")
+            if not outcome.node_id:
+                self.ban(node.node_id)
         seconds = time.perf_counter() - began
-        if not written:
-            return StepOutcome(ok=False, error=f"memory write failed on every node: {errors}", tried=tried, seconds=seconds)
-        value = {"record_id": step.args.get("record_id"), "replicas": written}
+        if len(written) < MEMORY_REPLICAS:
+            error = (
+                f"memory write reached {len(written)} of the {MEMORY_REPLICAS} replicas it needs "
+                f"(held by: {', '.join(written) or 'none'}; failed: {'; '.join(errors) or 'no other memory node is up'})"
+            )
+            return StepOutcome(ok=False, error=error, node_id=written[0] if written else "", seconds=seconds, tried=tried)
+        value = {"record_id": step.args["record_id"], "replicas": written}
         return StepOutcome(ok=True, value=value, node_id=written[0], seconds=seconds, tried=tried)
+
+    def _search_replicas(self, run_id, step, attempt, on_dispatch, on_failure) -> StepOutcome:
+        """Asks every live replica of the namespace and merges their hits (see the module doc)."""
+        began = time.perf_counter()
+        store = self.storage_id(step.args["owner"], step.args["namespace"])
+        ranked = self.candidates(step)
+        holders = [node for node in ranked if store in node.namespaces]
+        ask = list({node.node_id: node for node in [*ranked[:MEMORY_REPLICAS], *holders]}.values())[:MAX_SEARCH_NODES]
+        answered: dict[str, StepOutcome] = {}
+        tried: list[str] = []
+        errors: list[str] = []
+        while ask:
+            for node in ask:
+                tried.append(node.node_id)
+                if on_dispatch is not None:
+                    on_dispatch(node.node_id, attempt)
+            with ThreadPoolExecutor(len(ask), thread_name_prefix="memory-search") as pool:
+                sent = [pool.submit(self._send, run_id, step, attempt, node, None) for node in ask]
+                outcomes = [future.result()[0] for future in sent]
+            attempt += 1
+            for node, outcome in zip(ask, outcomes, strict=True):
+                if outcome.ok:
+                    answered[node.node_id] = outcome
+                elif _denied(outcome):
+                    outcome.tried, outcome.seconds = tried, time.perf_counter() - began
+                    return outcome
+                else:
+                    errors.append(f"{node.node_id}: {outcome.error or 'failed'}")
+                    if on_failure is not None:
+                        on_failure(node.node_id, attempt - 1, outcome.error or "failed")
+                    if not outcome.node_id:
+                        self.ban(node.node_id)
+            missing = min(MEMORY_REPLICAS - len(answered), MAX_SEARCH_NODES + self.max_attempts - len(tried))
+            ask = [node for node in ranked if node.node_id not in tried][:missing] if missing > 0 else []  # the next in order
+        seconds = time.perf_counter() - began
+        if not answered:
+            why = "; ".join(errors) or "no memory node is up"
+            return StepOutcome(ok=False, error=f"memory.search could not run: {why}", seconds=seconds, tried=tried)
+        value = {"hits": merge_hits([outcome.value.get("hits", []) for outcome in answered.values()], step.args.get("k", 5)),
+                 "replicas": list(answered)}
+        return StepOutcome(ok=True, value=value, node_id=next(iter(answered)), seconds=seconds, tried=tried)
 
     def _send(self, run_id: str, step: Step, attempt: int, node: TaskCapabilities, on_text) -> tuple[StepOutcome, bool]:
         """Sends one attempt; returns its outcome (node_id empty if the node never answered) and whether
         the node accepted the step before anything went wrong."""
-        channel = self._channel(node.address)
+        channel = self.channel(node.address, node.node_id)
         try:
             grpc.channel_ready_future(channel).result(timeout=self.connect_timeout)
         except grpc.FutureTimeoutError:
@@ -201,6 +280,8 @@ class StepScheduler:
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.CANCELLED:
                     return StepOutcome(ok=False, error="cancelled", node_id=node.node_id), accepted
+                if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    return StepOutcome(ok=False, error=f"{ACCESS_DENIED} by node {node.node_id}: {error.details()}", node_id=node.node_id), accepted
                 if error.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED):
                     return StepOutcome(ok=False, error=error.details(), node_id=node.node_id), accepted
                 return StepOutcome(ok=False, error=f"{error.code().name}: {error.details()}"), accepted
@@ -240,21 +321,18 @@ class StepScheduler:
             llm_nodes = self._llm_nodes.pop(run_id, {})
         for node_id, address in llm_nodes.items():
             try:
-                pb_grpc.TaskServiceStub(self._channel(address)).EndRun(pb.RunQuery(run_id=run_id), timeout=self.connect_timeout)
+                pb_grpc.TaskServiceStub(self.channel(address, node_id)).EndRun(pb.RunQuery(run_id=run_id), timeout=self.connect_timeout)
             except grpc.RpcError as error:  # a node that is gone has nothing left to free
                 logger.info("could not end run %s on node %s: %s", run_id, node_id, error.code().name)
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def channel(self, address: str, node_id: str) -> grpc.Channel:
+        """A shared channel to the node `node_id` at `address` (calls signed for that node)."""
         with self._lock:
-            channel = self._channels.get(address)
+            channel = self._channels.get((address, node_id))
             if channel is None:
-                channel = open_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
-                self._channels[address] = channel
+                channel = open_channel(address, node_id, options=[("grpc.max_receive_message_length", 64 << 20)], identity=self._identity)
+                self._channels[(address, node_id)] = channel
             return channel
-
-    def channel(self, address: str) -> grpc.Channel:
-        """A shared channel to a node (for the run RPCs of sub-agents)."""
-        return self._channel(address)
 
     def close(self) -> None:
         with self._lock:
@@ -270,9 +348,24 @@ def _outcome(result: pb.StepResult) -> StepOutcome:
     )
 
 
-def _by_replica_rank(nodes: list[TaskCapabilities], namespace: str) -> list[TaskCapabilities]:
-    """Memory nodes in the namespace's rendezvous order, those already holding it first."""
+def _denied(outcome: StepOutcome) -> bool:
+    return (outcome.error or "").startswith(ACCESS_DENIED)
+
+
+def _by_replica_rank(nodes: list[TaskCapabilities], store: str) -> list[TaskCapabilities]:
+    """Memory nodes in the rendezvous order of the storage id `store`."""
     if not nodes:
         return []
-    rank = {node_id: index for index, node_id in enumerate(replica_nodes(namespace, [n.node_id for n in nodes], len(nodes)))}
-    return sorted(nodes, key=lambda node: (namespace not in node.namespaces, rank[node.node_id]))
+    rank = {node_id: index for index, node_id in enumerate(replica_nodes(store, [n.node_id for n in nodes], len(nodes)))}
+    return sorted(nodes, key=lambda node: rank[node.node_id])
+
+
+def merge_hits(answers: list[list[dict]], k: int) -> list[dict]:
+    """The `k` best hits of several replicas' answers, each record once (with its best score), best first."""
+    best: dict[str, dict] = {}
+    for hits in answers:
+        for hit in hits:
+            kept = best.get(hit["id"])
+            if kept is None or hit["score"] > kept["score"]:
+                best[hit["id"]] = hit
+    return sorted(best.values(), key=lambda hit: (-hit["score"], hit["id"]))[:k]

@@ -4,8 +4,9 @@ Kinds and their arguments (all JSON):
 - `llm`: {"messages": [...], "tools": [OpenAI tool schemas], "allow_answer": bool, "call_bias": float,
   "max_calls": int, "max_answer_tokens": int} -> {"calls": [{"name", "arguments"}], "answer", "text", ...}
 - `tool`: {"name": str, "arguments": {...}} -> the tool's JSON value
-- `memory.write`: {"namespace", "text", "record_id"?, "metadata"?} -> {"record_id"}
-- `memory.search`: {"namespace", "query", "k"?} -> {"hits": [{"id", "text", "score"}]}
+- `memory.write`: {"owner", "namespace", "access"?, "text", "record_id"?, "metadata"?} -> {"record_id"}
+- `memory.search`: {"owner", "namespace", "access"?, "query", "k"?} -> {"hits": [{"id", "text", "score"}]}
+  (`owner` is the namespace's owner principal, `access` a protocol.memory_access token; see node.task_worker)
 - `subagent`: a whole run (agent.runtime.RunSpec) coordinated by another node -> that run's result
 """
 

@@ -18,6 +18,9 @@ A ToolRegistry publishes the specs in the OpenAI ``tools`` format, validates the
 a model produced, and calls the function, turning every failure of the tool itself into a
 ``ToolResult(ok=False)`` rather than an exception. ``load_tools_file`` collects the
 decorated functions of a user's file (``swarm-node join --tools FILE.py``).
+
+Built-in tools that run code (``CODE_TOOLS``: ``python``, in ``agent.sandbox``) are off unless the
+node's operator allows them (``builtin_tools(allow=["python"])``, ``swarm-node join --allow-tools python``).
 """
 
 from __future__ import annotations
@@ -446,7 +449,7 @@ def _calculator(expression: str) -> int | float:
 
 @tool(name="python", idempotent=False, timeout=PYTHON_TOOL_TIMEOUT)
 def _python(code: str) -> dict[str, Any]:
-    """Run a Python 3 program in an isolated sandbox and return its stdout, stderr, exit code and whether it timed out. The sandbox has no network, no environment variables, an empty temporary directory, 5 seconds and 256 MB of memory; print what you need to see.
+    """Run a Python 3 program in an isolated sandbox and return its stdout, stderr, exit code and whether it timed out. The sandbox has no network, no environment variables, a read-only system with an empty working directory, 5 seconds and 256 MB of memory; print what you need to see.
 
     Args:
         code: The complete program to run.
@@ -455,6 +458,43 @@ def _python(code: str) -> dict[str, Any]:
     return {"stdout": result.stdout, "stderr": result.stderr, "exit_code": result.exit_code, "timed_out": result.timed_out}
 
 
-def builtin_tools() -> list[ToolSpec]:
-    """The tools every node offers: ``calculator`` (idempotent) and ``python`` (not idempotent)."""
-    return [spec_of(_calculator), spec_of(_python)]
+CODE_TOOLS: dict[str, Callable[..., Any]] = {"python": _python}  # built-in tools that run code: off unless allowed
+
+
+def builtin_tools(allow: Iterable[str] = ()) -> list[ToolSpec]:
+    """The built-in tools: ``calculator`` always, and the code-running tools named in ``allow`` (``python``).
+
+    Raises what ``check_allowed_tools`` raises.
+    """
+    return [spec_of(_calculator), *(spec_of(CODE_TOOLS[name]) for name in check_allowed_tools(allow))]
+
+
+def check_allowed_tools(names: Iterable[str]) -> tuple[str, ...]:
+    """The code-running tools an operator allowed (``--allow-tools``), without repeats, once they are checked.
+
+    Raises ValueError for a name that is not a built-in code-running tool, and
+    sandbox.SandboxUnavailableError when ``python`` is named but its sandbox cannot run here.
+    """
+    allowed = tuple(dict.fromkeys(names))
+    _refuse_unknown(allowed)
+    if "python" in allowed:
+        sandbox.check_available()
+    return allowed
+
+
+def parse_allowed_tools(text: str) -> tuple[str, ...]:
+    """``--allow-tools python[,...]`` as names; ValueError for an empty list or a name that is not a code-running tool."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    if not names:
+        raise ValueError(f"expected a comma-separated list of tools ({', '.join(CODE_TOOLS)}), got {text!r}")
+    _refuse_unknown(names)
+    return names
+
+
+def _refuse_unknown(names: tuple[str, ...]) -> None:
+    unknown = [name for name in names if name not in CODE_TOOLS]
+    if unknown:
+        raise ValueError(
+            f"{', '.join(map(repr, unknown))}: not a built-in tool that runs code ({', '.join(CODE_TOOLS)}); "
+            "calculator and swarm_status are always on, and --tools FILE.py adds your own"
+        )

@@ -1,28 +1,34 @@
-"""Everything a node does for agents, wired together: tools, memory, the run journal, llm steps, the
-step scheduler, the run coordinator, the TaskService, and the capability record in the DHT."""
+"""Everything a node does for agents, wired together: tools, memory and its replication, the run journal,
+llm steps, the step scheduler, the run coordinator, the TaskService, and the capability record in the DHT."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import hivemind
 import psutil
 
-from agent.capabilities import CapabilityDirectory, TaskCapabilities, announce_capabilities, hosted_tools
+from agent.capabilities import MAX_NAMESPACES, CapabilityDirectory, TaskCapabilities, announce_capabilities, hosted_tools
 from agent.coordinator import RunCoordinator
 from agent.embeddings import LazyEmbedder
 from agent.journal import Journal
-from agent.memory import VectorStore
+from agent.memory_placement import is_storage_id
+from agent.memory_replication import MemoryReplicator
 from agent.scheduler import StepScheduler
 from agent.tools import ToolRegistry, ToolSpec, builtin_tools, load_tools_file
+from agent.vector_store import VectorStore
 from node.llm_worker import LLMWorker
 from node.model_files import ModelSource
 from node.task_service import TaskServicer, add_task_service
 from node.task_worker import TaskWorker
 from swarm import dht as swarm_dht
+
+if TYPE_CHECKING:
+    from swarm.session import SessionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +45,20 @@ class AgentServices:
         data_dir: str,
         tools_file: str | None = None,
         tls_cert: str = "",
+        swarm_key: bytes | None = None,
+        allow_tools: tuple[str, ...] = (),
+        session_policy: SessionPolicy | None = None,
     ):
+        """`swarm_key`: the private swarm's key (memory storage ids are keyed with it); None: an open swarm.
+        `allow_tools`: the built-in tools that run code (``python``) this node hosts; none unless its operator says so.
+        `session_policy`: how this node's own clients (llm steps and the APIs) run sessions, e.g. their
+        spot-check rate (`--spot-check`); None: SessionPolicy's defaults."""
         self.node_id, self.address, self.model, self.dht = node_id, address, model, dht
         self.tls_cert = tls_cert
+        self.swarm_key = swarm_key
+        self.session_policy = session_policy
         Path(data_dir).mkdir(parents=True, exist_ok=True)
-        self.tools = ToolRegistry(builtin_tools())
+        self.tools = ToolRegistry(builtin_tools(allow_tools))
         self.tools.register(self._swarm_status_tool())
         if tools_file:
             for spec in load_tools_file(tools_file):
@@ -53,10 +68,12 @@ class AgentServices:
         self._client_lock = threading.Lock()
         self._swarm_client = None
         self.llm = LLMWorker(lambda: self.swarm_client)
-        self.worker = TaskWorker(node_id, self.tools, self.memory, self.llm)
+        self.worker = TaskWorker(node_id, self.tools, self.memory, self.llm, swarm_key)
         self.directory = CapabilityDirectory(dht, model.model_id)
-        self.scheduler = StepScheduler(self.directory)
+        self.scheduler = StepScheduler(self.directory, swarm_key=swarm_key)
         self.coordinator = RunCoordinator(node_id, address, self.journal, self.scheduler, self.directory.tool_catalog)
+        self.replicator = MemoryReplicator(node_id, self.memory, self.directory, self.scheduler.channel)
+        self.replicator.start()
         psutil.cpu_percent(interval=None)  # starts the measurement window of `free_cpu`
 
     @property
@@ -70,8 +87,9 @@ class AgentServices:
     def new_swarm_client(self):
         """A client of the swarm over this node's own DHT peer (the APIs each make their own)."""
         from swarm.client import SwarmClient  # the client imports node modules; import it only when needed
+        from swarm.session import SessionPolicy
 
-        return SwarmClient(model=self.model, dht=self.dht)
+        return SwarmClient(model=self.model, dht=self.dht, swarm_key=self.swarm_key, policy=self.session_policy or SessionPolicy())
 
     def _swarm_status_tool(self) -> ToolSpec:
         def swarm_status() -> dict:
@@ -88,7 +106,7 @@ class AgentServices:
         )
 
     def add_to(self, server: grpc.Server) -> None:
-        add_task_service(server, TaskServicer(self.worker, self.coordinator))
+        add_task_service(server, TaskServicer(self.worker, self.coordinator, self.replicator))
 
     def capabilities(self) -> TaskCapabilities:
         return TaskCapabilities(
@@ -96,7 +114,7 @@ class AgentServices:
             address=self.address,
             tools=hosted_tools(self.tools),
             memory=True,
-            namespaces=tuple(self.memory.namespaces()[:256]),
+            namespaces=tuple([store for store in self.memory.namespaces() if is_storage_id(store)][:MAX_NAMESPACES]),
             free_cpu=max(0.0, min(1.0, 1.0 - psutil.cpu_percent(interval=None) / 100.0)),
             running_steps=self.worker.running_steps,
             tls_cert=self.tls_cert,
@@ -106,6 +124,7 @@ class AgentServices:
         return announce_capabilities(self.dht, self.model.model_id, self.capabilities(), ttl)
 
     def close(self) -> None:
+        self.replicator.close()
         self.coordinator.close()
         self.llm.close()
         self.scheduler.close()

@@ -1,5 +1,11 @@
 """The SwarmAPI (proto/api.proto) that apps call on any node started with --api-port, with the gRPC
-health service and server reflection beside it."""
+health service and server reflection beside it.
+
+Every SwarmAPI call is admitted by `ApiGuard` through the node's `node.api_access.ApiAccess`, shared with
+the HTTP API: a token of a configured client makes the call that client's (its principal, limits and
+token budget), and refusals are UNAUTHENTICATED, or RESOURCE_EXHAUSTED with a `retry-after` trailer
+(seconds). Request bytes that do not parse are INVALID_ARGUMENT (protocol.request_parsing).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,23 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent import futures
+from typing import Any
+from urllib.parse import unquote
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from agent.scheduler import NoCapableNodeError
+from node.api_access import ApiAccess, Caller, RateLimited, Unauthenticated
 from node.model_files import ModelSource
 from node.service import bind
 from proto import api_pb2 as pb
 from proto import api_pb2_grpc as pb_grpc
+from protocol.principals import Principal, principal_of
+from protocol.request_parsing import add_servicer
 from swarm import dht as swarm_dht
 from swarm.agent_client import AgentTask
 from swarm.errors import SwarmError
@@ -30,17 +41,21 @@ MAX_REQUEST_BYTES = 1 << 20
 MAX_NEW_TOKENS = 2048
 MAX_TASKS = 1024  # task handles kept for GetTask/WatchTask; the oldest finished ones go first
 DEFAULT_MAX_NEW_TOKENS = 64
+RETRY_AFTER_METADATA = "retry-after"  # trailer of a RESOURCE_EXHAUSTED refusal: whole seconds to wait
 
 
 class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
     """Serves the API with a swarm.client.SwarmClient that `client_factory` makes on first use (its own:
-    a tokenizer must not be shared between threads that pad differently)."""
+    a tokenizer must not be shared between threads that pad differently).
+
+    Behind `ApiGuard`, each call's context carries its caller: generation is checked against and charged
+    to the caller's token budget, and a task is visible only to the principal that submitted it."""
 
     def __init__(self, client_factory: Callable[[], object], model: ModelSource, dht, capabilities: Callable[[], list]):
         self._client_factory, self._client = client_factory, None
         self.model, self.dht = model, dht
         self.capabilities = capabilities
-        self._tasks: OrderedDict[str, AgentTask] = OrderedDict()
+        self._tasks: OrderedDict[str, tuple[AgentTask, Principal | None]] = OrderedDict()  # id -> (task, owner)
         self._lock = threading.Lock()
 
     def client(self):
@@ -70,6 +85,9 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
         max_new_tokens = request.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_new_tokens must be in [1, {MAX_NEW_TOKENS}]")
+        caller = api_caller_of(context)
+        if caller is not None:
+            _check_budget(caller, max_new_tokens, context)
         options = dict(
             max_new_tokens=max_new_tokens,
             do_sample=request.do_sample,
@@ -84,6 +102,8 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
                 if not context.is_active():
                     return
                 produced += 1
+                if caller is not None:
+                    caller.charge(1)
                 yield pb.GenerateChunk(text=event.text, token_id=event.token_id)
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
@@ -95,6 +115,9 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
 
     def SubmitAgentTask(self, request: pb.AgentTaskRequest, context: grpc.ServicerContext) -> pb.TaskStatus:
         tools = [] if request.no_tools else (list(request.tools) or None)
+        principal = principal_of(context)  # the API client the task (and its memory) belongs to; None: anonymous
+        if principal is None and request.memory_namespace:  # its memory would be everyone's, the node's own
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "anonymous API callers have no memory namespaces: the node needs --api-token or --api-tokens, and the call a client's token")
         try:
             task = self.client().submit_agent_task(
                 request.goal,
@@ -103,12 +126,15 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
                 max_steps=request.max_steps or 8,
                 strategy=request.strategy or "react",
                 tool_choice=request.tool_choice or "auto",
+                principal=principal.id if principal is not None else None,
             )
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        except PermissionError as error:  # a memory namespace this client may not use
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
         except NoCapableNodeError as error:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(error))
-        self._keep(task)
+        self._keep(task, principal)
         return _status(task)
 
     def WatchTask(self, request: pb.WatchTaskRequest, context: grpc.ServicerContext):
@@ -130,18 +156,19 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"the task's coordinator did not answer: {error.details()}")
         return _status(task)
 
-    def _keep(self, task: AgentTask) -> None:
+    def _keep(self, task: AgentTask, owner: Principal | None) -> None:
         with self._lock:
-            self._tasks[task.run_id] = task
+            self._tasks[task.run_id] = (task, owner)
             while len(self._tasks) > MAX_TASKS:
-                finished = next((task_id for task_id, kept in self._tasks.items() if kept.done), None)
+                finished = next((task_id for task_id, (kept, _) in self._tasks.items() if kept.done), None)
                 self._tasks.pop(finished if finished is not None else next(iter(self._tasks)))
 
     def _task(self, task_id: str, context: grpc.ServicerContext) -> AgentTask:
+        """The task `task_id`, if the caller submitted it (another's is NOT_FOUND, as a missing one)."""
         with self._lock:
-            task = self._tasks.get(task_id)
-        if task is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"no task {task_id!r} was submitted through this node")
+            task, owner = self._tasks.get(task_id, (None, None))
+        if task is None or owner != principal_of(context):
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no task {task_id!r} was submitted through this node by this client")
         return task
 
     # --- the swarm -----------------------------------------------------------------------------------
@@ -207,74 +234,103 @@ def _min_coverage(records, num_blocks: int) -> int:
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+class ApiContext:
+    """A servicer context that also carries the admitted caller: `principal` (read it with
+    protocol.principals.principal_of; None for an anonymous client) and `api_caller` (its budgets)."""
+
+    def __init__(self, context: grpc.ServicerContext, caller: Caller):
+        self._context = context
+        self.api_caller = caller
+        self.principal = caller.principal
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+def api_caller_of(context: grpc.ServicerContext) -> Caller | None:
+    """The admitted caller of a call (None when the servicer runs without `ApiGuard`)."""
+    return getattr(context, "api_caller", None)
+
+
 class ApiGuard(grpc.ServerInterceptor):
-    """Checks the API token (`authorization: Bearer <token>` metadata) and each client's request rate.
+    """Admits each call through `access`, by its `authorization: Bearer <token>` metadata and its peer's
+    address, in the handler's own thread. Health checks and reflection stay open."""
 
-    Health checks and reflection stay open. A client is its token when tokens are on, else its address.
-    """
-
-    def __init__(self, api_token: str | None, allow: Callable[[str], bool] | None):
-        self.api_token = api_token
-        self.allow = allow
+    def __init__(self, access: ApiAccess):
+        self.access = access
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(OPEN_SERVICES):
             return handler
-        return _guarded(handler, self._check)
+        token = _bearer_token(handler_call_details.invocation_metadata or ())
+        kind = ("stream" if handler.request_streaming else "unary") + "_" + ("stream" if handler.response_streaming else "unary")
+        behaviour = getattr(handler, kind)
 
-    def _check(self, context: grpc.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata())
-        if self.api_token is not None and metadata.get("authorization") != f"Bearer {self.api_token}":
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API token is needed: metadata authorization: Bearer <token>")
-        client = self.api_token or context.peer().rsplit(":", 1)[0]
-        if self.allow is not None and not self.allow(client):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit exceeded: slow down and retry")
+        def admitted(request_or_iterator, context):
+            return behaviour(request_or_iterator, ApiContext(context, self._admit(token, context)))
+
+        return handler._replace(**{kind: admitted})
+
+    def _admit(self, token: str | None, context: grpc.ServicerContext) -> Caller:
+        try:
+            return self.access.admit(token, peer_address(context.peer()))
+        except Unauthenticated as refusal:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(refusal))
+        except RateLimited as refusal:
+            _abort_rate_limited(refusal, context)
 
 
-def _guarded(handler: grpc.RpcMethodHandler, check: Callable[[grpc.ServicerContext], None]) -> grpc.RpcMethodHandler:
-    """The same handler, running `check(context)` before the method."""
-    if handler.unary_unary is not None:
-        method = handler.unary_unary
+def _check_budget(caller: Caller, max_tokens: int, context: grpc.ServicerContext) -> None:
+    try:
+        caller.check_tokens(max_tokens)
+    except RateLimited as refusal:
+        _abort_rate_limited(refusal, context)
 
-        def unary_unary(request, context):
-            check(context)
-            return method(request, context)
 
-        return handler._replace(unary_unary=unary_unary)
-    if handler.unary_stream is not None:
-        stream = handler.unary_stream
+def _abort_rate_limited(refusal: RateLimited, context: grpc.ServicerContext) -> None:
+    context.set_trailing_metadata(((RETRY_AFTER_METADATA, str(refusal.retry_after)),))
+    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
 
-        def unary_stream(request, context):
-            check(context)
-            yield from stream(request, context)
 
-        return handler._replace(unary_stream=unary_stream)
-    return handler  # the API has no client-streaming methods
+def _bearer_token(metadata: Iterable[tuple[str, Any]]) -> str | None:
+    value = dict(metadata).get("authorization")
+    if isinstance(value, str) and value[:7].lower() == "bearer ":
+        return value[7:].strip()
+    return None
+
+
+def peer_address(peer: str) -> str:
+    """The IP address in a gRPC peer string ("ipv4:10.0.0.7:5000", "ipv6:[::1]:5000"; else the string)."""
+    kind, _, rest = unquote(peer).partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rsplit(":", 1)[0].strip("[]")
+    return peer
 
 
 def start_api_server(
     servicer: SwarmApiServicer,
     host: str,
     port: int,
-    guard: ApiGuard,
+    access: ApiAccess,
     tls: tuple[bytes, bytes] | None = None,
     max_workers: int = 16,
 ) -> tuple[grpc.Server, int]:
-    """Serves the API, health checks and reflection on host:port (0 picks a port), over TLS with `tls`
-    (certificate PEM, key PEM); returns the server and its port."""
+    """Serves the API (admitted through `access`), health checks and reflection on host:port (0 picks a
+    port), over TLS with `tls` (certificate PEM, key PEM); returns the server and its port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers),
-        interceptors=[guard],
+        interceptors=[ApiGuard(access)],
         options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
         maximum_concurrent_rpcs=4 * max_workers,
     )
-    pb_grpc.add_SwarmAPIServicer_to_server(servicer, server)
+    add_servicer(pb_grpc.add_SwarmAPIServicer_to_server, servicer, server)
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    add_servicer(health_pb2_grpc.add_HealthServicer_to_server, health_servicer, server)
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    add_servicer(reflection_pb2_grpc.add_ServerReflectionServicer_to_server, reflection.ReflectionServicer(names), server)
     bound = bind(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} for the API")

@@ -16,10 +16,17 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
+from node.admission import SESSION_SLOTS, SESSIONS_PER_CLIENT  # noqa: E402
+from node.api_access import DEFAULT_REQUESTS_PER_SECOND, DEFAULT_TOKENS_PER_MINUTE  # noqa: E402
 from node.architectures import UnsupportedModelError  # noqa: E402
+from node.kv_budget import MAX_SESSION_BATCH  # noqa: E402
 from node.model_files import ModelNotFoundError  # noqa: E402
-from protocol.identity import IdentityError  # noqa: E402
+from node.session_slots import CROWDED_FRACTION, CROWDED_IDLE_TIMEOUT  # noqa: E402
+from protocol.identity import IdentityError, NodeIdentity  # noqa: E402
 from swarm.errors import SwarmError  # noqa: E402
+from swarm.session import DEFAULT_SPOT_CHECK  # noqa: E402
+
+CLIENT_IDENTITY_FILE = "~/.config/edgeswarm/client.key"  # `swarm-node agent`'s key: its memory stays its own across runs
 
 
 def parse_span(text: str) -> tuple[int, int]:
@@ -29,6 +36,27 @@ def parse_span(text: str) -> tuple[int, int]:
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from error
     return start, end
+
+
+def parse_allowed_tools(text: str) -> tuple[str, ...]:
+    """Parses --allow-tools python[,...] into tool names (only tools that run code are named there)."""
+    from agent.tools import parse_allowed_tools as parse  # the tool registry, without the node's heavy imports
+
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def parse_fraction(text: str) -> float:
+    """Parses a number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}") from error
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--max-session-length", type=int, default=8192, help="longest session (tokens) this node accepts")
     join.add_argument("--max-batch", type=int, default=32, help="decode steps of at most this many concurrent sessions run as one forward")
     join.add_argument("--prefill-chunk", type=int, default=256, help="longer steps run in chunks of this many tokens, with other sessions' decodes in between")
-    join.add_argument("--kv-memory", type=int, default=1024, metavar="MIB", help="KV-cache memory all sessions may reserve together (a session reserves its max_length); beyond it new sessions get RESOURCE_EXHAUSTED and go elsewhere")
+    join.add_argument("--kv-memory", type=int, default=1024, metavar="MIB", help="KV-cache memory all sessions may reserve together (a session reserves its max_length for the batch it runs); beyond it new sessions and steps get RESOURCE_EXHAUSTED and go elsewhere")
     join.add_argument("--session-idle-timeout", type=float, default=300.0, help="seconds without a step after which a session is closed and its KV cache freed")
+    join.add_argument("--max-session-batch", type=int, default=MAX_SESSION_BATCH, metavar="N", help="most sequences one session may carry (more is INVALID_ARGUMENT)")
+    join.add_argument("--session-slots", type=int, default=SESSION_SLOTS, metavar="N", help="most sessions open at once; NodeInfo, Forward and agent tasks have slots of their own")
+    join.add_argument("--sessions-per-client", type=int, default=SESSIONS_PER_CLIENT, metavar="N", help="most sessions one caller (its principal, or its address when anonymous) may hold open")
+    join.add_argument("--crowded-idle-timeout", type=float, default=CROWDED_IDLE_TIMEOUT, metavar="S", help=f"when over {CROWDED_FRACTION * 100:.0f}%% of session slots are taken, a new session closes the one idle longest if it has been idle S seconds")
     join.add_argument("--redundancy", type=int, default=2, help="how many nodes should serve every block (rebalancing aims for it)")
     join.add_argument("--rebalance-period", type=float, default=60.0, help="seconds between checks whether moving helps the swarm (0: never; nodes with --blocks never move)")
     join.add_argument("--partition", choices=["auto", "pipeline", "ring"], default="auto", help="auto: take the least-covered blocks; pipeline/ring: follow a swarm-wide plan made from every such node's profile")
@@ -61,16 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     join.add_argument("--use-auto-relay", action="store_true", help="find relays by itself when peers cannot reach it directly (behind NAT)")
     join.add_argument("--quant", choices=["none", "bf16", "int8"], default="none", help="how to hold weights: none (float32), bf16, or int8 (weight-only, per-channel scales)")
     join.add_argument("--semantic-basis", default="auto", metavar="auto|off|FILE", help="the semantic activation codec's basis: auto (cached, else fitted from the model in the background), off, or a basis file")
-    join.add_argument("--tools", dest="tools_file", metavar="FILE.py", help="host the @tool functions of this Python file for agents, beside the built-in calculator, python and swarm_status")
+    join.add_argument("--tools", dest="tools_file", metavar="FILE.py", help="host the @tool functions of this Python file for agents, beside the built-in calculator and swarm_status")
+    join.add_argument("--allow-tools", type=parse_allowed_tools, default=(), metavar="python[,...]", help="also host these built-in tools that run code (off by default); python runs in a bubblewrap sandbox as an unprivileged user")
     join.add_argument("--data-dir", default=None, help="where this node keeps agent memory and run journals (default ~/.cache/edgeswarm/nodes/NODE_ID)")
     join.add_argument("--api-port", type=int, default=None, help="serve the SwarmAPI (gRPC, proto/api.proto; with health checks and reflection) on this port (0 picks one)")
     join.add_argument("--http-port", type=int, default=None, help="serve the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models) on this port (0 picks one)")
-    join.add_argument("--api-token", default=os.environ.get("EDGESWARM_API_TOKEN"), help="clients of the APIs must send it as a Bearer token (default: $EDGESWARM_API_TOKEN; none: open)")
-    join.add_argument("--api-rate", type=float, default=20.0, help="requests per second each API client may make (bursts of twice that)")
+    join.add_argument("--api-token", default=os.environ.get("EDGESWARM_API_TOKEN"), help="clients of the APIs must send it as a Bearer token, as the API client 'default' (default: $EDGESWARM_API_TOKEN; none and no --api-tokens: open)")
+    join.add_argument("--api-tokens", default=None, metavar="FILE.json", help="named API clients: a JSON file of names, SHA-256 digests of their tokens and per-client limits (README: APIs for apps)")
+    join.add_argument("--api-rate", type=float, default=DEFAULT_REQUESTS_PER_SECOND, help="requests per second each API client (or anonymous IP) may make by default (bursts of twice that)")
+    join.add_argument("--api-tokens-per-minute", type=float, default=DEFAULT_TOKENS_PER_MINUTE, help="generated tokens per minute each API client (or anonymous IP) may use by default")
     join.add_argument("--identity", default=None, metavar="FILE", help="this node's Ed25519 key (created if missing, mode 0600); its id is the key's fingerprint (default: a new key each run)")
     join.add_argument("--swarm-key", default=None, metavar="FILE", help="join a private swarm: only holders of this key (see `swarm-node new-swarm-key`) can join, serve or be routed to")
     join.add_argument("--tls", action="store_true", help="serve gRPC (and the HTTP API as HTTPS) over TLS, with a certificate bound to this node's identity and announced in its signed record")
     join.add_argument("--no-agents", dest="agents", action="store_false", help="take no agent steps and coordinate no agent runs")
+    join.add_argument("--spot-check", type=parse_fraction, default=DEFAULT_SPOT_CHECK, metavar="F", help=f"fraction of steps (besides each session's first) that this node's own clients (OpenAI endpoint, SwarmAPI, agent llm steps) verify on another node; 0: off (default {DEFAULT_SPOT_CHECK})")
     join.add_argument("--drain-timeout", type=float, default=30.0, help="on SIGTERM, seconds to let open sessions finish before leaving")
     join.add_argument("--log-level", default="INFO")
 
@@ -82,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm")
     generate.add_argument("--max-new-tokens", type=int, default=128)
     generate.add_argument("--link-quality", default="lossless", metavar="BUDGET", help="activation compression on the links: lossless, high, balanced, max (or prefill=...,decode=..., or a codec name)")
+    generate.add_argument("--spot-check", type=parse_fraction, default=DEFAULT_SPOT_CHECK, metavar="F", help=f"fraction of steps (besides the first) verified on another node; 0: off (default {DEFAULT_SPOT_CHECK})")
     generate.add_argument("--log-level", default="WARNING")
 
     agent = commands.add_parser("agent", help="run an agent task on the swarm and print its steps and answer")
@@ -92,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--swarm-key", default=None, metavar="FILE", help="the key of a private swarm")
     agent.add_argument("--tools", nargs="*", default=None, metavar="NAME", help="tools the agent may call (default: every tool a node hosts)")
     agent.add_argument("--memory", default=None, metavar="NAMESPACE", help="long-term memory namespace to read facts from and remember the answer in")
+    agent.add_argument("--identity", default=CLIENT_IDENTITY_FILE, metavar="FILE", help=f"this client's Ed25519 key, which owns its memory namespaces (created if missing, mode 0600; default {CLIENT_IDENTITY_FILE})")
     agent.add_argument("--strategy", choices=["react", "plan", "team"], default="react")
     agent.add_argument("--max-steps", type=int, default=8)
     agent.add_argument("--tool-choice", choices=["auto", "required", "none"], default="auto", help="required: the first decision must call a tool")
@@ -132,6 +170,10 @@ def run_join(args: argparse.Namespace) -> int:
         prefill_chunk=args.prefill_chunk,
         kv_memory_mib=args.kv_memory,
         session_idle_timeout=args.session_idle_timeout,
+        max_session_batch=args.max_session_batch,
+        session_slots=args.session_slots,
+        sessions_per_client=args.sessions_per_client,
+        crowded_idle_timeout=args.crowded_idle_timeout,
         redundancy=args.redundancy,
         rebalance_period=args.rebalance_period,
         drain_timeout=args.drain_timeout,
@@ -146,14 +188,18 @@ def run_join(args: argparse.Namespace) -> int:
         semantic_basis=args.semantic_basis,
         agents=args.agents,
         tools_file=args.tools_file,
+        allow_tools=args.allow_tools,
         data_dir=args.data_dir,
         api_port=args.api_port,
         http_port=args.http_port,
         api_token=args.api_token,
+        api_tokens=args.api_tokens,
         api_rate=args.api_rate,
+        api_tokens_per_minute=args.api_tokens_per_minute,
         identity=args.identity,
         swarm_key=args.swarm_key,
         tls=args.tls,
+        spot_check=args.spot_check,
     )
     node = SwarmNode(settings)
     node.start()
@@ -199,6 +245,7 @@ def run_status(args: argparse.Namespace) -> int:
     from node.model_files import open_model
     from swarm import dht as swarm_dht
     from swarm.mdns import discover_peers
+    from swarm.membership import join_as_client
     from swarm.status import collect_status, plot_status, render_table
 
     model = open_model(args.model)
@@ -207,10 +254,11 @@ def run_status(args: argparse.Namespace) -> int:
         raise SwarmError(f"no --initial-peers given and no node of swarm {args.swarm_id!r} found on the LAN")
     swarm_key = _swarm_key(args)
     dht = swarm_dht.start_dht(peers, client_mode=True, swarm_key=swarm_key)
-    swarm_dht.use_auth(dht, swarm_dht.RecordAuth(swarm_key=swarm_key))
+    member = join_as_client(dht, swarm_key)
     try:
         status = collect_status(dht, model.model_id, model.num_blocks, ttl=args.announce_ttl)
     finally:
+        member.close()
         dht.shutdown()
     print(json.dumps(status.to_json(), indent=2) if args.json else render_table(status))
     if args.plot:
@@ -222,9 +270,11 @@ def run_status(args: argparse.Namespace) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from swarm.client import SwarmClient
+    from swarm.session import SessionPolicy
 
     with SwarmClient(
-        args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, link_quality=args.link_quality, swarm_key=_swarm_key(args)
+        args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, link_quality=args.link_quality, swarm_key=_swarm_key(args),
+        policy=SessionPolicy(spot_check=args.spot_check),
     ) as client:
         prompt = client.apply_chat_template([{"role": "user", "content": args.prompt}])
         for event in client.stream(prompt, max_new_tokens=args.max_new_tokens):
@@ -267,7 +317,8 @@ def describe_event(event: dict) -> str | None:
 def run_agent(args: argparse.Namespace) -> int:
     from swarm.client import SwarmClient
 
-    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, swarm_key=_swarm_key(args)) as client:
+    identity = NodeIdentity.load_or_create(os.path.expanduser(args.identity))
+    with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, swarm_key=_swarm_key(args), identity=identity) as client:
         task = client.submit_agent_task(
             args.goal, tools=args.tools, memory_namespace=args.memory, max_steps=args.max_steps, strategy=args.strategy,
             tool_choice=args.tool_choice,

@@ -16,15 +16,17 @@ from dataclasses import dataclass, field, replace
 import grpc
 import psutil
 
+from agent.sandbox import SandboxUnavailableError
+from agent.tools import check_allowed_tools
 from node.agent_services import AgentServices
-from node.api_service import ApiGuard, SwarmApiServicer, start_api_server
+from node.api_access import DEFAULT_REQUESTS_PER_SECOND, DEFAULT_TOKENS_PER_MINUTE, ApiAccess, ClientLimits, api_access
+from node.api_service import SwarmApiServicer, start_api_server
 from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
 from node.openai_http import OpenAIServer
-from node.rate_limit import RateLimiter
 from node.service import BlockServicer, ServiceLimits, start_grpc_server
 from node.span import TransformerSpan
-from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key
+from partition.coordination import keep_recorded_plan, make_plan, participants, plan_from_record, plan_key
 from partition.planner import Plan
 from partition.profiling import (
     blocks_that_fit,
@@ -34,7 +36,8 @@ from partition.profiling import (
 )
 from partition.rebalancing import choose_move
 from partition.span_selection import choose_least_covered_span
-from protocol.channels import use_swarm_key
+from protocol.call_auth import CallAuthenticator
+from protocol.channels import use_identity, use_swarm_key
 from protocol.codecs import SemanticBasis
 from protocol.identity import NodeIdentity
 from protocol.records import ServerRecord
@@ -42,6 +45,8 @@ from protocol.swarm_key import read_swarm_key
 from swarm import dht as swarm_dht
 from swarm.dht import RecordAuth
 from swarm.mdns import DEFAULT_SWARM_ID, LanPresence, discover_peers
+from swarm.membership import MemberAnnouncer, MemberDirectory
+from swarm.session import DEFAULT_SPOT_CHECK, SessionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,10 @@ class NodeSettings:
     prefill_chunk: int = 256  # longer steps run in chunks of this many tokens, other sessions' decodes between
     kv_memory_mib: int = 1024  # KV-cache room all sessions may reserve together; beyond it new ones are "busy"
     session_idle_timeout: float = 300.0  # seconds without a step after which a session is closed
+    max_session_batch: int = ServiceLimits.max_session_batch  # sequences one session may carry
+    session_slots: int = ServiceLimits.session_slots  # sessions open at once (node.admission)
+    sessions_per_client: int = ServiceLimits.sessions_per_client  # of them, held by one principal (or address)
+    crowded_idle_timeout: float = ServiceLimits.crowded_idle_timeout  # idle seconds after which a session makes way when slots are short
     redundancy: int = 2
     rebalance_period: float = 60.0
     drain_timeout: float = 30.0
@@ -80,14 +89,18 @@ class NodeSettings:
     semantic_basis: str = "auto"  # "auto" (cached, else fitted in the background), "off", or a basis file
     agents: bool = True  # take agent steps and coordinate agent runs (TaskService)
     tools_file: str | None = None  # a Python file of @tool functions this node hosts, beside the built-ins
+    allow_tools: tuple[str, ...] = ()  # built-in tools that run code (python, sandboxed) this node hosts; none by default
     data_dir: str | None = None  # where memory and the run journal live (default ~/.cache/edgeswarm/nodes/<node id>)
     api_port: int | None = None  # serve the SwarmAPI for apps on this port (0 picks one); None: no API
     http_port: int | None = None  # serve the OpenAI-compatible HTTP API on this port (0 picks one); None: none
-    api_token: str | None = None  # clients of both APIs must present it (Bearer token)
-    api_rate: float = 20.0  # requests per second each API client may make (bursts of twice that)
+    api_token: str | None = None  # clients of both APIs must present it (Bearer token); the API client "default"
+    api_tokens: str | None = None  # a JSON file of named API clients with token digests and limits (node.api_access)
+    api_rate: float = DEFAULT_REQUESTS_PER_SECOND  # requests per second each API client may make (bursts of twice that), by default
+    api_tokens_per_minute: float | None = DEFAULT_TOKENS_PER_MINUTE  # generated tokens per minute each API client may use, by default
     identity: str | None = None  # file of this node's Ed25519 key (created if missing); None: a new key each run
     swarm_key: str | None = None  # file holding a private swarm's shared key; None: an open swarm
     tls: bool = False  # serve gRPC (data plane, tasks, API) over TLS with a certificate bound to the identity
+    spot_check: float = DEFAULT_SPOT_CHECK  # the spot-check rate of this node's own clients (APIs, llm steps)
 
 
 def reachable_host(host: str, announce_host: str | None) -> str:
@@ -112,6 +125,16 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def _check_allowed_tools(settings: NodeSettings) -> None:
+    """Fails fast (ValueError) when --allow-tools names a tool that cannot be hosted here, e.g. python without bwrap."""
+    if not settings.agents:
+        raise ValueError("--allow-tools needs the agent services: drop --no-agents")
+    try:
+        check_allowed_tools(settings.allow_tools)
+    except SandboxUnavailableError as error:
+        raise ValueError(f"--allow-tools python: {error}") from error
+
+
 class SwarmNode:
     """A running node. `start()` returns once it serves and is announced; `stop()` withdraws and shuts down."""
 
@@ -122,12 +145,21 @@ class SwarmNode:
             self.model.check_span(*settings.blocks)
         if (settings.api_port is not None or settings.http_port is not None) and not settings.agents:
             raise ValueError("--api-port and --http-port need the agent services: drop --no-agents")
+        if settings.allow_tools:
+            _check_allowed_tools(settings)
         if settings.num_blocks is not None and not 0 < settings.num_blocks <= self.model.num_blocks:
             raise ValueError(f"--num-blocks must be in [1, {self.model.num_blocks}], got {settings.num_blocks}")
         self.identity = NodeIdentity.load_or_create(settings.identity) if settings.identity else NodeIdentity.generate()
+        self.api_access: ApiAccess = api_access(  # a bad tokens file fails fast
+            self.identity.fingerprint,
+            settings.api_tokens,
+            settings.api_token,
+            ClientLimits.per_second(settings.api_rate, settings.api_tokens_per_minute),
+        )
         self.tls: tuple[bytes, bytes] | None = None  # (certificate PEM, key PEM) with --tls
         self.swarm_key = read_swarm_key(settings.swarm_key) if settings.swarm_key else None
         use_swarm_key(self.swarm_key)  # this node's own calls to its peers carry the swarm's token
+        use_identity(self.identity)  # and are signed by its identity
         self._stopped = threading.Event()
         self._record_lock = threading.Lock()  # the announce, rebalance and link threads all update the record
         self.dht = None
@@ -167,6 +199,7 @@ class SwarmNode:
             swarm_key=self.swarm_key,
         )
         swarm_dht.use_auth(self.dht, RecordAuth(self.identity, self.swarm_key))
+        self.member_announcer = MemberAnnouncer(self.dht, self.identity.fingerprint, "node")
         node_id = self.identity.fingerprint
         start, end = self._choose_span()
         rss_before = psutil.Process().memory_info().rss
@@ -180,19 +213,25 @@ class SwarmNode:
             prefill_chunk=settings.prefill_chunk,
             kv_memory_bytes=settings.kv_memory_mib * 2**20,
             session_idle_timeout=settings.session_idle_timeout,
+            max_session_batch=settings.max_session_batch,
+            session_slots=settings.session_slots,
+            sessions_per_client=settings.sessions_per_client,
+            crowded_idle_timeout=settings.crowded_idle_timeout,
         )
         self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
         host = reachable_host(settings.host, settings.announce_host)
         self.tls = self.identity.tls_certificate([host]) if settings.tls else None
         add_services = (lambda server, port: self._add_agent_services(server, f"{host}:{port}")) if settings.agents else None
-        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port, add_services, self.swarm_key, self.tls)
+        self.members = MemberDirectory(self.dht)
+        authenticator = CallAuthenticator(node_id, self.members.is_member, self.swarm_key)
+        self.server, port = start_grpc_server(self.servicer, settings.host, settings.port, authenticator, add_services, self.tls)
         self.record = ServerRecord(
             node_id=node_id,
             address=f"{host}:{port}",
             model_id=self.model.model_id,
             start_block=start,
             end_block=end,
-            throughput=throughput,
+            throughput=self.servicer.announced_throughput,
             kv_free_bytes=self._kv_free_bytes(),
             prefill_throughput=prefill_throughput,
             max_blocks=settings.num_blocks or blocks_that_fit(self.model.config, quant=self.settings.quant),
@@ -223,7 +262,9 @@ class SwarmNode:
         node_id = self.identity.fingerprint
         data_dir = self.settings.data_dir or os.path.expanduser(f"~/.cache/edgeswarm/nodes/{node_id}")
         self.agents = AgentServices(
-            node_id, address, self.model, self.dht, data_dir, self.settings.tools_file, tls_cert=self.tls_certificate
+            node_id, address, self.model, self.dht, data_dir, self.settings.tools_file, tls_cert=self.tls_certificate,
+            swarm_key=self.swarm_key, allow_tools=self.settings.allow_tools,
+            session_policy=SessionPolicy(spot_check=self.settings.spot_check),
         )
         self.agents.add_to(server)
 
@@ -235,20 +276,17 @@ class SwarmNode:
     def _start_apis(self) -> None:
         """The SwarmAPI (gRPC) and the OpenAI-compatible HTTP endpoint, as configured."""
         settings, agents = self.settings, self.agents
-        limiter = RateLimiter(settings.api_rate, burst=2 * settings.api_rate)
         host = reachable_host(settings.host, settings.announce_host)
         if settings.api_port is not None:
             self.api_servicer = SwarmApiServicer(agents.new_swarm_client, self.model, self.dht, agents.directory)
-            guard = ApiGuard(settings.api_token, limiter.allow)
-            self.api_server, port = start_api_server(self.api_servicer, settings.host, settings.api_port, guard, self.tls)
+            self.api_server, port = start_api_server(self.api_servicer, settings.host, settings.api_port, self.api_access, self.tls)
             self.api_address = f"{host}:{port}"
         if settings.http_port is not None:
             self.http_server = OpenAIServer(
                 agents.new_swarm_client,
                 settings.host,
                 settings.http_port,
-                api_token=settings.api_token,
-                rate_limiter=limiter,
+                access=self.api_access,
                 tls=self.tls,
             )
             self.http_address = f"{host}:{self.http_server.start()}"
@@ -292,7 +330,7 @@ class SwarmNode:
         for record in swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks):
             if record.node_id != self.record.node_id and record.node_id not in links:
                 try:
-                    links[record.node_id] = list(measure_link(record.address))
+                    links[record.node_id] = list(measure_link(record.address, record.node_id))
                 except Exception as error:  # an unreachable peer is simply not measured
                     logger.info("could not measure the link to %s: %r", record.node_id, error)
         self._update_record(links=links)
@@ -322,7 +360,7 @@ class SwarmNode:
         records = [self.record if r.node_id == self.record.node_id else r for r in records]
         members = participants(records, settings.partition)
         key = plan_key(model.model_id)
-        recorded, recorded_members = self._recorded_plan(key)
+        recorded, recorded_members = self._recorded_plan(key, members)
         activation_bytes = model.config.hidden_size * 4
         if members and members[0].node_id == self.record.node_id:  # the coordinator
             new = make_plan(members, settings.partition, model.num_blocks, activation_bytes, settings.plan_objective)
@@ -336,21 +374,14 @@ class SwarmNode:
         stage = next((s for s in recorded.stages if s.node_id == self.record.node_id), None) if recorded else None
         return None if stage is None else (stage.start, stage.end)
 
-    def _recorded_plan(self, key: str) -> tuple[Plan | None, list[str]]:
-        """The plan in the DHT and the participants it was made for (None, [] if absent or malformed)."""
+    def _recorded_plan(self, key: str, members: list[ServerRecord]) -> tuple[Plan | None, list[str]]:
+        """The plan in the DHT and the participants it was made for, if the coordinator that `members`
+        elect signed it; (None, []) if absent, malformed, or signed by anyone else."""
         found = swarm_dht.fetch_value(self.dht, key)
-        if found is None or found[0].get("partition") != self.settings.partition:
-            return None, []
-        value, signer = found
-        try:
-            plan, members = Plan.from_dict(value["plan"]), [str(member) for member in value["members"]]
-        except (KeyError, TypeError, ValueError) as error:
-            logger.warning("ignoring a malformed plan: %r", error)
-            return None, []
-        if not members or signer != members[0]:  # only the plan's coordinator may record it
-            logger.warning("ignoring a plan signed by %s, who does not coordinate it", signer)
-            return None, []
-        return plan, members
+        recorded = found and plan_from_record(found[0], found[1], self.settings.partition, members)
+        if found and not recorded:
+            logger.warning("ignoring the recorded plan signed by %s: not a well-formed %s plan of the elected coordinator", found[1], self.settings.partition)
+        return recorded or (None, [])
 
     def move_to(self, start: int, end: int) -> None:
         """Loads blocks [start, end) and serves them to new sessions; sessions in flight finish on the old ones."""
@@ -361,7 +392,7 @@ class SwarmNode:
         prefill_throughput = measure_prefill_throughput(span)
         self.servicer.replace_span(span, throughput)
         record = self._update_record(
-            start_block=start, end_block=end, throughput=throughput, prefill_throughput=prefill_throughput
+            start_block=start, end_block=end, throughput=self.servicer.announced_throughput, prefill_throughput=prefill_throughput
         )
         swarm_dht.announce(self.dht, record, self.settings.announce_ttl)
         logger.info("moved from blocks %d:%d to %d:%d in %.1fs", *old, start, end, time.monotonic() - began)
@@ -412,7 +443,7 @@ class SwarmNode:
         if self.servicer is not None:
             self.servicer.stop_accepting()
         if self.dht is not None and self.record is not None:
-            if not swarm_dht.withdraw(self.dht, self.record):
+            if not swarm_dht.withdraw(self.dht, self.record, self.settings.announce_ttl):
                 logger.warning("could not withdraw the announcement; it expires within %.0fs", self.settings.announce_ttl)
         if self.servicer is not None:
             deadline = time.monotonic() + self.settings.drain_timeout
@@ -425,4 +456,5 @@ class SwarmNode:
         if self.agents is not None:
             self.agents.close()
         if self.dht is not None:
+            self.member_announcer.close()
             self.dht.shutdown()

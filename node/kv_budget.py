@@ -1,22 +1,25 @@
-"""The KV-cache memory budget of a node: which sessions it has room for, and which have gone idle.
+"""The KV-cache memory budget of a node: which sessions it has room for.
 
-A session reserves room for its whole `max_length` when it opens, so a node that admitted it can
-always serve it to the end: memory is refused up front (`BusyError`, which the client treats like
-any busy node and routes elsewhere) instead of running out in the middle of a conversation.
-Reservations are the accounting; the bytes the caches actually hold at a given moment are not needed.
+A session reserves room for its whole `max_length` when it opens, for one sequence; its first step
+shows how many sequences it really runs (its batch), and the reservation grows to that batch before the
+step runs, or the step is refused. So a node that admitted a step can always serve the session to the
+end: memory is refused up front (`BusyError`, which the client treats like any busy node and routes
+elsewhere) instead of running out in the middle of a conversation. Reservations are the accounting;
+the bytes the caches actually hold at a given moment are not needed.
 
->>> budget = KVBudget(budget_bytes=1 << 30, bytes_per_token=kv_bytes_per_token(config), idle_timeout=300)
+>>> budget = KVBudget(budget_bytes=1 << 30, bytes_per_token=kv_bytes_per_token(config))
 >>> budget.admit("session-1", max_length=2048, blocks=10)
->>> budget.touch("session-1")   # on every step
+>>> budget.grow("session-1", batch_size=4)   # before every step, with the step's batch
 >>> budget.release("session-1")  # when the stream ends (twice is harmless)
 """
 
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+# A session of more sequences than this is refused outright, whatever the budget (ServiceLimits.max_session_batch).
+MAX_SESSION_BATCH = 64
 
 
 class BusyError(RuntimeError):
@@ -25,13 +28,13 @@ class BusyError(RuntimeError):
 
 @dataclass(frozen=True)
 class Reservation:
-    """The room one admitted session holds: `nbytes` = max_length * batch_size * blocks * bytes per token."""
+    """The room one session holds: `nbytes` = max_length * batch_size * blocks * bytes per token."""
 
     session_id: str
     max_length: int
     batch_size: int
+    blocks: int
     nbytes: int
-    admitted_at: float
 
 
 def _format_bytes(count: int) -> str:
@@ -44,30 +47,17 @@ class KVBudget:
 
     `bytes_per_token` is the cost of one token of one sequence in one block (partition.profiling's
     `kv_bytes_per_token`); a session reserves it for each of the blocks it runs through here.
-    A session not `touch`ed for `idle_timeout` seconds is reported by
-    `idle_sessions`, for the node to close; `clock` is injectable for tests.
     """
 
-    def __init__(
-        self,
-        budget_bytes: int,
-        bytes_per_token: int,
-        idle_timeout: float,
-        clock: Callable[[], float] = time.monotonic,
-    ):
+    def __init__(self, budget_bytes: int, bytes_per_token: int):
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be non-negative, got {budget_bytes}")
         if bytes_per_token <= 0:
             raise ValueError(f"bytes_per_token must be positive, got {bytes_per_token}")
-        if idle_timeout <= 0:
-            raise ValueError(f"idle_timeout must be positive, got {idle_timeout}")
         self.budget_bytes = budget_bytes
         self.bytes_per_token = bytes_per_token
-        self.idle_timeout = idle_timeout
-        self._clock = clock
         self._lock = threading.Lock()
         self._reservations: dict[str, Reservation] = {}
-        self._last_touched: dict[str, float] = {}
         self._used = 0
 
     # --- admission ---------------------------------------------------------------------------------
@@ -86,46 +76,49 @@ class KVBudget:
                 raise ValueError(f"session {session_id!r} already holds a KV-cache reservation")
             if self._used + asked > self.budget_bytes:
                 raise BusyError(self._busy_message(session_id, max_length * blocks, batch_size, asked))
-            now = self._clock()
-            reservation = Reservation(session_id, max_length, batch_size, asked, now)
+            reservation = Reservation(session_id, max_length, batch_size, blocks, asked)
             self._reservations[session_id] = reservation
-            self._last_touched[session_id] = now
             self._used += asked
             return reservation
 
-    def _busy_message(self, session_id: str, max_length: int, batch_size: int, asked: int) -> str:
-        """Why `session_id` was refused: what it asked, what is used by how many sessions, and the budget."""
+    def grow(self, session_id: str, batch_size: int) -> Reservation:
+        """Makes `session_id`'s reservation cover `batch_size` sequences (call before every step, with the
+        step's batch); a no-op when it does already. BusyError if the growth does not fit (the reservation
+        stays as it was), KeyError if the session holds no reservation."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        with self._lock:
+            held = self._reservations[session_id]
+            if batch_size <= held.batch_size:
+                return held
+            asked = self.cost(held.max_length, batch_size, held.blocks)
+            if self._used - held.nbytes + asked > self.budget_bytes:
+                raise BusyError(self._busy_message(session_id, held.max_length * held.blocks, batch_size, asked, held.nbytes))
+            grown = replace(held, batch_size=batch_size, nbytes=asked)
+            self._reservations[session_id] = grown
+            self._used += asked - held.nbytes
+            return grown
+
+    def _busy_message(self, session_id: str, max_length: int, batch_size: int, asked: int, held: int = 0) -> str:
+        """Why `session_id` was refused: what it asked (and held), what is used by how many sessions, and the budget."""
         sequences = f"{batch_size} x {max_length}" if batch_size > 1 else f"{max_length}"
+        holding = f" (it holds {_format_bytes(held)})" if held else ""
         return (
             f"KV-cache budget exhausted: session {session_id!r} asks {_format_bytes(asked)} "
-            f"({sequences} token-blocks x {self.bytes_per_token} bytes), {_format_bytes(self._used)} is used by "
+            f"({sequences} token-blocks x {self.bytes_per_token} bytes){holding}, {_format_bytes(self._used)} is used by "
             f"{len(self._reservations)} session(s), {_format_bytes(self.budget_bytes - self._used)} is free "
             f"of a {_format_bytes(self.budget_bytes)} budget"
         )
-
-    def touch(self, session_id: str) -> None:
-        """Marks a session as active now (call on every step); unknown ids are ignored."""
-        with self._lock:
-            if session_id in self._last_touched:
-                self._last_touched[session_id] = self._clock()
 
     def release(self, session_id: str) -> Reservation | None:
         """Frees a session's room; returns its reservation, or None if it held none (release is idempotent)."""
         with self._lock:
             reservation = self._reservations.pop(session_id, None)
-            self._last_touched.pop(session_id, None)
             if reservation is not None:
                 self._used -= reservation.nbytes
             return reservation
 
     # --- state -------------------------------------------------------------------------------------
-
-    def idle_sessions(self) -> list[str]:
-        """Sessions not touched for at least `idle_timeout` seconds, longest idle first."""
-        with self._lock:
-            now = self._clock()
-            idle = [(touched, sid) for sid, touched in self._last_touched.items() if now - touched >= self.idle_timeout]
-        return [sid for _, sid in sorted(idle)]
 
     def reservation(self, session_id: str) -> Reservation | None:
         """The reservation `session_id` holds, if any."""

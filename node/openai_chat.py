@@ -285,12 +285,17 @@ class Completion:
     completion_tokens: int
 
 
+def _uncounted(tokens: int) -> None:
+    """The default `Job.on_tokens`: generated tokens are counted nowhere."""
+
+
 @dataclass
 class Job:
     request: ChatRequest
     prompt_ids: list[int]
     max_tokens: int
     session_length: int
+    on_tokens: Callable[[int], None] = _uncounted  # told of tokens as they are generated (e.g. to charge a budget)
 
 
 class StopText:
@@ -377,6 +382,7 @@ class ChatEngine:
             return self._decide(job)
         request = job.request
         result = self.client.generate(job.prompt_ids, job.max_tokens, **self._sampling(request))
+        job.on_tokens(len(result.token_ids))
         finish = "length" if result.finish_reason == "length" else "stop"
         return Completion(result.text or "", [], finish, len(job.prompt_ids), len(result.token_ids))
 
@@ -396,6 +402,7 @@ class ChatEngine:
         with contextlib.closing(events):
             for event in events:
                 count += 1
+                job.on_tokens(1)
                 delta = text.push(event.token_id)
                 if delta:
                     yield delta
@@ -433,6 +440,7 @@ class ChatEngine:
                 max_answer_tokens=job.max_tokens,
                 call_bias=0.0 if after_results else self.call_bias,  # as the agent runtime's later turns
             )
+        job.on_tokens(decision.tokens)
         prompt_tokens = len(job.prompt_ids)
         if decision.calls:
             calls = [_tool_call(call.name, call.arguments) for call in decision.calls]

@@ -14,15 +14,32 @@ import grpc
 import psutil
 import torch
 
+from node.admission import (
+    ADMIN,
+    ADMIN_SLOTS,
+    CALLS_BEYOND_THREADS,
+    FORWARD_SLOTS,
+    FORWARDS,
+    SESSION_SLOTS,
+    SESSIONS,
+    SESSIONS_PER_CLIENT,
+    TASK_SLOTS,
+    TASKS,
+    THREAD_HEADROOM,
+    AdmissionInterceptor,
+    CallSlots,
+)
 from node.batching import StepBatcher
-from node.kv_budget import BusyError, KVBudget
+from node.kv_budget import MAX_SESSION_BATCH, BusyError, KVBudget
+from node.session_slots import CROWDED_IDLE_TIMEOUT, SessionSlots
 from node.span import SpanCache, TransformerSpan
 from node.validation import InvalidRequest, StepInputs, check_reply_codec, decode_step_inputs
 from partition.profiling import kv_bytes_per_token
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
+from protocol.call_auth import CallAuthenticator, CallAuthInterceptor
 from protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
-from protocol.swarm_key import SwarmKeyInterceptor
+from protocol.request_parsing import add_servicer
 from protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
 
 logger = logging.getLogger(__name__)
@@ -38,11 +55,32 @@ class ServiceLimits:
     """Bounds a node puts on what one client may ask of it."""
 
     max_session_length: int = 8192
-    max_concurrent_rpcs: int = 128
+    max_session_batch: int = MAX_SESSION_BATCH  # sequences one session (or Forward) may carry
     max_batch: int = 32  # decode steps of this many sessions at most run as one forward
     prefill_chunk: int = 256  # longer steps run in chunks of this many tokens, with other sessions' decodes between
     kv_memory_bytes: int = 1 << 30  # KV-cache room all open sessions may reserve together
     session_idle_timeout: float = 300.0  # a session with no step for this long is closed and its cache freed
+    # call slots per pool (node.admission), and how sessions share theirs (node.session_slots)
+    session_slots: int = SESSION_SLOTS
+    sessions_per_client: int = SESSIONS_PER_CLIENT
+    crowded_idle_timeout: float = CROWDED_IDLE_TIMEOUT  # when slots are short, a session idle this long makes way
+    forward_slots: int = FORWARD_SLOTS
+    task_slots: int = TASK_SLOTS
+    admin_slots: int = ADMIN_SLOTS
+
+    def __post_init__(self) -> None:  # the pools check their own sizes (node.admission, node.session_slots)
+        if self.max_session_batch < 1:
+            raise ValueError(f"max_session_batch must be at least 1, got {self.max_session_batch}")
+
+    @property
+    def worker_threads(self) -> int:
+        """Threads of the gRPC server: one per slot of every pool, and headroom for refusals."""
+        return self.session_slots + self.forward_slots + self.task_slots + self.admin_slots + THREAD_HEADROOM
+
+    @property
+    def max_concurrent_rpcs(self) -> int:
+        """grpc's own limit on calls in flight: above the pools, as a last backstop only."""
+        return self.worker_threads + CALLS_BEYOND_THREADS
 
 
 class BlockServicer(pb_grpc.BlockServiceServicer):
@@ -53,9 +91,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     a session in flight: old sessions finish on the old blocks while new ones get the new blocks.
     After `stop_accepting` (a node leaving), new requests are refused as UNAVAILABLE.
 
-    Test hook: with EDGESWARM_FAULT_INJECTION=corrupt_outputs=S in its environment (read once, here), the
-    node lies: it adds gaussian noise of relative scale S (S times each position's RMS) to every hidden
-    state it returns, from sessions and Forward alike. It exists to test spot checks (swarm.spot_check).
+    Test hook: with EDGESWARM_FAULT_INJECTION in its environment (read once, here), the node lies as
+    `FaultInjection` describes. It exists to test spot checks and routing (swarm.spot_check, swarm.routing).
     """
 
     def __init__(
@@ -66,21 +103,29 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         throughput: float,
         limits: ServiceLimits,
         load_rss_growth: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.span, self.model_id, self.node_id = span, model_id, node_id
         self.throughput = throughput
         self.load_rss_growth = load_rss_growth
         self.limits = limits
         self.batcher = StepBatcher(max_batch=limits.max_batch, prefill_chunk=limits.prefill_chunk)
-        self.kv_budget = KVBudget(limits.kv_memory_bytes, kv_bytes_per_token(span.config), limits.session_idle_timeout)
+        self.kv_budget = KVBudget(limits.kv_memory_bytes, kv_bytes_per_token(span.config))
+        # the session pool of node.admission; `clock` measures how long sessions have been idle
+        self.session_slots = SessionSlots(
+            limits.session_slots, limits.sessions_per_client, limits.session_idle_timeout, limits.crowded_idle_timeout, clock
+        )
         self._sessions: dict[str, SpanCache] = {}
-        self._contexts: dict[str, grpc.ServicerContext] = {}
         self._sessions_lock = threading.Lock()
         self.accepting = True
-        self.evicted_sessions = 0
         self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see node.calibration)
-        self.corrupt_outputs = _corrupt_outputs_scale(os.environ.get("EDGESWARM_FAULT_INJECTION", ""))
+        self.faults = FaultInjection.parse(os.environ.get("EDGESWARM_FAULT_INJECTION", ""))
         threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
+
+    @property
+    def announced_throughput(self) -> float:
+        """The decode throughput to announce: the measured one, unless the fault-injection hook lies."""
+        return self.faults.announce_throughput or self.throughput
 
     @property
     def bases(self) -> dict[str, SemanticBasis]:
@@ -108,7 +153,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     ) -> StepInputs:
         bases = self.bases
         check_reply_codec(reply_codec, bases)
-        return decode_step_inputs(
+        inputs = decode_step_inputs(
             hidden,
             positions,
             mask,
@@ -116,6 +161,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             max_position=self.limits.max_session_length,
             bases=bases,
         )
+        if inputs.hidden_states.shape[0] > self.limits.max_session_batch:
+            raise InvalidRequest(
+                f"a batch of {inputs.hidden_states.shape[0]} sequences is above this node's limit of "
+                f"{self.limits.max_session_batch}"
+            )
+        return inputs
 
     def _run(
         self,
@@ -127,8 +178,8 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         reply_codec: str,
     ) -> pb.Tensor:
         output = self.batcher.run(span, inputs.hidden_states, inputs.position_ids, inputs.padding_mask, start, end, cache)
-        if self.corrupt_outputs:  # the fault-injection test hook (class docstring)
-            output = output + self.corrupt_outputs * output.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(output)
+        if self.faults.corrupts(reply_codec):  # the fault-injection test hook (class docstring)
+            output = output + self.faults.corrupt_outputs * output.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(output)
         return self._encode_reply(output.to(inputs.wire_dtype), reply_codec, boundary=end)
 
     def _encode_reply(self, output: torch.Tensor, codec: str, boundary: int) -> pb.Tensor:
@@ -158,13 +209,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         period = max(0.5, min(30.0, self.limits.session_idle_timeout / 4))
         while True:
             time.sleep(period)
-            for session_id in self.kv_budget.idle_sessions():
-                with self._sessions_lock:
-                    context = self._contexts.pop(session_id, None)
-                if context is not None:
-                    logger.info("closing idle session %s", session_id)
-                    self.evicted_sessions += 1
-                    context.cancel()
+            self.session_slots.close_idle()
 
     def replace_span(self, span: TransformerSpan, throughput: float) -> None:
         """Serves `span` to new requests from now on; requests in flight keep the span they started with."""
@@ -207,13 +252,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             except BusyError as error:
                 context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {error}")
             self._sessions[session_id] = cache
-            self._contexts[session_id] = context
         try:
             yield from self._serve_session(request_iterator, context, opening, span, cache, session_id)
         finally:
             with self._sessions_lock:
                 self._sessions.pop(session_id, None)
-                self._contexts.pop(session_id, None)
                 self.kv_budget.release(session_id)
 
     def _serve_session(
@@ -227,28 +270,32 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     ) -> Iterator[pb.SessionResponse]:
         last_step_id = -1
         for request in request_iterator:
-            self.kv_budget.touch(session_id)
-            if not request.HasField("step"):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
-            step = request.step
-            if step.step_id <= last_step_id:  # a replayed or reordered step would append its tokens twice
-                context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id} is replayed: this session is past step {last_step_id}"
-                )
-            last_step_id = step.step_id
-            try:
-                inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask, step.reply_codec)
-                batch, length = inputs.hidden_states.shape[:2]
-                if cache.batch_size is not None and batch != cache.batch_size:
-                    raise InvalidRequest(f"session has batch size {cache.batch_size}, step has {batch}")
-                if cache.length + length > opening.max_length:
-                    raise InvalidRequest(
-                        f"step would grow the session to {cache.length + length} tokens, above its max_length "
-                        f"{opening.max_length}"
+            with self.session_slots.working(context):  # idle again once the reply is handed to the client
+                if not request.HasField("step"):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "only `step` messages may follow `open`")
+                step = request.step
+                if step.step_id <= last_step_id:  # a replayed or reordered step would append its tokens twice
+                    context.abort(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id} is replayed: this session is past step {last_step_id}"
                     )
-            except InvalidRequest as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            output = self._run(span, inputs, opening.start_block, opening.end_block, cache, step.reply_codec)
+                last_step_id = step.step_id
+                try:
+                    inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask, step.reply_codec)
+                    batch, length = inputs.hidden_states.shape[:2]
+                    if cache.batch_size is not None and batch != cache.batch_size:
+                        raise InvalidRequest(f"session has batch size {cache.batch_size}, step has {batch}")
+                    if cache.length + length > opening.max_length:
+                        raise InvalidRequest(
+                            f"step would grow the session to {cache.length + length} tokens, above its max_length "
+                            f"{opening.max_length}"
+                        )
+                except InvalidRequest as error:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+                try:  # the session reserved room for one sequence: its first step shows how many it runs
+                    self.kv_budget.grow(session_id, batch)
+                except BusyError as error:
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {error}")
+                output = self._run(span, inputs, opening.start_block, opening.end_block, cache, step.reply_codec)
             yield pb.SessionResponse(step_id=step.step_id, hidden_states=output, cache_length=cache.length)
 
     def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
@@ -269,7 +316,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             weight_bytes=self.span.weight_bytes,
             batched_decode_steps=self.batcher.batched_steps,
             kv_reserved_bytes=self.kv_budget.used_bytes,
-            evicted_sessions=self.evicted_sessions,
+            evicted_sessions=self.session_slots.evicted,
         )
 
     @property
@@ -283,43 +330,86 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         return pb.EchoResponse(payload=bytes(request.reply_bytes))
 
 
-def _corrupt_outputs_scale(setting: str) -> float:
-    """S of an EDGESWARM_FAULT_INJECTION value `corrupt_outputs=S` (0 when unset)."""
-    if not setting:
-        return 0.0
-    name, _, value = setting.partition("=")
-    if name.strip() != "corrupt_outputs":
-        raise ValueError(f"EDGESWARM_FAULT_INJECTION: unknown fault {setting!r}; expected corrupt_outputs=SCALE")
-    logger.warning("fault injection: this node corrupts its outputs (relative noise %s)", value.strip())
-    return float(value)
+@dataclass(frozen=True)
+class FaultInjection:
+    """How a node lies, for tests: EDGESWARM_FAULT_INJECTION holds comma-separated NAME=VALUE settings.
+
+    - `corrupt_outputs=S`: add gaussian noise of relative scale S (S times each position's RMS) to the
+      hidden states it returns, from sessions and Forward alike;
+    - `when=compressed_reply` (with corrupt_outputs): only to replies asked for in a codec (a reply codec
+      other than "" or "none"), the steps that looked unchecked when checked steps asked for raw replies;
+    - `announce_throughput=X`: announce X blocks/s instead of its measured decode throughput.
+    """
+
+    corrupt_outputs: float = 0.0
+    when: str = "always"  # or "compressed_reply"
+    announce_throughput: float | None = None
+
+    @classmethod
+    def parse(cls, setting: str) -> FaultInjection:
+        """The faults an EDGESWARM_FAULT_INJECTION value asks for (none when it is empty); ValueError if malformed."""
+        values: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in setting.split(","))):
+            name, _, value = item.partition("=")
+            values[name.strip()] = value.strip()
+        unknown = set(values) - {"corrupt_outputs", "when", "announce_throughput"}
+        if unknown:
+            raise ValueError(
+                f"EDGESWARM_FAULT_INJECTION: unknown fault {setting!r}; expected corrupt_outputs=SCALE[,when=compressed_reply]"
+                " and/or announce_throughput=BLOCKS_PER_SECOND"
+            )
+        when = values.get("when", "always")
+        if when not in ("always", "compressed_reply"):
+            raise ValueError(f"EDGESWARM_FAULT_INJECTION: when must be always or compressed_reply, got {when!r}")
+        faults = cls(
+            corrupt_outputs=float(values.get("corrupt_outputs", 0.0)),
+            when=when,
+            announce_throughput=float(values["announce_throughput"]) if "announce_throughput" in values else None,
+        )
+        if faults != cls():
+            logger.warning("fault injection: this node lies: %s", faults)
+        return faults
+
+    def corrupts(self, reply_codec: str) -> bool:
+        """Whether a reply in `reply_codec` is to be corrupted."""
+        return self.corrupt_outputs > 0 and (self.when == "always" or reply_codec not in ("", "none"))
 
 
 def start_grpc_server(
     servicer: BlockServicer,
     host: str,
     port: int,
+    authenticator: CallAuthenticator,
     add_services: Callable[[grpc.Server, int], None] | None = None,
-    swarm_key: bytes | None = None,
     tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.Server, int]:
     """Starts the data plane on host:port (port 0 picks a free one) and returns the server and its port.
 
-    `add_services(server, port)` may add more services once the port is known, before the server starts.
-    With a `swarm_key`, calls without the private swarm's token are refused (UNAUTHENTICATED). With `tls`
-    (certificate PEM, key PEM), it serves over TLS only.
+    Every call must pass `authenticator` (protocol.call_auth: a member's signed credential, and the swarm
+    key in a private swarm). `add_services(server, port)` may add more services once the port is known,
+    before the server starts. With `tls` (certificate PEM, key PEM), it serves over TLS only. Calls are
+    admitted to separate slot pools sized by `servicer.limits` (node.admission).
     """
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
+    limits = servicer.limits
+    pools = {
+        SESSIONS: servicer.session_slots,
+        FORWARDS: CallSlots(FORWARDS, limits.forward_slots),
+        TASKS: CallSlots(TASKS, limits.task_slots),
+        ADMIN: CallSlots(ADMIN, limits.admin_slots),
+    }
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=servicer.limits.max_concurrent_rpcs + 4),
+        futures.ThreadPoolExecutor(max_workers=limits.worker_threads),
         options=options,
-        maximum_concurrent_rpcs=servicer.limits.max_concurrent_rpcs,
-        interceptors=[SwarmKeyInterceptor(swarm_key)] if swarm_key is not None else [],
+        maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
+        # admission after authentication: the pools count calls by their caller's principal
+        interceptors=[CallAuthInterceptor(authenticator), AdmissionInterceptor(pools)],
     )
-    pb_grpc.add_BlockServiceServicer_to_server(servicer, server)
+    add_servicer(pb_grpc.add_BlockServiceServicer_to_server, servicer, server)  # unparsable bytes: INVALID_ARGUMENT
     bound_port = bind(server, f"{host}:{port}", tls)
     if bound_port == 0:
         raise OSError(f"cannot listen on {host}:{port}")

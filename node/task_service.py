@@ -1,4 +1,5 @@
-"""The gRPC TaskService of a node: agent steps (node.task_worker) and agent runs (agent.coordinator)."""
+"""The gRPC TaskService of a node: agent steps (node.task_worker), agent runs (agent.coordinator) and
+memory replication between memory nodes (agent.memory_replication)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,15 @@ import time
 import grpc
 
 from agent.coordinator import RunCoordinator, UnknownRunError
+from agent.memory_replication import MemoryReplicator
 from agent.runtime import RunSpec
 from agent.steps import NODE_STEP_KINDS
-from node.task_worker import TaskWorker
+from node.task_worker import StepError, TaskWorker
 from proto import tasks_pb2 as pb
 from proto import tasks_pb2_grpc as pb_grpc
+from protocol.memory_access import MemoryAccessError
+from protocol.principals import principal_of
+from protocol.request_parsing import add_servicer
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +30,26 @@ MAX_ID_CHARS = 256
 
 
 class TaskServicer(pb_grpc.TaskServiceServicer):
-    """Runs steps with `worker` and runs with `coordinator`; bad requests get INVALID_ARGUMENT or NOT_FOUND."""
+    """Runs steps with `worker`, runs with `coordinator`, and serves memory replication with `replicator`
+    (None on a node that keeps no memory); bad requests get INVALID_ARGUMENT or NOT_FOUND, callers without
+    the right PERMISSION_DENIED."""
 
-    def __init__(self, worker: TaskWorker, coordinator: RunCoordinator):
+    def __init__(self, worker: TaskWorker, coordinator: RunCoordinator, replicator: MemoryReplicator | None = None):
         self.worker = worker
         self.coordinator = coordinator
+        self.replicator = replicator
 
     def RunStep(self, request: pb.StepRequest, context: grpc.ServicerContext):
         if request.kind not in NODE_STEP_KINDS:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown step kind {request.kind!r}; expected one of {NODE_STEP_KINDS}")
         args = _json_object(request.args_json, "args_json", MAX_ARGS_BYTES, context)
         _check_id(request.run_id, "run_id", context)
+        try:
+            self.worker.authorize(request.kind, args, principal_of(context))
+        except MemoryAccessError as error:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, str(error))
+        except StepError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         yield pb.StepUpdate(accepted=True)  # the step starts only after the caller knows it was accepted
         updates: queue.Queue = queue.Queue()
         began = time.perf_counter()
@@ -66,6 +80,8 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
         try:
             spec = RunSpec.from_dict(_json_object(request.spec_json, "spec_json", MAX_ARGS_BYTES, context))
             return self.coordinator.start(request.run_id, spec)
+        except MemoryAccessError as error:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"the run's memory: {error}")
         except ValueError as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -99,6 +115,36 @@ class TaskServicer(pb_grpc.TaskServiceServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unusable journal copy: {error}")
         return pb.RunReply(run_id=request.run_id)
 
+    def CompareMemory(self, request: pb.MemoryDigests, context: grpc.ServicerContext) -> pb.MemoryInventories:
+        replicator = self._replication_peer(context)
+        try:
+            differing = replicator.compare({digest.store: digest.digest for digest in request.stores})
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.MemoryInventories(
+            stores=[
+                pb.MemoryInventory(store=store, record_ids=list(entries), created=list(entries.values()))
+                for store, entries in differing.items()
+            ]
+        )
+
+    def PutMemoryRecords(self, request: pb.MemoryRecords, context: grpc.ServicerContext) -> pb.MemoryPutReply:
+        replicator = self._replication_peer(context)
+        try:
+            return pb.MemoryPutReply(stored=replicator.accept(request.store, list(request.records_json)))
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+    def _replication_peer(self, context: grpc.ServicerContext) -> MemoryReplicator:
+        """This node's replicator, if the caller is another memory node; aborts the call otherwise."""
+        if self.replicator is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"node {self.worker.node_id} keeps no memory")
+        caller = principal_of(context)
+        if not self.replicator.is_peer(caller):
+            who = caller.id if caller else "an anonymous caller"
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"only the swarm's memory nodes replicate memory; {who} is not one")
+        return self.replicator
+
     def _known(self, context: grpc.ServicerContext, action, run_id: str) -> pb.RunReply:
         try:
             return action(run_id)
@@ -124,4 +170,4 @@ def _check_id(value: str, field: str, context: grpc.ServicerContext) -> None:
 
 
 def add_task_service(server: grpc.Server, servicer: TaskServicer) -> None:
-    pb_grpc.add_TaskServiceServicer_to_server(servicer, server)
+    add_servicer(pb_grpc.add_TaskServiceServicer_to_server, servicer, server)  # unparsable bytes: INVALID_ARGUMENT

@@ -1,7 +1,8 @@
 """A swarm-wide placement plan: computed by one node from everyone's profile, recorded in the DHT, followed by all.
 
 Nodes started with `--partition pipeline` or `--partition ring` take part. The coordinator is the one
-with the smallest node id among them (no election is needed: every node reads the same records). Each
+with the smallest node id among them (no election is needed: every node reads the same records), and
+each participant accepts a plan only when the coordinator of its own view signed it. Each
 rebalancing period it plans from the announced profiles and stores the plan under
 `edgeswarm.v1.<model>.plan`, keeping the previous plan unless the nodes changed or the new one is
 clearly better; every participant moves to the stage the plan gives it.
@@ -72,6 +73,17 @@ def make_plan(
     if partition == "ring":
         return plan_ring(profiles, num_blocks, network, activation_bytes)
     raise ValueError(f"no plan for partition {partition!r}")
+
+
+def plan_from_record(value: dict, signer: str, partition: str, members: Sequence[ServerRecord]) -> tuple[Plan, list[str]] | None:
+    """The plan in a recorded DHT value and the node ids it was made for, if it is of `partition` and was
+    signed by the coordinator that `members` (the participants this node sees) elect; else None."""
+    if not members or signer != members[0].node_id or value.get("partition") != partition:
+        return None
+    try:
+        return Plan.from_dict(value["plan"]), [str(member) for member in value["members"]]
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def keep_recorded_plan(

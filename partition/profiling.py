@@ -11,6 +11,7 @@ from transformers import PretrainedConfig
 from node.architectures import architecture_of
 from node.quantization import quantize_block, weight_bytes
 from node.span import SpanCache, TransformerSpan
+from protocol.identity import NodeIdentity
 
 
 def block_parameter_bytes(config: PretrainedConfig, quant: str = "none") -> int:
@@ -67,7 +68,9 @@ def measure_prefill_throughput(span: TransformerSpan, tokens: int = 64) -> float
     return tokens * (span.end - span.start) / best
 
 
-def measure_link(address: str, probe_bytes: int = 1024 * 1024, timeout: float = 10.0) -> tuple[float, float]:
+def measure_link(
+    address: str, node_id: str, probe_bytes: int = 1024 * 1024, timeout: float = 10.0, identity: NodeIdentity | None = None
+) -> tuple[float, float]:
     """(bandwidth in bytes/s, round-trip seconds) to a node, from its Echo RPC.
 
     RTT is the best of three empty echoes; bandwidth comes from one echo of `probe_bytes` each way,
@@ -77,7 +80,7 @@ def measure_link(address: str, probe_bytes: int = 1024 * 1024, timeout: float = 
     from proto import dataplane_pb2_grpc as pb_grpc
     from protocol.channels import open_channel
 
-    with open_channel(address) as channel:
+    with open_channel(address, node_id, identity=identity) as channel:
         echo = pb_grpc.BlockServiceStub(channel).Echo
         echo(pb.EchoRequest(), timeout=timeout)  # connect outside the timings
         rtt = float("inf")

@@ -1,6 +1,7 @@
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -102,3 +103,47 @@ class RunJournal(_message.Message):
     export_json: str
     coordinator: str
     def __init__(self, run_id: _Optional[str] = ..., export_json: _Optional[str] = ..., coordinator: _Optional[str] = ...) -> None: ...
+
+class MemoryDigest(_message.Message):
+    __slots__ = ("store", "digest")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    digest: bytes
+    def __init__(self, store: _Optional[str] = ..., digest: _Optional[bytes] = ...) -> None: ...
+
+class MemoryDigests(_message.Message):
+    __slots__ = ("stores",)
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    stores: _containers.RepeatedCompositeFieldContainer[MemoryDigest]
+    def __init__(self, stores: _Optional[_Iterable[_Union[MemoryDigest, _Mapping]]] = ...) -> None: ...
+
+class MemoryInventory(_message.Message):
+    __slots__ = ("store", "record_ids", "created")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    RECORD_IDS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    record_ids: _containers.RepeatedScalarFieldContainer[str]
+    created: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, store: _Optional[str] = ..., record_ids: _Optional[_Iterable[str]] = ..., created: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class MemoryInventories(_message.Message):
+    __slots__ = ("stores",)
+    STORES_FIELD_NUMBER: _ClassVar[int]
+    stores: _containers.RepeatedCompositeFieldContainer[MemoryInventory]
+    def __init__(self, stores: _Optional[_Iterable[_Union[MemoryInventory, _Mapping]]] = ...) -> None: ...
+
+class MemoryRecords(_message.Message):
+    __slots__ = ("store", "records_json")
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    store: str
+    records_json: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, store: _Optional[str] = ..., records_json: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class MemoryPutReply(_message.Message):
+    __slots__ = ("stored",)
+    STORED_FIELD_NUMBER: _ClassVar[int]
+    stored: int
+    def __init__(self, stored: _Optional[int] = ...) -> None: ...

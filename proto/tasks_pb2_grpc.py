@@ -74,6 +74,16 @@ class TaskServiceStub:
                 request_serializer=proto_dot_tasks__pb2.RunQuery.SerializeToString,
                 response_deserializer=proto_dot_tasks__pb2.RunReply.FromString,
                 _registered_method=True)
+        self.CompareMemory = channel.unary_unary(
+                '/edgeswarm.v1.TaskService/CompareMemory',
+                request_serializer=proto_dot_tasks__pb2.MemoryDigests.SerializeToString,
+                response_deserializer=proto_dot_tasks__pb2.MemoryInventories.FromString,
+                _registered_method=True)
+        self.PutMemoryRecords = channel.unary_unary(
+                '/edgeswarm.v1.TaskService/PutMemoryRecords',
+                request_serializer=proto_dot_tasks__pb2.MemoryRecords.SerializeToString,
+                response_deserializer=proto_dot_tasks__pb2.MemoryPutReply.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -135,6 +145,22 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CompareMemory(self, request, context):
+        """Memory replication, between memory nodes only (a caller that is not an announced memory node gets
+        PERMISSION_DENIED). For each of the caller's namespaces (storage id and digest of its records), this
+        node answers with its own record ids and their `created` times where its digest differs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutMemoryRecords(self, request, context):
+        """Stores records a replica holds and this node lacks (the newer `created` wins, so it is idempotent).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -177,6 +203,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.EndRun,
                     request_deserializer=proto_dot_tasks__pb2.RunQuery.FromString,
                     response_serializer=proto_dot_tasks__pb2.RunReply.SerializeToString,
+            ),
+            'CompareMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompareMemory,
+                    request_deserializer=proto_dot_tasks__pb2.MemoryDigests.FromString,
+                    response_serializer=proto_dot_tasks__pb2.MemoryInventories.SerializeToString,
+            ),
+            'PutMemoryRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMemoryRecords,
+                    request_deserializer=proto_dot_tasks__pb2.MemoryRecords.FromString,
+                    response_serializer=proto_dot_tasks__pb2.MemoryPutReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -395,6 +431,60 @@ class TaskService:
             '/edgeswarm.v1.TaskService/EndRun',
             proto_dot_tasks__pb2.RunQuery.SerializeToString,
             proto_dot_tasks__pb2.RunReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompareMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeswarm.v1.TaskService/CompareMemory',
+            proto_dot_tasks__pb2.MemoryDigests.SerializeToString,
+            proto_dot_tasks__pb2.MemoryInventories.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMemoryRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeswarm.v1.TaskService/PutMemoryRecords',
+            proto_dot_tasks__pb2.MemoryRecords.SerializeToString,
+            proto_dot_tasks__pb2.MemoryPutReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,10 @@
 """Opening gRPC channels to nodes: over TLS when the node announced a certificate bound to its identity,
-and carrying this process's private-swarm token when it has a swarm key."""
+with every call signed by this process's identity (protocol.call_auth) and carrying the private swarm's
+token when there is a swarm key.
+
+Certificates are pinned by node id: a record can only pin the certificate of the node that signed it,
+so no record can make another node unreachable by naming its address.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +13,17 @@ import threading
 
 import grpc
 
-from protocol.identity import IdentityError, fingerprint_of_certificate
-from protocol.swarm_key import SwarmKeyCalls
+from protocol.call_auth import SignedCalls
+from protocol.identity import IdentityError, NodeIdentity, fingerprint_of_certificate
 
 logger = logging.getLogger(__name__)
 
 MAX_CERTIFICATES = 4096
 
 _lock = threading.Lock()
-_certificates: dict[str, tuple[str, bytes]] = {}  # address -> (node id, certificate PEM)
+_certificates: dict[str, bytes] = {}  # node id -> its certificate PEM
 _swarm_key: bytes | None = None
+_identity: NodeIdentity | None = None
 
 
 def use_swarm_key(key: bytes | None) -> None:
@@ -26,36 +32,49 @@ def use_swarm_key(key: bytes | None) -> None:
     _swarm_key = key
 
 
-def register_certificate(address: str, node_id: str, certificate: str) -> bool:
-    """Remembers the TLS certificate a node announced for `address`, if it is bound to `node_id`'s
-    identity (protocol.identity); returns whether it was. Channels to that address then use TLS and
-    accept only that certificate."""
+def use_identity(identity: NodeIdentity) -> None:
+    """Makes this process sign its calls to nodes with `identity` (a node's own, or a client's)."""
+    global _identity
+    with _lock:
+        _identity = identity
+
+
+def process_identity() -> NodeIdentity:
+    """The identity this process signs its calls with; a new ephemeral one unless `use_identity` set one."""
+    global _identity
+    with _lock:
+        if _identity is None:
+            _identity = NodeIdentity.generate()
+        return _identity
+
+
+def register_certificate(node_id: str, certificate: str) -> bool:
+    """Pins the TLS certificate the node `node_id` announced, if it is bound to that node's identity
+    (protocol.identity); returns whether it was. Channels to that node then use TLS and accept only it."""
     try:
         bound_to = fingerprint_of_certificate(certificate.encode())
     except IdentityError as error:
-        logger.warning("ignoring the certificate of %s at %s: %s", node_id, address, error)
+        logger.warning("ignoring the certificate of %s: %s", node_id, error)
         return False
     if bound_to != node_id:
-        logger.warning("ignoring a certificate for %s at %s: it is bound to %s", node_id, address, bound_to)
+        logger.warning("ignoring a certificate for %s: it is bound to %s", node_id, bound_to)
         return False
     with _lock:
-        if len(_certificates) >= MAX_CERTIFICATES and address not in _certificates:
+        if len(_certificates) >= MAX_CERTIFICATES and node_id not in _certificates:
             _certificates.pop(next(iter(_certificates)))
-        _certificates[address] = (node_id, certificate.encode())
+        _certificates[node_id] = certificate.encode()
     return True
 
 
-def open_channel(address: str, options: list | None = None) -> grpc.Channel:
-    """A channel to the node at `address`: TLS pinned to its announced certificate if it has one."""
+def open_channel(address: str, node_id: str, options: list | None = None, identity: NodeIdentity | None = None) -> grpc.Channel:
+    """A channel to the node `node_id` at `address`, whose calls `identity` (by default this process's)
+    signs for that node: TLS pinned to its announced certificate if it has one."""
     options = list(options or [])
     with _lock:
-        known = _certificates.get(address)
-    if known is None:
+        certificate = _certificates.get(node_id)
+    if certificate is None:
         channel = grpc.insecure_channel(address, options=options)
     else:
-        node_id, certificate = known
         credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
         channel = grpc.secure_channel(address, credentials, options=options + [("grpc.ssl_target_name_override", node_id)])
-    if _swarm_key is None:
-        return channel
-    return grpc.intercept_channel(channel, SwarmKeyCalls(_swarm_key))
+    return grpc.intercept_channel(channel, SignedCalls(identity or process_identity(), node_id, _swarm_key))

@@ -46,7 +46,7 @@ def run_budget(peers: list[str], budget: str, prompt: torch.Tensor, new_tokens: 
                 tokens.append(int(logits[0].argmax()))
             prefill_codecs = sorted({client.links.for_step(hop, 1, 256).request or "none" for hop in session.route})
             decode_codecs = sorted({client.links.for_step(hop, 1, 1).request or "none" for hop in session.route})
-            bandwidths = [client.links.bandwidth(hop.record.address) for hop in session.route]
+            bandwidths = [client.links.bandwidth(hop.record) for hop in session.route]
     return {
         "budget": budget,
         "prefill_512_s": prefill,

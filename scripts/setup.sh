@@ -8,6 +8,13 @@ PYTHON="${PYTHON:-python3}"
 STAMP=.venv/.edgeswarm-setup
 WANT="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
+# The python tool's sandbox (agent/sandbox.py, `swarm-node join --allow-tools python`) runs in bubblewrap and
+# drops to an unprivileged user with setpriv (util-linux). Installed when missing, if we are root with apt-get.
+if { ! command -v bwrap || ! command -v setpriv; } >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  apt-get install -y -qq bubblewrap util-linux >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap util-linux >/dev/null; }
+fi
+
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import node, swarm, hivemind" 2>/dev/null; then
   exit 0
 fi

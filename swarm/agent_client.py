@@ -1,12 +1,14 @@
 """The client side of agent runs: submitting one to a coordinator node and following it (`AgentTask`),
-and reading or writing the swarm's memory directly."""
+and reading or writing the swarm's memory directly, with access tokens (protocol.memory_access) that the
+client signs: for its own namespaces as their owner, for others' by delegating the owner's grant."""
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
@@ -14,14 +16,21 @@ import grpc
 from agent.capabilities import CapabilityDirectory
 from agent.run_client import FINISHED, RunFollower, RunLocation, RunLostError
 from agent.runtime import RunSpec
-from agent.scheduler import NoCapableNodeError, StepScheduler
+from agent.scheduler import ACCESS_DENIED, NoCapableNodeError, StepScheduler
 from agent.steps import Step
 from proto import tasks_pb2 as pb
 from proto import tasks_pb2_grpc as pb_grpc
+from protocol.identity import NodeIdentity
+from protocol.memory_access import MemoryAccessError, check_access, issue_access, read_access
+from protocol.principals import Principal
 
 
 class AgentRunError(RuntimeError):
     """The run failed, was cancelled, or was lost with every node that could carry it on."""
+
+
+class MemoryAccessDenied(AgentRunError, PermissionError):
+    """A memory node refused this client access to a namespace (not its own, and no valid grant)."""
 
 
 class AgentTask:
@@ -99,11 +108,56 @@ class AgentTask:
 
 
 class AgentGateway:
-    """What `SwarmClient` uses for agents: the capability records, and a scheduler for memory steps."""
+    """What `SwarmClient` uses for agents: the capability records, a scheduler for memory steps, and the
+    client's identity, which owns its memory namespaces and signs their access tokens."""
 
-    def __init__(self, dht, model_id: str):
+    def __init__(self, dht, model_id: str, identity: NodeIdentity, swarm_key: bytes | None = None):
         self.directory = CapabilityDirectory(dht, model_id)
-        self.scheduler = StepScheduler(self.directory)
+        self.scheduler = StepScheduler(self.directory, swarm_key=swarm_key, identity=identity)
+        self.identity = identity
+
+    def acting_for(self, principal: str | None) -> str:
+        """The principal id this client acts for: its own key's, or an API principal of the node whose key
+        it holds (`<node id>/api:<name>`); ValueError for one its key does not vouch for."""
+        if principal is None:
+            return self.identity.fingerprint
+        if not isinstance(principal, str) or Principal(principal).key_id != self.identity.fingerprint:
+            raise ValueError(f"this client's key ({self.identity.fingerprint}) cannot act for principal {principal!r}")
+        return principal
+
+    def grant(self, namespace: str, grantee: str, rights: Iterable[str], ttl: float, principal: str | None = None) -> str:
+        """A token letting `grantee` use `rights` on this client's (or `principal`'s) namespace for `ttl` s."""
+        if not isinstance(grantee, str) or not grantee:
+            raise ValueError("a grant names its grantee's principal id")
+        owner = self.acting_for(principal)
+        return issue_access(self.identity, owner, self.scheduler.storage_id(owner, namespace), rights, ttl, grantee=grantee)
+
+    def memory_access(
+        self, namespace: str, rights: Iterable[str], ttl: float, access: str | None = None, principal: str | None = None
+    ) -> tuple[str, str]:
+        """(owner, token) for memory steps on `namespace` with `rights`, valid for at most `ttl` s: the
+        client's own namespace (as owner), or, given `access` (a grant to this client), the granting
+        owner's, by a token that delegates the grant. MemoryAccessError if the grant cannot give that."""
+        rights = sorted(set(rights))
+        me = self.acting_for(principal)
+        if access is None:
+            store = self.scheduler.storage_id(me, namespace)
+            return me, issue_access(self.identity, me, store, rights, ttl)
+        grant = read_access(access)
+        owner = grant.owner
+        store = self.scheduler.storage_id(owner, namespace)
+        if not grant.grantee:  # a bearer token: whoever holds it may use it as it is
+            token = access
+        elif grant.grantee != me:
+            raise MemoryAccessError(f"this memory grant is for {grant.grantee}, not for {me}")
+        else:
+            remaining = grant.expires_at - time.time()
+            if remaining <= 0:
+                raise MemoryAccessError(f"this memory grant expired {-remaining:.0f} s ago")
+            token = issue_access(self.identity, owner, store, rights, min(ttl, remaining), parent=access)
+        for right in rights:
+            check_access(token, owner, store, right, caller=None)
+        return owner, token
 
     def submit(self, spec: RunSpec, run_id: str | None = None, coordinator: str | None = None) -> AgentTask:
         """Starts the run on `coordinator` (a node id) or else the least loaded node that accepts it."""
@@ -116,11 +170,13 @@ class AgentGateway:
         errors = []
         for node in candidates:
             try:
-                stub = pb_grpc.TaskServiceStub(self.scheduler.channel(node.address))
+                stub = pb_grpc.TaskServiceStub(self.scheduler.channel(node.address, node.node_id))
                 reply = stub.StartRun(pb.RunRequest(run_id=run_id, spec_json=json.dumps(spec.to_dict())), timeout=30)
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ValueError(error.details()) from error
+                if error.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    raise MemoryAccessDenied(error.details()) from error
                 errors.append(f"{node.node_id}: {error.details()}")
                 self.scheduler.ban(node.node_id)
                 continue
@@ -128,9 +184,10 @@ class AgentGateway:
         raise NoCapableNodeError(f"no node coordinates agent runs ({'; '.join(errors) or 'none announced'})")
 
     def memory_step(self, kind: str, args: dict[str, Any]) -> Any:
+        """Runs a memory step from this client; MemoryAccessDenied or AgentRunError if it fails."""
         outcome = self.scheduler.run("client", Step(f"client.{uuid.uuid4().hex[:8]}", kind, args))
         if not outcome.ok:
-            raise AgentRunError(outcome.error)
+            raise (MemoryAccessDenied if (outcome.error or "").startswith(ACCESS_DENIED) else AgentRunError)(outcome.error)
         return outcome.value
 
     def close(self) -> None:

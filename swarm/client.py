@@ -16,18 +16,20 @@ import torch
 from agent.runtime import RunSpec
 from node.calibration import load_or_fit_basis
 from node.model_files import ModelSource, open_model
-from protocol.channels import use_swarm_key
+from protocol.channels import process_identity
 from protocol.codecs import SemanticBasis
+from protocol.identity import NodeIdentity
 from protocol.link_policy import LinkQuality
+from protocol.memory_access import READ, WRITE, read_access
 from protocol.records import ServerRecord
 from swarm import dht as swarm_dht
 from swarm.agent_client import AgentGateway, AgentTask
-from swarm.dht import RecordAuth
 from swarm.errors import NodeUnavailableError, SwarmConnectionError
 from swarm.head import ClientHead
 from swarm.links import LinkCodecs
 from swarm.mdns import DEFAULT_SWARM_ID, discover_peers
-from swarm.routing import Hop, plan_route
+from swarm.membership import join_as_client
+from swarm.routing import Hop, MeasuredSpeeds, plan_route
 from swarm.sampling import next_tokens
 from swarm.session import InferenceSession, SessionPolicy, positions_for
 from swarm.spot_check import Misbehaviour
@@ -37,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 # A batch of prompts runs at most this many sessions at once.
 MAX_PARALLEL_SESSIONS = 32
+MEMORY_CALL_TTL = 120.0  # seconds the access token of one remember/recall lives
+RUN_MEMORY_TTL = 3600.0  # seconds the access token an agent run carries for its memory lives
+DEFAULT_GRANT_TTL = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -80,10 +85,14 @@ class SwarmClient:
         link_quality: LinkQuality | str = "lossless",
         dht: hivemind.DHT | None = None,
         swarm_key: bytes | None = None,
+        identity: NodeIdentity | None = None,
     ):
         """`dht`: a running DHT peer to use (a node's own) instead of joining as a new client peer.
         `model` may also be an opened ModelSource. `swarm_key`: a private swarm's key
-        (protocol.swarm_key.read_swarm_key), without which its records and nodes are out of reach."""
+        (protocol.swarm_key.read_swarm_key), without which its records and nodes are out of reach.
+        `identity`: the key this client signs its calls with and owns its memory namespaces by
+        (protocol.identity.NodeIdentity.load_or_create(FILE) keeps one across runs); by default this
+        process's identity (protocol.channels.process_identity), ephemeral unless set."""
         if dht is None and not initial_peers and mdns:  # look for the swarm on the LAN
             initial_peers = discover_peers(swarm_id)
         if dht is None and not initial_peers:
@@ -98,14 +107,15 @@ class SwarmClient:
         self.busy_seconds = busy_seconds
         self._banned_until: dict[str, float] = {}  # node id -> monotonic time
         self.misbehaviours: list[Misbehaviour] = []  # nodes spot checks caught lying, from every session (swarm.spot_check)
+        self.speeds = MeasuredSpeeds()  # each node's decode speed as this client's sessions measured it
+        self.identity = identity or process_identity()
+        self.swarm_key = swarm_key
         self._owns_dht = dht is None
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True, swarm_key=swarm_key) if dht is None else dht
-        if self._owns_dht:
-            swarm_dht.use_auth(self.dht, RecordAuth(swarm_key=swarm_key))
-            use_swarm_key(swarm_key)
+        self._member = join_as_client(self.dht, swarm_key, self.identity) if self._owns_dht else None
         if isinstance(link_quality, str):
             link_quality = LinkQuality.parse(link_quality)
-        self.links = LinkCodecs(link_quality, self.model.config.hidden_size, self._semantic_basis)
+        self.links = LinkCodecs(link_quality, self.model.config.hidden_size, self._semantic_basis, self.identity)
         self._basis_lock = threading.Lock()
         self._basis: SemanticBasis | None = None
         self._basis_tried = False
@@ -131,12 +141,13 @@ class SwarmClient:
 
     @cached_property
     def agents(self) -> AgentGateway:
-        return AgentGateway(self.dht, self.model.model_id)
+        return AgentGateway(self.dht, self.model.model_id, self.identity, self.swarm_key)
 
     def close(self) -> None:
         if "agents" in self.__dict__:
             self.agents.close()
         if self._owns_dht:
+            self._member.close()
             self.dht.shutdown()
 
     def __enter__(self) -> SwarmClient:
@@ -163,9 +174,15 @@ class SwarmClient:
         now = time.monotonic()
         return [record for record in self.servers() if self._banned_until.get(record.node_id, 0.0) <= now]
 
+    def trusted_servers(self) -> list[ServerRecord]:
+        """The usable nodes, each with the throughput routing may believe (swarm.routing.trusted_throughputs):
+        no faster than this client measured it, and an unmeasured one no faster than the best measured."""
+        return self.speeds.trusted(self.usable_servers())
+
     def route(self) -> list[Hop]:
-        """The fastest chain of usable nodes over all blocks, from the DHT's current records."""
-        return plan_route(self.usable_servers(), self.model.num_blocks)
+        """The fastest chain of usable nodes over all blocks, from the DHT's current records and the speeds
+        this client measured."""
+        return plan_route(self.trusted_servers(), self.model.num_blocks)
 
     def inference_session(self, max_length: int = 2048, prefill_chunk: int = 256) -> InferenceSession:
         """Opens a session through the swarm; nodes that do not answer are banned and routed around."""
@@ -375,7 +392,7 @@ class SwarmClient:
         hidden = self.head.embed(input_ids)
         for hop in self.route():
             codecs = self.links.for_step(hop, *hidden.shape[:2])
-            hidden = forward_hop(hop, self.model.model_id, hidden, positions, mask, timeout, self.policy.connect_timeout, codecs)
+            hidden = forward_hop(hop, self.model.model_id, hidden, positions, mask, timeout, self.policy.connect_timeout, codecs, identity=self.identity)
         return self.head.logits(hidden)
 
     # --- agents ----------------------------------------------------------------------------------
@@ -391,20 +408,35 @@ class SwarmClient:
         max_answer_tokens: int = 96,
         tool_choice: str = "auto",
         coordinator: str | None = None,
+        memory_access: str | None = None,
+        principal: str | None = None,
     ) -> AgentTask:
         """Starts an agent run on a coordinator node and returns its handle (`events()`, `result()`, `cancel()`).
 
         `tools`: names of tools the run may call (None: every tool a node hosts). `memory_namespace`: the
-        long-term memory it reads facts from and remembers its answer in. `strategy`: "react",
+        long-term memory it reads facts from and remembers its answer in: this client's own namespace of
+        that name, or, with `memory_access` (a grant from its owner, see `grant`), the owner's; a read-only
+        grant lets the run read but not remember. `principal`: the API principal this call acts for (a
+        node's APIs: `<node id>/api:<name>`, with the node's identity). `strategy`: "react",
         "plan" (plan-and-execute; `plan` gives the calls instead of asking the model) or "team"
         (planner, parallel worker sub-agents, critic). `tool_choice` as OpenAI's: "auto", "required" (the
         first decision must call a tool) or "none". `coordinator`: the node id to coordinate the run (default:
-        the least loaded). Bad arguments raise ValueError.
+        the least loaded). Bad arguments raise ValueError; a namespace the client may not use raises
+        PermissionError (protocol.memory_access.MemoryAccessError or swarm.agent_client.MemoryAccessDenied).
         """
+        owner = token = None
+        remember = True
+        if memory_namespace is not None:
+            remember = memory_access is None or WRITE in read_access(memory_access).rights
+            rights = (READ, WRITE) if remember else (READ,)
+            owner, token = self.agents.memory_access(memory_namespace, rights, RUN_MEMORY_TTL, memory_access, principal)
         spec = RunSpec(
             goal=goal,
             tools=None if tools is None else list(tools),
             memory_namespace=memory_namespace,
+            memory_owner=owner,
+            memory_access=token,
+            remember=remember,
             max_steps=max_steps,
             strategy=strategy,
             plan=plan,
@@ -413,11 +445,28 @@ class SwarmClient:
         )
         return self.agents.submit(spec, coordinator=coordinator)
 
-    def remember(self, namespace: str, text: str, record_id: str | None = None) -> list[str]:
-        """Writes a fact to the swarm's long-term memory (on 2 nodes); returns the nodes holding it."""
-        args = {"namespace": namespace, "text": text, **({"record_id": record_id} if record_id else {})}
+    def remember(
+        self, namespace: str, text: str, record_id: str | None = None, access: str | None = None, principal: str | None = None
+    ) -> list[str]:
+        """Writes a fact to long-term memory: this client's namespace, or with `access` (a grant with
+        "write") its owner's. Returns the nodes holding it: it succeeds only once every replica (2) does,
+        and raises AgentRunError naming what is missing otherwise (writing again is harmless: the record
+        id makes it idempotent). MemoryAccessDenied / MemoryAccessError if the namespace is not open to it."""
+        owner, token = self.agents.memory_access(namespace, (WRITE,), MEMORY_CALL_TTL, access, principal)
+        args = {"owner": owner, "namespace": namespace, "access": token, "text": text, **({"record_id": record_id} if record_id else {})}
         return self.agents.memory_step("memory.write", args)["replicas"]
 
-    def recall(self, namespace: str, query: str, k: int = 5) -> list[dict]:
-        """The `k` memory records of `namespace` closest to `query`: [{"id", "text", "score"}], best first."""
-        return self.agents.memory_step("memory.search", {"namespace": namespace, "query": query, "k": k})["hits"]
+    def recall(self, namespace: str, query: str, k: int = 5, access: str | None = None, principal: str | None = None) -> list[dict]:
+        """The `k` records of a namespace (this client's, or with `access` a grant's owner's) closest to
+        `query`: [{"id", "text", "score"}], best first, merged from every live replica."""
+        owner, token = self.agents.memory_access(namespace, (READ,), MEMORY_CALL_TTL, access, principal)
+        args = {"owner": owner, "namespace": namespace, "access": token, "query": query, "k": k}
+        return self.agents.memory_step("memory.search", args)["hits"]
+
+    def grant(
+        self, namespace: str, grantee: str, rights: Sequence[str] = (READ,), ttl: float = DEFAULT_GRANT_TTL, principal: str | None = None
+    ) -> str:
+        """A token that lets the principal `grantee` (a client's `identity.fingerprint`, or an API principal
+        `<node id>/api:<name>`) use `rights` ("read", "write") on this client's namespace for `ttl` seconds.
+        The grantee passes it as `access=` / `memory_access=`. `principal`: as in `submit_agent_task`."""
+        return self.agents.grant(namespace, grantee, rights, ttl, principal)

@@ -171,8 +171,11 @@ def fetch_subkeys(dht: hivemind.DHT, key: str) -> dict[str, object]:
     return values
 
 
-def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float = 60.0) -> bool:
-    """Replaces `record` with an offline one, so readers stop routing to it before it would expire."""
+def withdraw(dht: hivemind.DHT, record: ServerRecord, ttl: float) -> bool:
+    """Replaces `record` with an offline one, so readers stop routing to it before it would expire.
+
+    `ttl` is the announcement's own: the DHT keeps whichever value expires last, so an offline record
+    that outlived the announcements would hide the node's next start with the same identity."""
     offline = replace(record, state=OFFLINE)
     return announce(dht, offline, ttl, timeout=5.0)
 
@@ -189,7 +192,7 @@ def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[Ser
         if record.model_id != model_id or record.node_id != subkey:
             logger.warning("ignoring record %r: it names another model or node", subkey)
             continue
-        if record.tls_cert and not register_certificate(record.address, record.node_id, record.tls_cert):
+        if record.tls_cert and not register_certificate(record.node_id, record.tls_cert):
             continue
         if record.state == ONLINE:
             records.append(record)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 
 from partition.profiling import measure_link
 from protocol.codecs import SemanticBasis
+from protocol.identity import NodeIdentity
 from protocol.link_policy import LinkQuality, choose_codec, measured_costs
+from protocol.records import ServerRecord
 from swarm.routing import Hop
 
 logger = logging.getLogger(__name__)
@@ -45,8 +47,12 @@ RAW = StepCodecs("", "")
 class LinkCodecs:
     """Chooses codecs per hop and step for one client, from its quality budget and measured links."""
 
-    def __init__(self, quality: LinkQuality, hidden_size: int, semantic_basis: Callable[[], SemanticBasis | None]):
+    def __init__(
+        self, quality: LinkQuality, hidden_size: int, semantic_basis: Callable[[], SemanticBasis | None], identity: NodeIdentity | None = None
+    ):
+        """`identity` signs the link probes (default: this process's)."""
         self.quality = quality
+        self._identity = identity
         self.hidden_size = hidden_size
         self._semantic_basis = semantic_basis
         self._bandwidth: dict[str, float] = {}
@@ -57,16 +63,16 @@ class LinkCodecs:
         """False when every budget is lossless and compression is off altogether."""
         return self.quality != LinkQuality("lossless", "lossless")
 
-    def bandwidth(self, address: str) -> float:
+    def bandwidth(self, record: ServerRecord) -> float:
         """Bytes/s to a node, measured on first use."""
         with self._lock:
-            if address not in self._bandwidth:
+            if record.address not in self._bandwidth:
                 try:
-                    self._bandwidth[address], _ = measure_link(address, probe_bytes=_PROBE_BYTES)
+                    self._bandwidth[record.address], _ = measure_link(record.address, record.node_id, probe_bytes=_PROBE_BYTES, identity=self._identity)
                 except Exception as error:  # a node that cannot be probed now is probed again next time
-                    logger.info("could not measure the link to %s: %r", address, error)
+                    logger.info("could not measure the link to %s: %r", record.address, error)
                     return _UNMEASURED_BANDWIDTH
-            return self._bandwidth[address]
+            return self._bandwidth[record.address]
 
     def for_step(self, hop: Hop, batch: int, tokens: int) -> StepCodecs:
         """The codecs for a step of [batch, tokens] hidden states on `hop`."""
@@ -82,7 +88,7 @@ class LinkCodecs:
                 basis = None
         costs = measured_costs(self.hidden_size, basis.bytes_per_token(hop.start) if basis is not None else 0)
         values = batch * tokens * self.hidden_size
-        codec = choose_codec(allowed, supported, values, self.bandwidth(hop.record.address), costs)
+        codec = choose_codec(allowed, supported, values, self.bandwidth(hop.record), costs)
         if codec == "none":
             return RAW
         return StepCodecs(codec, codec, basis if codec == "semantic" else None)

@@ -1,10 +1,13 @@
-"""Choosing a chain of nodes that together run every block of the model, in order."""
+"""Choosing a chain of nodes that together run every block of the model, in order, and how fast the client
+believes each node to be."""
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+import statistics
+import threading
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from protocol.records import ServerRecord
 from swarm.errors import NoRouteError
@@ -12,6 +15,12 @@ from swarm.errors import NoRouteError
 # Fixed cost of one more hop (request, serialization, network), in seconds; measured on loopback it is
 # about a millisecond, on a LAN several. It makes the route prefer fewer, longer hops.
 DEFAULT_HOP_COST = 0.005
+# A node's measured speed follows its recent decode steps: each new step weighs this much.
+SPEED_SMOOTHING = 0.2
+# A node the client has not measured counts at most this many times as fast as the fastest one it has
+# (or, before it has measured any, as the median announcement): enough to try a node that may really be
+# faster, and a node is routed to on its word only until its first decode step is measured.
+UNMEASURED_CEILING_FACTOR = 2.0
 
 
 @dataclass(frozen=True)
@@ -90,3 +99,48 @@ def plan_route(
         route.append(hop)
         block = hop.start
     return route[::-1]
+
+
+def trusted_throughputs(records: Sequence[ServerRecord], measured: Mapping[str, float]) -> list[ServerRecord]:
+    """`records` with the throughput routing may believe: a node's announcement is only its own word.
+
+    A node the client has measured (`measured`: node id -> blocks/s of its decode steps) counts at
+    min(announced, measured). Any other node counts at most `UNMEASURED_CEILING_FACTOR` times as fast as
+    the fastest measured node among `records` (as believed: min(announced, measured)), or, while none is
+    measured, as the median announcement (median_low: a minority of braggarts cannot raise it). So a node
+    announcing 1e6 may be tried once, like any node that may be faster, and from its first measured step
+    on counts at the speed the client saw.
+    """
+    if not records:
+        return []
+    believed = {record.node_id: min(record.throughput, measured[record.node_id]) for record in records if record.node_id in measured}
+    reference = max(believed.values()) if believed else statistics.median_low(record.throughput for record in records)
+    ceiling = UNMEASURED_CEILING_FACTOR * reference
+    return [replace(record, throughput=believed.get(record.node_id, min(record.throughput, ceiling))) for record in records]
+
+
+class MeasuredSpeeds:
+    """The decode throughput (blocks/s) one client has measured of each node, from its sessions' steps."""
+
+    def __init__(self) -> None:
+        self._speeds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, node_id: str, blocks: int, seconds: float) -> None:
+        """A decode step over `blocks` blocks on the node took `seconds`, as the client saw it."""
+        if seconds <= 0:
+            return
+        speed = blocks / seconds
+        with self._lock:
+            previous = self._speeds.get(node_id)
+            self._speeds[node_id] = speed if previous is None else (1 - SPEED_SMOOTHING) * previous + SPEED_SMOOTHING * speed
+
+    def measured(self, node_id: str) -> float | None:
+        with self._lock:
+            return self._speeds.get(node_id)
+
+    def trusted(self, records: Sequence[ServerRecord]) -> list[ServerRecord]:
+        """`records` with the throughput routing may believe (`trusted_throughputs`)."""
+        with self._lock:
+            measured = dict(self._speeds)
+        return trusted_throughputs(records, measured)

@@ -5,9 +5,10 @@ deadline derived from its measured speed), the session finds other nodes for tha
 several), replays the kept inputs there to rebuild the KV cache, and goes on from the step that failed.
 No token is lost or repeated, and greedy output stays that of a run without the failure.
 
-With `SessionPolicy(spot_check=f)`, the first step and a fraction f of the others are verified on other
-nodes, and a node caught returning wrong hidden states is banned and replaced the same way (see
-swarm.spot_check).
+The first step and a fraction `SessionPolicy.spot_check` of the others (by default
+`DEFAULT_SPOT_CHECK`) are verified on other nodes, and a node caught returning wrong hidden states is
+banned and replaced the same way (see swarm.spot_check). The time of every decode step on a hop goes to
+the client's measured speeds, which routing trusts over what nodes announce (swarm.routing).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ logger = logging.getLogger(__name__)
 _DECODE_TOKENS = 8
 # A step may take this many times its expected duration before the node counts as stalled.
 _DEADLINE_FACTOR = 4.0
+# The fraction of steps spot-checked by default (besides the first, always checked): about 1% of decode
+# speed with a 128-token prompt, against 7% for 0.05 and 33% for 0.1; a check recomputes the whole
+# sequence, so with a 512-token prompt it costs 28% (`python -m scripts.bench_spot_check`; README, "Lying peers").
+DEFAULT_SPOT_CHECK = 0.02
 
 
 def positions_for(padding_mask: torch.Tensor, tokens_before: torch.Tensor) -> torch.Tensor:
@@ -63,9 +68,9 @@ class SessionPolicy:
     `spot_check`: the fraction of steps (besides the first, always checked when it is above 0) on which
     every hop's output is verified on another node serving the same blocks; 0 turns spot checks off.
     Outputs may differ by `spot_check_tolerance` (float32 nodes) or `spot_check_quantized_tolerance`
-    (bf16/int8 nodes), relative to their norm, per position; a node judged lying is banned for
-    `spot_check_ban_seconds`. `spot_check_seed` fixes which steps and verifiers are chosen. See
-    swarm.spot_check for what is compared and who is judged lying.
+    (bf16/int8 nodes), relative to their norm, per position, plus the error bound of the reply's link
+    codec; a node judged lying is banned for `spot_check_ban_seconds`. `spot_check_seed` fixes which steps
+    and verifiers are chosen. See swarm.spot_check for what is compared and who is judged lying.
     """
 
     connect_timeout: float = 3.0
@@ -73,7 +78,7 @@ class SessionPolicy:
     min_step_deadline: float = 0.5
     replacement_wait: float = 30.0
     max_failover_attempts: int = 3
-    spot_check: float = 0.0
+    spot_check: float = DEFAULT_SPOT_CHECK
     spot_check_tolerance: float = 1e-3
     spot_check_quantized_tolerance: float = 0.2
     spot_check_ban_seconds: float = 24 * 3600.0
@@ -212,7 +217,7 @@ class InferenceSession:
         """A stream for `hop`; `fresh`: under a new session id, for a node this session already has a stream to."""
         self._streams_opened += 1
         session_id = f"{self.session_id}.{self._streams_opened}" if fresh else self.session_id
-        return SpanStream(hop, session_id, self.client.model.model_id, self.max_length, self.policy.connect_timeout)
+        return SpanStream(hop, session_id, self.client.model.model_id, self.max_length, self.policy.connect_timeout, self.client.identity)
 
     def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Feeds [batch, length] token ids (0 in attention_mask marks left padding); returns [batch, vocab] logits."""
@@ -276,10 +281,9 @@ class InferenceSession:
         return max(tolerance_for(self.policy, state.hop.record) for state in states)
 
     def _convicted(self) -> dict[str, Misbehaviour]:
-        """Nodes judged lying (by this session, or by any of the client's if it keeps a `misbehaviours` log)
-        within `spot_check_ban_seconds`, and the judgement."""
-        client_log = getattr(self.client, "misbehaviours", None)
-        judged = [*self.misbehaviours, *(client_log if isinstance(client_log, list) else [])]
+        """Nodes judged lying (by this session, or by any other of the client's) within
+        `spot_check_ban_seconds`, and the judgement."""
+        judged = [*self.misbehaviours, *self.client.misbehaviours]
         now = time.time()
         return {m.node_id: m for m in judged if now - m.time < self.policy.spot_check_ban_seconds}
 
@@ -302,9 +306,9 @@ class InferenceSession:
 
     def _step_hop(self, state: _HopState, step: SentStep, check: bool = False) -> torch.Tensor:
         tokens = step.hidden.shape[0] * step.hidden.shape[1]
+        # a checked step goes out exactly as an unchecked one would (same codecs), so a node cannot tell
+        # which steps are checked; the check allows for the reply codec's error instead
         codecs = self.client.links.for_step(state.hop, *step.hidden.shape[:2])
-        if check:  # compared uncompressed, so that codec error never looks like a lie
-            codecs = replace(codecs, reply="")
         began = time.monotonic()
         step = self._send(state, step, codecs)
         pending = inputs = None
@@ -312,7 +316,7 @@ class InferenceSession:
             history = _joined([*state.sent, step], seen=True)
             inputs = CheckInputs(
                 state.hop, history.hidden, history.positions, history.mask, step.hidden.shape[1],
-                self._steps, history.hidden.shape[1] - step.hidden.shape[1],
+                self._steps, history.hidden.shape[1] - step.hidden.shape[1], codecs.reply,
             )
             pending = self._spot_checker.start(inputs)
         try:
@@ -322,7 +326,10 @@ class InferenceSession:
                 raise
             # nobody else could take over: a slow node is better than none
             output = state.stream.receive(self.policy.step_timeout)
-        state.observe(time.monotonic() - began, tokens)
+        seconds = time.monotonic() - began
+        state.observe(seconds, tokens)
+        if tokens <= _DECODE_TOKENS:
+            self.client.speeds.observe(state.hop.record.node_id, state.hop.end - state.hop.start, seconds)
         if pending is not None:
             self._spot_checker.finish(inputs, output, pending)  # raises NodeMisbehaved if the node lied
         state.sent.append(step)
@@ -332,7 +339,7 @@ class InferenceSession:
         exclude = {extra_exclude, *self._convicted()} - {None}
         try:
             return plan_route(
-                self.client.usable_servers(),
+                self.client.trusted_servers(),
                 self.client.model.num_blocks,
                 start_block=hop.start,
                 end_block=hop.end,

@@ -1,4 +1,4 @@
-"""Spot checks: catching nodes that return wrong hidden states (`SessionPolicy(spot_check=f)`).
+"""Spot checks: catching nodes that return wrong hidden states (on by default: `SessionPolicy.spot_check`).
 
 What is checked. The first step of a session and then a random fraction `f` of its steps are verified,
 every hop of the route on each of them. The hop's work for the step (its output hidden states at the
@@ -27,8 +27,20 @@ two): measured at most 5e-6 on SmolLM2-135M (30 blocks) and on the tiny test mod
 `spot_check_tolerance` 1e-3 leaves a factor of 200. bf16 and int8 nodes run decode-sized inputs through
 low-precision kernels and longer ones in float32, and those differ by up to 6e-2 (same measurement), so
 quantized hops are compared with `spot_check_quantized_tolerance` (0.2); lies smaller than that go
-unnoticed on them. On compressed links the verifier gets exactly the hidden states the node decoded,
-and a checked step asks for an uncompressed reply, so codec error never counts as a lie.
+unnoticed on them.
+
+Compressed links. A checked step goes out exactly as an unchecked one: same request and reply codecs,
+same message, so a node cannot tell which of its steps are checked (when checked steps asked for an
+uncompressed reply, a node that lied only on compressed replies was never caught). The verifier gets
+exactly the hidden states the node decoded, and answers uncompressed; the node's reply carries its
+codec's error, so the tolerance grows by that codec's worst-case error (`codec_error_bound`), proven
+from the codec's definition (protocol.codecs) as a relative L2 error per position, so that it never
+flags an honest node. Measured on SmolLM2's hidden states at every block boundary (29,160 positions
+of real text, `difference` against the exact states), the largest honest errors are about half the
+bounds: fp16 4.2e-4 (bound 4.9e-4), bf16 3.2e-3 (3.9e-3), int8_outlier 1.7e-2 and int8_block 2.0e-2
+(3.2e-2), int8_token 5.5e-2 (9.4e-2 at hidden size 576), int4_block 0.20 (0.40); the semantic codec's
+encoder keeps every position within 0.25 (else it sends the message losslessly). Lies smaller than the
+bound go unnoticed on such a link, so a hard codec (int4_block, semantic) lets a liar hide more.
 
 Who is lying. When the hop's answer and the verifier's differ beyond the tolerance:
 1. Majority: up to two more nodes serving those blocks (referees) are asked in turn. A node whose answer
@@ -42,7 +54,7 @@ Who is lying. When the hop's answer and the verifier's differ beyond the toleran
    would let any single liar evict an honest node by accusing it) and the session goes on as it was; it
    is counted in `SpotCheckStats.unresolved` and logged.
 A node judged lying is banned for `spot_check_ban_seconds`, a `Misbehaviour` is recorded on the session
-(and on the client, if it keeps a `misbehaviours` list), and if it ran the hop, the hop is replaced as
+and on the client (`SwarmClient.misbehaviours`), and if it ran the hop, the hop is replaced as
 in a failover: its kept inputs are replayed on other nodes, and the step's output comes from them. If
 lies had already passed on to later hops unchecked (f < 1), those hops' caches are rebuilt from the
 corrected states (`InferenceSession._repair_downstream`); tokens already returned stay as they were.
@@ -62,6 +74,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
+from protocol.codecs import DEFAULT_MAX_RELATIVE_ERROR, INT4_BLOCK_SIZE, INT8_BLOCK_SIZE
 from protocol.records import ServerRecord
 from swarm.errors import NodeUnavailableError, SwarmError
 from swarm.routing import Hop
@@ -73,6 +86,13 @@ logger = logging.getLogger(__name__)
 MAX_REFEREES = 2
 # The usable nodes are looked up in the DHT at most this often by one session's checks.
 _SERVERS_TTL = 2.0
+# Quantization scales are float16 rounded up: at most this much above max|block| / qmax (protocol.codecs).
+_SCALE_ROUNDING = 1 + 2.0**-10
+# Round to nearest keeps every value within half a unit in the last place: 2^-11 of it for float16 (10
+# stored mantissa bits), 2^-8 for bfloat16 (7).
+_HALF_ULP = {"fp16": 2.0**-11, "bf16": 2.0**-8}
+# The quantized codecs round values to -127..127 (int8) and -7..7 (int4) steps of their block's scale.
+_INT8_LEVELS, _INT4_LEVELS = 127, 7
 
 
 @dataclass(frozen=True)
@@ -142,6 +162,31 @@ def tolerance_for(policy, record: ServerRecord) -> float:
     return policy.spot_check_tolerance if record.weight_quant == "none" else policy.spot_check_quantized_tolerance
 
 
+def _block_error_bound(block: int, levels: int) -> float:
+    """Each value is within half a scale, max|block| / levels, of the truth: over a position, the error is
+    at most sqrt(sum over blocks of block * (max|block| / (2 levels))^2) <= sqrt(block) / (2 levels) of its
+    norm (the norm holds every block's largest value)."""
+    return block**0.5 / (2 * levels) * _SCALE_ROUNDING
+
+
+def codec_error_bound(codec: str, width: int) -> float:
+    """The largest relative L2 error, per position of `width` values, that `codec` puts on an honest reply
+    (module docstring, "Compressed links"); 0 for the exact codecs."""
+    if codec in ("", "none", "lossless"):
+        return 0.0
+    if codec in _HALF_ULP:
+        return _HALF_ULP[codec]
+    if codec in ("int8_block", "int8_outlier"):  # int8_outlier: int8_block, with its outliers in float16
+        return _block_error_bound(INT8_BLOCK_SIZE, _INT8_LEVELS)
+    if codec == "int8_token":  # one block: the whole position
+        return _block_error_bound(width, _INT8_LEVELS)
+    if codec == "int4_block":
+        return _block_error_bound(INT4_BLOCK_SIZE, _INT4_LEVELS)
+    if codec == "semantic":  # the encoder sends a message losslessly rather than exceed this
+        return DEFAULT_MAX_RELATIVE_ERROR
+    raise ValueError(f"no error bound known for codec {codec!r}")
+
+
 @dataclass
 class Verdict:
     """The outcome of a dispute: node id -> (difference, reason) of each node judged lying."""
@@ -199,6 +244,7 @@ class CheckInputs:
     step_length: int
     step: int
     position: int
+    reply_codec: str  # the codec the hop's reply came in ("" for none)
 
     @property
     def step_mask(self) -> torch.Tensor:
@@ -230,20 +276,20 @@ class SpotChecker:
         for channel in channels:  # on this thread: a grpc close racing a fork (hivemind's DHT) can hang
             channel.close()
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _channel(self, record: ServerRecord) -> grpc.Channel:
         with self._lock:
-            channel = self._channels.get(address)
+            channel = self._channels.get(record.node_id)
         if channel is None:
-            opened = open_channel(address, self.policy.connect_timeout)
+            opened = open_channel(record, self.policy.connect_timeout, self.client.identity)
             with self._lock:
-                channel = self._channels.setdefault(address, opened)
+                channel = self._channels.setdefault(record.node_id, opened)
             if channel is not opened:
                 opened.close()
         return channel
 
-    def _drop_channel(self, address: str) -> None:
+    def _drop_channel(self, record: ServerRecord) -> None:
         with self._lock:
-            channel = self._channels.pop(address, None)
+            channel = self._channels.pop(record.node_id, None)
         if channel is not None:
             channel.close()
 
@@ -280,11 +326,11 @@ class SpotChecker:
                 inputs.mask,
                 self.policy.step_timeout,
                 self.policy.connect_timeout,
-                channel=self._channel(record.address),
+                channel=self._channel(record),
             )
         except (SwarmError, ValueError) as error:
             logger.info("spot check: node %s gave no answer: %s", record.node_id, error)
-            self._drop_channel(record.address)
+            self._drop_channel(record)
             return None
         return output[:, -inputs.step_length :]
 
@@ -319,7 +365,7 @@ class SpotChecker:
             return
         verifier, answer, referees = result
         hop = inputs.hop
-        tolerance = tolerance_for(self.policy, hop.record)
+        tolerance = tolerance_for(self.policy, hop.record) + codec_error_bound(inputs.reply_codec, output.shape[-1])
         mask = inputs.step_mask
         measured = difference(output, answer, mask)
         if measured <= tolerance:
@@ -360,6 +406,4 @@ class SpotChecker:
         with self._lock:
             self._servers = None
         self.misbehaviours.append(misbehaviour)
-        client_log = getattr(self.client, "misbehaviours", None)
-        if isinstance(client_log, list):
-            client_log.append(misbehaviour)
+        self.client.misbehaviours.append(misbehaviour)

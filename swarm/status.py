@@ -141,13 +141,13 @@ def _coverage(records: Iterable[ServerRecord], num_blocks: int) -> list[int]:
     return counts
 
 
-def query_node_info(address: str, timeout: float = 2.0) -> pb.NodeInfoResponse | None:
+def query_node_info(record: ServerRecord, timeout: float = 2.0) -> pb.NodeInfoResponse | None:
     """The node's NodeInfo answer, or None if it is unreachable or does not answer within `timeout` seconds."""
     try:
-        with open_channel(address) as channel:
+        with open_channel(record.address, record.node_id) as channel:
             return pb_grpc.BlockServiceStub(channel).NodeInfo(pb.NodeInfoRequest(), timeout=timeout)
     except grpc.RpcError as error:
-        logger.debug("NodeInfo from %s failed: %r", address, error)
+        logger.debug("NodeInfo from %s failed: %r", record.address, error)
         return None
 
 
@@ -156,7 +156,7 @@ def fetch_node_infos(records: Sequence[ServerRecord], timeout: float = 2.0) -> d
     if not records:
         return {}
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL_QUERIES, len(records))) as pool:
-        answers = pool.map(lambda record: query_node_info(record.address, timeout), records)
+        answers = pool.map(lambda record: query_node_info(record, timeout), records)
         return {record.node_id: answer for record, answer in zip(records, answers)}
 
 

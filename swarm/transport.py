@@ -13,6 +13,8 @@ from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
 from protocol import channels
 from protocol.codecs import decode_tensor, encode_tensor, encoded_size
+from protocol.identity import NodeIdentity
+from protocol.records import ServerRecord
 from protocol.tensors import TensorDecodeError, serialize_tensor
 from swarm.errors import NodeBusyError, NodeUnavailableError, RemoteError
 from swarm.links import RAW, StepCodecs
@@ -38,10 +40,11 @@ _CALLER_ERRORS = {
 }
 
 
-def open_channel(address: str, connect_timeout: float) -> grpc.Channel:
-    """A channel to `address` that is known to answer, or NodeUnavailableError within `connect_timeout`
-    (over TLS and with the swarm's token as protocol.channels decides)."""
-    channel = channels.open_channel(address, options=_CHANNEL_OPTIONS)
+def open_channel(record: ServerRecord, connect_timeout: float, identity: NodeIdentity | None = None) -> grpc.Channel:
+    """A channel to the node of `record` that is known to answer, or NodeUnavailableError within
+    `connect_timeout` (calls signed by `identity`, over TLS as protocol.channels decides)."""
+    address = record.address
+    channel = channels.open_channel(address, record.node_id, options=_CHANNEL_OPTIONS, identity=identity)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as error:
@@ -89,17 +92,18 @@ def forward_hop(
     connect_timeout: float,
     codecs: StepCodecs = RAW,
     channel: grpc.Channel | None = None,
+    identity: NodeIdentity | None = None,
 ) -> torch.Tensor:
     """One stateless Forward of blocks [hop.start, hop.end) on hop's node over whole sequences (no KV cache);
     returns the output hidden states of every position. NodeUnavailableError or RemoteError on failure.
 
     `channel`: an open channel to the node, kept open; without one, a channel is opened and closed, and
     closing a channel just opened waits for grpc's connectivity poller (up to 0.2 s): callers that make
-    several calls to a node should keep a channel.
+    several calls to a node should keep a channel. `identity` signs the calls (default: this process's).
     """
     own_channel = channel is None
     if own_channel:
-        channel = open_channel(hop.record.address, connect_timeout)
+        channel = open_channel(hop.record, connect_timeout, identity)
     try:
         request = pb.ForwardRequest(
             model_id=model_id,
@@ -130,9 +134,11 @@ class SpanStream:
     instead of blocking forever on a node that stopped answering.
     """
 
-    def __init__(self, hop: Hop, session_id: str, model_id: str, max_length: int, connect_timeout: float):
+    def __init__(
+        self, hop: Hop, session_id: str, model_id: str, max_length: int, connect_timeout: float, identity: NodeIdentity | None = None
+    ):
         self.hop = hop
-        self._channel = open_channel(hop.record.address, connect_timeout)
+        self._channel = open_channel(hop.record, connect_timeout, identity)
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
         opening = pb.SessionOpen(

@@ -1,9 +1,12 @@
-"""Agent memory: the bundled sentence embedder, the vector store, namespace placement, short-term context."""
+"""Agent memory: the bundled sentence embedder, the vector store, namespace placement and storage ids,
+merging replicas' search hits, short-term context."""
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import re
 import sys
 import threading
 
@@ -12,15 +15,10 @@ import torch
 
 import agent.embeddings as embeddings
 from agent.embeddings import Embedder, EmbedderUnavailable, bundled_model_dir
-from agent.memory import (
-    MAX_TEXT_BYTES,
-    MemoryRecord,
-    ShortTermMemory,
-    StoreClosedError,
-    VectorStore,
-    replica_nodes,
-    shard_of,
-)
+from agent.memory import ShortTermMemory
+from agent.memory_placement import OPEN_SWARM_MEMORY_KEY, replica_nodes, storage_id
+from agent.scheduler import merge_hits
+from agent.vector_store import MAX_TEXT_BYTES, MemoryRecord, StoreClosedError, VectorStore, entries_digest
 
 FACTS = [
     "The capital of France is Paris",
@@ -234,6 +232,27 @@ def test_store_validates_its_inputs(store):
         store.count("ns")
 
 
+def test_writes_are_fully_synchronous_on_disk(tmp_path):
+    with VectorStore(str(tmp_path / "m.sqlite"), TinyEmbedder()) as store:
+        full = 2  # SQLite's code for synchronous=FULL
+        assert store._db().execute("PRAGMA synchronous").fetchone()[0] == full
+
+
+def test_entries_digest_and_records_let_replicas_compare(embedder, store):
+    written = store.write_many("ns", FACTS[:3], record_ids=["a", "b", "c"])
+    entries = store.entries("ns")
+    assert entries == {record.id: record.created for record in written}
+    assert store.digest("ns") == entries_digest(dict(reversed(list(entries.items()))))  # order does not matter
+    with VectorStore(None, embedder) as replica:
+        assert replica.digest("ns") != store.digest("ns")
+        for record in store.records("ns", ["c", "missing", "a", "b"]):
+            replica.put_record(record)
+        assert replica.digest("ns") == store.digest("ns")
+        store.write("ns", FACTS[4], record_id="b")  # a changed record changes the digest
+        assert replica.digest("ns") != store.digest("ns")
+    assert [record.id for record in store.records("ns", ["c", "missing"])] == ["c"]
+
+
 def test_store_refuses_embeddings_of_another_width(tmp_path, embedder):
     path = str(tmp_path / "m.sqlite")
     VectorStore(path, TinyEmbedder()).close()
@@ -254,13 +273,20 @@ def test_ram_index_grows_and_survives_deletes():
 # --------------------------------------------------------------------------- placement
 
 
-def test_shard_of_is_stable():
-    assert shard_of("user:alice", 16) == shard_of("user:alice", 16)
-    assert [shard_of(f"user:{i}", 1) for i in range(5)] == [0] * 5
-    assert {shard_of(f"user:{i}", 8) for i in range(200)} == set(range(8))
-    assert shard_of("user:alice", 1 << 30) == 324710705  # fixed: must not change across versions
-    with pytest.raises(ValueError):
-        shard_of("user:alice", 0)
+def test_storage_ids_are_keyed_hashes_of_owner_and_name():
+    sid = storage_id("owner-a", "notes", None)
+    assert re.fullmatch(r"[0-9a-f]{32}", sid) and "notes" not in sid
+    expected = hmac.new(OPEN_SWARM_MEMORY_KEY, b"owner-a\x00notes", hashlib.sha256).hexdigest()[:32]
+    assert sid == expected == storage_id("owner-a", "notes", None)  # stable across processes and versions
+    assert storage_id("owner-b", "notes", None) != sid  # the same name of another owner is another namespace
+    assert storage_id("owner-a", "notes2", None) != sid
+    private = storage_id("owner-a", "notes", b"k" * 32)
+    assert private != sid and private != storage_id("owner-a", "notes", b"j" * 32)  # only key holders can compute it
+    assert storage_id("ab", "c", None) != storage_id("a", "bc", None)  # owner and name cannot run together
+    with pytest.raises(ValueError, match="invalid namespace"):
+        storage_id("owner-a", "bad name", None)
+    with pytest.raises(ValueError, match="owner"):
+        storage_id("", "notes", None)
 
 
 def test_replica_nodes_are_deterministic_and_distinct():
@@ -297,6 +323,14 @@ def test_removing_a_node_moves_only_its_namespaces():
             assert set(before[ns]) - {"node-3"} <= set(after[ns])
         else:
             assert after[ns] == before[ns]
+
+
+def test_merged_hits_keep_each_record_once_best_first():
+    first = [{"id": "a", "text": "A", "score": 0.9}, {"id": "b", "text": "B", "score": 0.5}]
+    second = [{"id": "c", "text": "C", "score": 0.7}, {"id": "a", "text": "A", "score": 0.9}, {"id": "d", "text": "D", "score": 0.1}]
+    assert [hit["id"] for hit in merge_hits([first, second], 3)] == ["a", "c", "b"]
+    assert [hit["id"] for hit in merge_hits([[], second], 5)] == ["a", "c", "d"]
+    assert merge_hits([], 5) == []
 
 
 # --------------------------------------------------------------------------- short-term memory

@@ -5,6 +5,7 @@ model pipeline itself is tested with split spans in test_swarm_smollm). Tests ru
 last two kill nodes.
 """
 
+import itertools
 import re
 import signal
 import subprocess
@@ -14,10 +15,11 @@ import time
 
 import pytest
 
+from agent.memory_placement import replica_nodes
 from node.launcher import LocalSwarm
 from swarm.agent_client import AgentRunError
 from swarm.client import SwarmClient
-from tests.swarm_helpers import node_info
+from tests.swarm_helpers import node_info, swarm_member
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 240
@@ -74,7 +76,7 @@ def swarm(tmp_path_factory):
         ["--blocks", "0:30", "--tools", tools[index], "--data-dir", str(tmp_path_factory.mktemp(f"node{index}"))]
         for index in range(3)
     ]
-    with LocalSwarm(arguments) as local_swarm:
+    with LocalSwarm(arguments) as local_swarm, swarm_member(local_swarm.initial_peers):
         yield local_swarm
 
 
@@ -90,6 +92,21 @@ def client(swarm):
 
 def node_id(swarm, index: int) -> str:
     return swarm.nodes[index].info["node_id"]
+
+
+@pytest.fixture(scope="module")
+def lab_notes(swarm, client) -> str:
+    """A namespace of the client's that nodes 1 and 2 hold (by rendezvous placement over the 3 nodes), so
+    that the node a later test kills, which is one of those two, surely holds it."""
+    nodes = [node_id(swarm, index) for index in range(3)]
+    for index in itertools.count():
+        name = f"lab-notes-{index}"
+        if set(replica_nodes(storage_of(client, name), nodes)) == set(nodes[1:]):
+            return name
+
+
+def storage_of(client, namespace: str) -> str:
+    return client.agents.scheduler.storage_id(client.identity.fingerprint, namespace)
 
 
 def finished_steps(events, step_id=None, tool=None):
@@ -119,15 +136,15 @@ def test_a_task_that_needs_the_calculator_gets_the_right_number(swarm, client):
     assert any(event["type"] == "token" for event in events)
     # once the run has ended, its llm session is closed: no node keeps its KV caches
     deadline = time.monotonic() + 10
-    while sum(node_info(node.address).active_sessions for node in swarm.nodes) and time.monotonic() < deadline:
+    while sum(node_info(node).active_sessions for node in swarm.nodes) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [node_info(node.address).active_sessions for node in swarm.nodes] == [0, 0, 0]
+    assert [node_info(node).active_sessions for node in swarm.nodes] == [0, 0, 0]
 
 
-def test_a_fact_written_to_memory_is_found_and_used(swarm, client):
-    holders = client.remember("lab-notes", "The wifi password of the lab is orchid-42.", record_id="wifi")
-    assert len(holders) == 2 and len(set(holders)) == 2  # replicated on two nodes
-    task = client.submit_agent_task("What is the wifi password of the lab?", tools=[], memory_namespace="lab-notes")
+def test_a_fact_written_to_memory_is_found_and_used(swarm, client, lab_notes):
+    holders = client.remember(lab_notes, "The wifi password of the lab is orchid-42.", record_id="wifi")
+    assert sorted(holders) == sorted([node_id(swarm, 1), node_id(swarm, 2)])  # replicated on two nodes
+    task = client.submit_agent_task("What is the wifi password of the lab?", tools=[], memory_namespace=lab_notes)
     answer = task.result(timeout=RUN_TIMEOUT)
     events = list(task.events())
     [read] = finished_steps(events, step_id="memory.read")
@@ -218,7 +235,7 @@ def test_a_cancelled_run_stops_at_once_and_says_so(swarm, client):
     assert not any(event["type"] == "answer" for event in task.events())
 
 
-def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client):
+def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client, lab_notes):
     task = client.submit_agent_task(
         "What is the secret code for key alpha?", tools=["slow_lookup"], tool_choice="required", coordinator=node_id(swarm, 0)
     )
@@ -231,8 +248,9 @@ def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client):
     [lookup] = finished_steps(events, tool="slow_lookup")
     assert lookup["ok"] and lookup["value"] == "code-alpha-7" and lookup["node"] == node_id(swarm, 3 - victim)
     assert answer
-    # memory written earlier is on two nodes, so it outlives any one of them
-    assert any("orchid-42" in hit["text"] for hit in client.recall("lab-notes", "wifi password"))
+    # memory written earlier is on two nodes, so it outlives any one of them: here one that held it
+    assert started["node"] in replica_nodes(storage_of(client, lab_notes), [node_id(swarm, index) for index in range(3)])
+    assert any("orchid-42" in hit["text"] for hit in client.recall(lab_notes, "wifi password"))
 
 
 def test_a_run_resumes_from_its_journal_when_its_coordinator_dies(swarm, client):

@@ -1,16 +1,19 @@
 """The SwarmAPI on real nodes: a client built from proto/api.proto alone, health checks, reflection,
-tokens, rate limits and bad requests."""
+tokens, named API clients with token budgets shared with the HTTP API, rate limits and bad requests."""
 
 import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from node.api_access import token_digest
+from node.api_service import RETRY_AFTER_METADATA
 from node.launcher import LocalSwarm
 from proto import api_pb2 as pb
 from proto import api_pb2_grpc as pb_grpc
@@ -19,14 +22,18 @@ from swarm.client import SwarmClient
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"
 AUTH = [("authorization", f"Bearer {TOKEN}")]
+TINY_TOKEN = "tiny-budget-token"  # the API client "tiny" of node 0's tokens file: 1 generated token a minute
+TINY = [("authorization", f"Bearer {TINY_TOKEN}")]
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def swarm():
+def swarm(tmp_path_factory):
+    tokens_file = tmp_path_factory.mktemp("api") / "tokens.json"
+    tokens_file.write_text(json.dumps({"clients": [{"name": "tiny", "token_sha256": token_digest(TINY_TOKEN), "tokens_per_minute": 1}]}))
     with LocalSwarm(
         [
-            ["--num-blocks", "15", "--api-port", "0", "--http-port", "0", "--api-token", TOKEN],
+            ["--num-blocks", "15", "--api-port", "0", "--http-port", "0", "--api-token", TOKEN, "--api-tokens", str(tokens_file)],
             ["--num-blocks", "15", "--api-port", "0", "--api-rate", "1"],
         ]
     ) as local_swarm:
@@ -108,6 +115,7 @@ def test_agent_tasks_through_the_api(api):
     assert any(event.type == "step.finished" and json.loads(event.event_json)["tool"] == "calculator" for event in events)
     status = api.GetTask(pb.TaskRef(task_id=submitted.task_id), metadata=AUTH, timeout=10)
     assert status.status == "succeeded" and "7006652" in status.answer.replace(",", "")
+    assert rpc_error(api.GetTask, pb.TaskRef(task_id=submitted.task_id), metadata=TINY, timeout=10).code() == grpc.StatusCode.NOT_FOUND
     later = list(api.WatchTask(pb.WatchTaskRequest(task_id=submitted.task_id, after_seq=len(events) - 2), metadata=AUTH, timeout=30))
     assert [event.seq for event in later] == [len(events) - 1]
 
@@ -142,11 +150,40 @@ def test_bad_task_requests_and_missing_tokens_are_refused(swarm, api):
     for metadata in ([], [("authorization", "Bearer wrong")]):
         error = rpc_error(api.ListModels, pb.ListModelsRequest(), metadata=metadata, timeout=10)
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
-    with grpc.insecure_channel(swarm.nodes[0].info["api_address"]) as channel:
-        raw = channel.unary_unary("/edgeswarm.v1.SwarmAPI/ListModels", request_serializer=None, response_deserializer=None)
-        error = rpc_error(raw, b"\xff\xff\xff garbage", metadata=AUTH, timeout=10)
-        assert error.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
     assert api.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10).models  # still serving
+
+
+def test_garbage_bytes_to_every_method_are_invalid_argument(swarm, api):
+    methods = pb.DESCRIPTOR.services_by_name["SwarmAPI"].methods
+    with grpc.insecure_channel(swarm.nodes[0].info["api_address"]) as channel:
+        for method in methods:
+            call = (channel.unary_stream if method.server_streaming else channel.unary_unary)(
+                f"/edgeswarm.v1.SwarmAPI/{method.name}", request_serializer=None, response_deserializer=None
+            )
+            error = rpc_error(call, b"\xff\x00garbage", metadata=AUTH, timeout=10)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not parse" in error.details(), method.name
+    assert len(methods) == 7 and api.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10).models  # still serving
+
+
+def test_a_clients_token_budget_counts_generated_tokens_across_both_apis(swarm, api):
+    import openai
+
+    started = time.monotonic()
+    request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content=CHAT[0]["content"])], max_new_tokens=8)
+    chunks = list(api.Generate(request, metadata=TINY, timeout=120))  # a full budget admits it
+    generated = len(chunks) - 1
+    assert generated >= 1
+    error = rpc_error(api.Generate, request, metadata=TINY, timeout=30)
+    elapsed = time.monotonic() - started
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "'tiny' has used its budget" in error.details()
+    retry_after = int(dict(error.trailing_metadata())[RETRY_AFTER_METADATA])
+    assert 60 * generated - elapsed - 1 <= retry_after <= 60 * generated  # one token a minute, `generated` in debt
+    model = api.ListModels(pb.ListModelsRequest(), metadata=AUTH, timeout=10).models[0].id
+    http = openai.OpenAI(base_url=f"http://{swarm.nodes[0].info['http_address']}/v1", api_key=TINY_TOKEN, max_retries=0)
+    with pytest.raises(openai.RateLimitError) as refused:  # the HTTP API charges the same budget
+        http.chat.completions.create(model=model, messages=CHAT, max_tokens=8)
+    assert refused.value.response.json()["error"]["type"] == "tokens" and int(refused.value.response.headers["Retry-After"]) >= 1
+    assert len(list(api.Generate(request, metadata=AUTH, timeout=120))) > 1  # the other client is served
 
 
 def test_each_client_is_rate_limited(swarm):

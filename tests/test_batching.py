@@ -130,6 +130,6 @@ def test_concurrent_swarm_sessions_are_batched_and_stay_greedy_exact(tiny_llama_
 
             with ThreadPoolExecutor(len(prompts)) as pool:
                 produced = list(pool.map(generate, prompts))
-        batched = [node_info(node.address).batched_decode_steps for node in swarm.nodes]
+            batched = [node_info(node).batched_decode_steps for node in swarm.nodes]
     assert produced == expected
     assert all(count > 0 for count in batched)

@@ -19,6 +19,7 @@ DEAD_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCNNaFmPVdm3z1HQ5GfUo7QN21nXsHSr9nq
         (["--model", "/nowhere/model.gguf"], "no model at /nowhere/model.gguf"),
         (["--blocks", "25:40"], "blocks 25:40 are outside the model, which has blocks 0:30"),
         (["--num-blocks", "31"], "--num-blocks must be in [1, 30]"),
+        (["--api-tokens", "/nowhere/tokens.json"], "API tokens file /nowhere/tokens.json"),
     ],
 )
 def test_bad_join_arguments_exit_with_a_clear_error(args, message, capsys):

@@ -6,7 +6,14 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from node.launcher import LocalSwarm
-from partition.coordination import keep_recorded_plan, make_plan, participants, plan_key, profiles_from_records
+from partition.coordination import (
+    keep_recorded_plan,
+    make_plan,
+    participants,
+    plan_from_record,
+    plan_key,
+    profiles_from_records,
+)
 from partition.planner import Plan
 from protocol.records import ServerRecord
 from swarm import dht as swarm_dht
@@ -53,6 +60,18 @@ def test_recorded_plan_is_kept_unless_clearly_worse_or_stale():
     assert not keep_recorded_plan(nearly, members, best, records[:1], 30, 2304, "throughput")  # b has left
     assert not keep_recorded_plan(nearly, ["a"], best, records, 30, 2304, "throughput")  # b has joined
     assert not keep_recorded_plan(None, [], best, records, 30, 2304, "throughput")
+
+
+def test_only_the_coordinator_the_members_elect_may_record_a_plan():
+    members = participants([profiled("b", 100.0), profiled("a", 100.0)], "pipeline")
+    plan = make_plan(members, "pipeline", 30, 2304)
+    value = {"partition": "pipeline", "plan": plan.to_dict(), "members": ["a", "b"]}
+    assert plan_from_record(value, "a", "pipeline", members) == (plan, ["a", "b"])
+    assert plan_from_record(value, "b", "pipeline", members) is None  # a participant, but not the elected one
+    # an outsider that signs a plan naming itself first is not elected by the members' own ordering
+    assert plan_from_record({**value, "members": ["0-outsider", "a", "b"]}, "0-outsider", "pipeline", members) is None
+    assert plan_from_record(value, "a", "ring", members) is None  # a plan of another kind
+    assert plan_from_record({**value, "plan": {"stages": "x"}}, "a", "pipeline", members) is None  # malformed
 
 
 @pytest.mark.slow

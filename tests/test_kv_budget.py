@@ -1,4 +1,4 @@
-"""KVBudget: admission within the budget, refusal beyond it, release, idle sessions, thread safety."""
+"""KVBudget: admission within the budget, refusal beyond it, growth to a session's batch, release, thread safety."""
 
 from __future__ import annotations
 
@@ -9,21 +9,8 @@ import pytest
 from node.kv_budget import BusyError, KVBudget
 
 
-class FakeClock:
-    """A clock that only moves when told to."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-def make_budget(budget_tokens: int = 100, bytes_per_token: int = 10, idle_timeout: float = 30.0, clock=None) -> KVBudget:
-    return KVBudget(budget_tokens * bytes_per_token, bytes_per_token, idle_timeout, clock=clock or FakeClock())
+def make_budget(budget_tokens: int = 100, bytes_per_token: int = 10) -> KVBudget:
+    return KVBudget(budget_tokens * bytes_per_token, bytes_per_token)
 
 
 def test_admits_up_to_the_budget_exactly():
@@ -79,42 +66,48 @@ def test_a_session_id_cannot_be_admitted_twice():
 
 def test_invalid_arguments_are_refused():
     with pytest.raises(ValueError):
-        KVBudget(100, 0, 1.0)
+        KVBudget(100, 0)
     with pytest.raises(ValueError):
         make_budget().admit("a", 0)
 
 
-def test_idle_sessions_follow_the_last_touch():
-    clock = FakeClock()
-    budget = make_budget(idle_timeout=30.0, clock=clock)
-    budget.admit("old", 10)
-    clock.advance(10)
-    budget.admit("new", 10)
-    clock.advance(25)  # old: 35 s untouched, new: 25 s
-    assert budget.idle_sessions() == ["old"]
-    budget.touch("old")
-    assert budget.idle_sessions() == []
-    clock.advance(30)
-    assert budget.idle_sessions() == ["new", "old"]  # longest idle first
-    budget.release("new")
-    assert budget.idle_sessions() == ["old"]
-    budget.touch("released-or-unknown")  # ignored
-    assert budget.sessions == 1
+def test_a_session_grows_to_its_batch_or_is_refused_keeping_what_it_held():
+    budget = make_budget()  # 1000 bytes
+    assert budget.admit("a", 20, blocks=2).nbytes == 400  # one sequence of 20 tokens through 2 blocks
+    assert budget.grow("a", 1).nbytes == 400  # nothing to grow
+    assert budget.grow("a", 2).nbytes == 800
+    assert budget.used_bytes == 800
+    budget.admit("b", 10)
+    with pytest.raises(BusyError) as refused:  # 3 sequences need 1200 bytes; 100 are free
+        budget.grow("a", 3)
+    assert "asks 1200 bytes (3 x 40 token-blocks x 10 bytes) (it holds 800 bytes)" in str(refused.value)
+    assert budget.reservation("a").batch_size == 2 and budget.used_bytes == 900  # a refusal changes nothing
+    assert budget.grow("a", 2).nbytes == 800  # a later step of the same batch still runs
+    assert budget.release("a").nbytes == 800
+    assert budget.used_bytes == 100
+    with pytest.raises(KeyError):
+        budget.grow("a", 1)
+
+
+def test_a_huge_batch_never_reserves_beyond_the_budget():
+    budget = make_budget()
+    budget.admit("flood", 100)  # the whole budget, for one sequence
+    with pytest.raises(BusyError):
+        budget.grow("flood", 48)
+    assert budget.used_bytes == budget.budget_bytes == 1000
 
 
 def test_many_admit_release_cycles_leave_nothing_used():
     budget = make_budget()
     for index in range(200):
         budget.admit(f"s{index}", 1 + index % 100)
-        budget.touch(f"s{index}")
         budget.release(f"s{index}")
     assert budget.used_bytes == 0
     assert budget.sessions == 0
-    assert budget.idle_sessions() == []
 
 
 def test_concurrent_admits_never_over_commit():
-    budget = KVBudget(budget_bytes=50 * 7, bytes_per_token=7, idle_timeout=60.0)  # room for 50 sessions of 1 token
+    budget = KVBudget(budget_bytes=50 * 7, bytes_per_token=7)  # room for 50 sessions of 1 token
     start = threading.Barrier(16)
     admitted: list[str] = []
     refused: list[str] = []
@@ -152,7 +145,7 @@ def test_concurrent_admits_never_over_commit():
 
 
 def test_a_session_reserves_room_in_every_block_it_runs_through():
-    budget = KVBudget(budget_bytes=10_000, bytes_per_token=10, idle_timeout=60)
+    budget = KVBudget(budget_bytes=10_000, bytes_per_token=10)
     assert budget.admit("s", max_length=100, blocks=3).nbytes == 3_000
     with pytest.raises(BusyError, match="token-blocks"):
         budget.admit("t", max_length=100, blocks=8)

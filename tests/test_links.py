@@ -20,7 +20,7 @@ from protocol.link_policy import QUALITY_CODECS, LinkQuality, choose_codec, meas
 from protocol.tensors import serialize_tensor
 from swarm.client import SwarmClient
 from swarm.session import greedy_decode
-from tests.swarm_helpers import node_info
+from tests.swarm_helpers import node_channel, node_info, swarm_member
 
 pytestmark = pytest.mark.slow
 PROMPT = "The Python standard library offers modules for files, networking and text processing. Among them"
@@ -35,7 +35,7 @@ def basis_cache(smollm):
 @pytest.fixture(scope="module")
 def swarm(basis_cache):
     nodes = [["--blocks", "0:15", "--semantic-basis", "auto"], ["--blocks", "15:30", "--semantic-basis", "auto", "--quant", "int8"]]
-    with LocalSwarm(nodes) as local_swarm:
+    with LocalSwarm(nodes) as local_swarm, swarm_member(local_swarm.initial_peers):
         yield local_swarm
 
 
@@ -62,7 +62,7 @@ def _decode_with(client: SwarmClient, prompt_ids: list[int], count: int) -> tupl
 def test_nodes_announce_codecs_basis_and_weight_mode(swarm, basis_cache):
     with _client(swarm, "lossless") as client:  # waits until both nodes announce the semantic codec
         assert {record.semantic_basis for record in client.servers()} == {basis_cache.digest}
-    infos = [node_info(node.address) for node in swarm.nodes]
+    infos = [node_info(node) for node in swarm.nodes]
     assert [info.weight_quant for info in infos] == ["none", "int8"]
     assert all(info.semantic_basis == basis_cache.digest and "semantic" in info.codecs for info in infos)
     fp32_per_block = infos[0].weight_bytes / 15
@@ -123,14 +123,14 @@ def _step(hidden: pb.Tensor, reply_codec: str = "") -> pb.SessionRequest:
     )
 
 
-def _session(address: str, step: pb.SessionRequest):
-    opening = pb.SessionRequest(open=pb.SessionOpen(session_id="bad-input", model_id=node_info(address).model_id, start_block=0, end_block=15, max_length=64))
-    with grpc.insecure_channel(address) as channel:
+def _session(node, step: pb.SessionRequest):
+    opening = pb.SessionRequest(open=pb.SessionOpen(session_id="bad-input", model_id=node_info(node).model_id, start_block=0, end_block=15, max_length=64))
+    with node_channel(node) as channel:
         return list(pb_grpc.BlockServiceStub(channel).InferenceSession(iter([opening, step]), timeout=30))
 
 
 def test_bad_payloads_get_invalid_argument_and_the_node_serves_on(swarm, basis_cache):
-    address = swarm.nodes[0].address
+    node = swarm.nodes[0]
     hidden = torch.randn(1, 4, 576)
     unknown = encode_tensor(hidden, "int8_block")
     unknown.codec = "zstd"
@@ -149,8 +149,8 @@ def test_bad_payloads_get_invalid_argument_and_the_node_serves_on(swarm, basis_c
     ]
     for request, reason in cases:
         with pytest.raises(grpc.RpcError) as error:
-            _session(address, request)
+            _session(node, request)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert reason in error.value.details()
-    replies = _session(address, _step(encode_tensor(hidden, "int8_outlier"), reply_codec="int8_outlier"))
+    replies = _session(node, _step(encode_tensor(hidden, "int8_outlier"), reply_codec="int8_outlier"))
     assert replies[0].hidden_states.codec == "int8_outlier" and replies[0].cache_length == 4

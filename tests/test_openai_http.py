@@ -1,5 +1,7 @@
 """The OpenAI-compatible HTTP API (node.openai_http) on a real 2-node swarm, driven by the official
-`openai` package and by raw HTTP; and the token-bucket rate limiter (node.rate_limit).
+`openai` package and by raw HTTP, with API clients and their token budgets (node.api_access); and the
+token-bucket rate limiter (node.rate_limit). The server's own limits (connections, deadlines) are in
+tests/test_api_limits.py.
 
 An unknown model is answered with 400 (`openai.BadRequestError`, code "model_not_found"); OpenAI itself
 answers 404. Tests that need no swarm (the limiter, a swarm that fails) are not marked slow.
@@ -16,6 +18,7 @@ import time
 import openai
 import pytest
 
+from node.api_access import ApiAccess, ApiClient, ClientLimits, load_api_clients, token_digest
 from node.launcher import LocalSwarm
 from node.openai_chat import StopText
 from node.openai_http import OpenAIServer
@@ -64,7 +67,7 @@ def client(swarm):
 
 @pytest.fixture(scope="module")
 def server(client):
-    with OpenAIServer(client, "127.0.0.1", 0, api_token=TOKEN) as openai_server:
+    with OpenAIServer(client, "127.0.0.1", 0, access=token_access()) as openai_server:
         yield openai_server
 
 
@@ -78,6 +81,11 @@ def api(server):
 def greedy(api, server):
     """One non-streaming greedy answer to CHAT, shared by the tests that compare against it."""
     return api.chat.completions.create(model=server.model_name, messages=CHAT, max_tokens=24, temperature=0)
+
+
+def token_access() -> ApiAccess:
+    """Access for one API client with the token TOKEN and the default limits."""
+    return ApiAccess("test-node", [ApiClient.with_token("tester", TOKEN, ClientLimits())])
 
 
 def raw(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
@@ -271,8 +279,8 @@ def test_a_silent_or_vanishing_client_does_not_block_others(server, api):
 
 @slow
 def test_a_rate_limited_client_gets_429_with_retry_after(client):
-    limiter = RateLimiter(rate_per_second=0.05, burst=2)
-    with OpenAIServer(client, "127.0.0.1", 0, rate_limiter=limiter) as limited:
+    access = ApiAccess("test-node", default_limits=ClientLimits(requests_per_second=0.05, burst=2))
+    with OpenAIServer(client, "127.0.0.1", 0, access=access) as limited:
         assert [raw(limited.port, "GET", "/v1/models")[0] for _ in range(2)] == [200, 200]
         status, headers, body = raw(limited.port, "GET", "/v1/models")
         assert status == 429 and int(headers["Retry-After"]) >= 1
@@ -280,6 +288,31 @@ def test_a_rate_limited_client_gets_429_with_retry_after(client):
         with openai.OpenAI(base_url=limited.url, api_key="anything", max_retries=0) as api_client:
             with pytest.raises(openai.RateLimitError):
                 api_client.models.list()
+
+
+@slow
+def test_each_api_client_has_its_own_token_budget_charged_per_generated_token(client, tmp_path):
+    tokens_file = tmp_path / "tokens.json"
+    tokens_file.write_text(json.dumps({"clients": [
+        {"name": "alice", "token_sha256": token_digest("alice-token"), "tokens_per_minute": 1},
+        {"name": "bob", "token_sha256": token_digest("bob-token")},
+    ]}))
+    access = ApiAccess("test-node", load_api_clients(tokens_file, ClientLimits()))
+    with (OpenAIServer(client, "127.0.0.1", 0, access=access) as budgeted,
+          openai.OpenAI(base_url=budgeted.url, api_key="alice-token", max_retries=0, timeout=300) as alice,
+          openai.OpenAI(base_url=budgeted.url, api_key="bob-token", max_retries=0, timeout=300) as bob):
+        started = time.monotonic()
+        kwargs = {"model": budgeted.model_name, "messages": CHAT, "max_tokens": 8, "temperature": 0}
+        chunks = list(alice.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+        generated = chunks[-1].usage.completion_tokens  # charged as they streamed; a full budget admitted it
+        with pytest.raises(openai.RateLimitError) as refused:
+            alice.chat.completions.create(**kwargs)
+        elapsed = time.monotonic() - started
+        retry_after = int(refused.value.response.headers["Retry-After"])
+        assert 60 * generated - elapsed - 1 <= retry_after <= 60 * generated  # one token a minute, `generated` in debt
+        error = refused.value.response.json()["error"]
+        assert error["type"] == "tokens" and "'alice' has used its budget" in error["message"]
+        assert bob.chat.completions.create(**kwargs).choices[0].message.content  # bob's budget is his own
 
 
 # --- swarm failures, without a swarm ----------------------------------------------------------------------
@@ -313,7 +346,7 @@ def tokenizer(smollm):
 
 def test_swarm_failures_are_503_and_the_server_survives(smollm, tokenizer):
     body = json.dumps({"model": smollm.model_id, "messages": CHAT}).encode()
-    with OpenAIServer(_BrokenSwarmClient(smollm, tokenizer), api_token=TOKEN) as broken:
+    with OpenAIServer(_BrokenSwarmClient(smollm, tokenizer), access=token_access()) as broken:
         for stream in (False, True):
             status, headers, answer = raw(broken.port, "POST", "/v1/chat/completions",
                                           json.dumps({**json.loads(body), "stream": stream}).encode())

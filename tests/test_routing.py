@@ -3,7 +3,7 @@ import pytest
 from partition.span_selection import block_throughputs, choose_least_covered_span
 from protocol.records import OFFLINE, ServerRecord
 from swarm.errors import NoRouteError
-from swarm.routing import coverage_gaps, plan_route
+from swarm.routing import MeasuredSpeeds, coverage_gaps, plan_route, trusted_throughputs
 
 
 def record(node: str, start: int, end: int, throughput: float = 100.0, state: str = "online") -> ServerRecord:
@@ -122,3 +122,34 @@ def test_node_moves_to_reach_the_redundancy_target():
     records = [record("a", 0, 10), record("x", 0, 10), record("b", 10, 20), record("y", 10, 20), record("c", 20, 30), me]
     assert choose_move(records, me, 30, redundancy=2) == (20, 30)
     assert choose_move(records, me, 30, redundancy=1, min_gain=10.0) is None
+
+
+def throughputs(records) -> dict[str, float]:
+    return {record.node_id: record.throughput for record in records}
+
+
+def test_routing_believes_no_node_faster_than_the_client_measured():
+    honest, braggart, slow = record("honest", 0, 30, 100.0), record("braggart", 0, 30, 1e6), record("slow", 0, 30, 80.0)
+    assert spans(plan_route([honest, braggart], 30)) == [("braggart", 0, 30)]  # announcements alone: it wins
+    # nothing measured: no node counts as more than twice the median announcement (a minority cannot raise it)
+    assert throughputs(trusted_throughputs([honest, braggart, slow], {})) == {"honest": 100.0, "braggart": 200.0, "slow": 80.0}
+    # a measured node counts at min(announced, measured); an unmeasured one at most twice the best of those
+    trusted = trusted_throughputs([braggart, honest, slow], {"honest": 90.0, "slow": 80.0})
+    assert throughputs(trusted) == {"honest": 90.0, "braggart": 180.0, "slow": 80.0}
+    # once measured, the braggart counts at what the client saw, whatever it announces; a node measured
+    # above its announcement keeps its announcement
+    trusted = trusted_throughputs([braggart, honest], {"honest": 150.0, "braggart": 60.0})
+    assert throughputs(trusted) == {"honest": 100.0, "braggart": 60.0}
+    assert spans(plan_route(trusted, 30)) == [("honest", 0, 30)]
+    assert trusted_throughputs([], {}) == []
+
+
+def test_measured_speeds_follow_recent_steps():
+    speeds = MeasuredSpeeds()
+    assert speeds.measured("a") is None
+    speeds.observe("a", blocks=10, seconds=0.1)
+    assert speeds.measured("a") == pytest.approx(100.0)
+    for _ in range(40):  # the node slowed down: its measured speed follows
+        speeds.observe("a", blocks=10, seconds=1.0)
+    assert speeds.measured("a") == pytest.approx(10.0, rel=1e-2)
+    assert throughputs(speeds.trusted([record("a", 0, 30, 1e6), record("b", 0, 30, 1e6)])) == pytest.approx({"a": 10.0, "b": 20.0}, rel=1e-2)

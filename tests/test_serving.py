@@ -15,7 +15,7 @@ from protocol.tensors import serialize_tensor
 from swarm.client import SwarmClient
 from swarm.routing import Hop
 from swarm.session import InferenceSession, greedy_decode
-from tests.swarm_helpers import node_info
+from tests.swarm_helpers import node_channel, node_info, swarm_member
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 77, 300, 12, 9]
@@ -48,7 +48,7 @@ def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir):
         with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), mdns=False) as client:
             holder = client.inference_session(max_length=400)
             holder.step(torch.tensor([PROMPT]))
-            with grpc.insecure_channel(small.address) as channel, pytest.raises(grpc.RpcError) as refused:
+            with node_channel(small) as channel, pytest.raises(grpc.RpcError) as refused:
                 _open_session(channel, client.model.model_id, 400)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.details().startswith("busy: KV-cache budget exhausted")
@@ -72,30 +72,31 @@ def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir):
 def test_idle_sessions_are_closed_and_leave_nothing_behind(tiny_llama_dir):
     node = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6", "--session-idle-timeout", "1"])
     try:
-        model_id = node_info(node.address).model_id
-        with grpc.insecure_channel(node.address) as channel:
-            requests = iter(
-                [
-                    pb.SessionRequest(open=pb.SessionOpen(session_id="idle", model_id=model_id, start_block=0, end_block=6, max_length=32)),
-                    pb.SessionRequest(
-                        step=pb.SessionStep(
-                            hidden_states=serialize_tensor(torch.randn(1, 3, 64)),
-                            position_ids=serialize_tensor(torch.arange(3)[None]),
-                            attention_mask=serialize_tensor(torch.ones(1, 3, dtype=torch.bool)),
-                        )
-                    ),
-                ]
-            )
-            blocking = _Blocking(requests)  # then sends nothing more, keeping the stream open
-            responses = pb_grpc.BlockServiceStub(channel).InferenceSession(blocking, timeout=30)
-            assert next(responses).cache_length == 3
-            assert node_info(node.address).active_sessions == 1
-            with pytest.raises(grpc.RpcError) as closed:
-                next(responses)
-            assert closed.value.code() == grpc.StatusCode.CANCELLED
-            blocking.release()
-        info = node_info(node.address)
-        assert (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes, info.evicted_sessions) == (0, 0, 0, 1)
+        with swarm_member(node.initial_peers):
+            model_id = node_info(node).model_id
+            with node_channel(node) as channel:
+                requests = iter(
+                    [
+                        pb.SessionRequest(open=pb.SessionOpen(session_id="idle", model_id=model_id, start_block=0, end_block=6, max_length=32)),
+                        pb.SessionRequest(
+                            step=pb.SessionStep(
+                                hidden_states=serialize_tensor(torch.randn(1, 3, 64)),
+                                position_ids=serialize_tensor(torch.arange(3)[None]),
+                                attention_mask=serialize_tensor(torch.ones(1, 3, dtype=torch.bool)),
+                            )
+                        ),
+                    ]
+                )
+                blocking = _Blocking(requests)  # then sends nothing more, keeping the stream open
+                responses = pb_grpc.BlockServiceStub(channel).InferenceSession(blocking, timeout=30)
+                assert next(responses).cache_length == 3
+                assert node_info(node).active_sessions == 1
+                with pytest.raises(grpc.RpcError) as closed:
+                    next(responses)
+                assert closed.value.code() == grpc.StatusCode.CANCELLED
+                blocking.release()
+            info = node_info(node)
+            assert (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes, info.evicted_sessions) == (0, 0, 0, 1)
     finally:
         node.stop()
 
@@ -123,18 +124,19 @@ class _Blocking:
 def test_two_hundred_sessions_leave_memory_where_it_was(tiny_llama_dir):
     node = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"])
     try:
-        model_id = node_info(node.address).model_id
-        with grpc.insecure_channel(node.address) as channel:
-            for _ in range(20):  # warm up allocators and gRPC
-                _open_session(channel, model_id, 64, steps=4)
-            baseline = node_info(node.address).rss_bytes
-            for _ in range(200):
-                assert len(_open_session(channel, model_id, 64, steps=4)) == 4
-            deadline = time.monotonic() + 10
-            while node_info(node.address).active_sessions and time.monotonic() < deadline:
-                time.sleep(0.1)
-        info = node_info(node.address)
-        assert (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes) == (0, 0, 0)
-        assert info.rss_bytes - baseline < 16 * 2**20
+        with swarm_member(node.initial_peers):
+            model_id = node_info(node).model_id
+            with node_channel(node) as channel:
+                for _ in range(20):  # warm up allocators and gRPC
+                    _open_session(channel, model_id, 64, steps=4)
+                baseline = node_info(node).rss_bytes
+                for _ in range(200):
+                    assert len(_open_session(channel, model_id, 64, steps=4)) == 4
+                deadline = time.monotonic() + 10
+                while node_info(node).active_sessions and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            info = node_info(node)
+            assert (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes) == (0, 0, 0)
+            assert info.rss_bytes - baseline < 16 * 2**20
     finally:
         node.stop()

@@ -1,11 +1,14 @@
-"""Spot checks catch a node that returns wrong hidden states, and never flag honest ones.
+"""Spot checks catch a node that returns wrong hidden states, and never flag honest ones; routing does
+not believe a node's word about its speed.
 
-The judging rule and the difference measure are tested directly; the rest runs a real swarm of the tiny
-model: two honest nodes and one that corrupts its outputs (EDGESWARM_FAULT_INJECTION), all serving every
-block, so each can verify the others.
+The judging rule, the difference measure and the codecs' error bounds are tested directly; the rest runs
+a real swarm of the tiny model: two honest nodes and one that corrupts its outputs
+(EDGESWARM_FAULT_INJECTION), all serving every block, so each can verify the others. Some tests add a
+fourth node that lies in another way.
 """
 
 import threading
+import time
 
 import pytest
 import torch
@@ -13,12 +16,13 @@ from transformers import AutoModelForCausalLM
 
 from node.launcher import LocalSwarm, start_node
 from node.reference import reference_greedy_tokens
-from node.service import _corrupt_outputs_scale
+from node.service import FaultInjection
+from protocol.codecs import decode_tensor, encode_tensor
 from protocol.records import ServerRecord
 from swarm.client import SwarmClient
-from swarm.routing import Hop
-from swarm.session import InferenceSession, SessionPolicy, greedy_decode
-from swarm.spot_check import difference, judge
+from swarm.routing import UNMEASURED_CEILING_FACTOR, Hop
+from swarm.session import DEFAULT_SPOT_CHECK, InferenceSession, SessionPolicy, greedy_decode
+from swarm.spot_check import codec_error_bound, difference, judge
 from tests.swarm_helpers import until_eos
 
 PROMPT = [5, 77, 300, 12, 9, 401]
@@ -26,6 +30,11 @@ TOKENS = 16
 NOISE = 0.05
 FAULT = {"EDGESWARM_FAULT_INJECTION": f"corrupt_outputs={NOISE}"}
 POLICY = SessionPolicy(spot_check=1.0, spot_check_seed=0, replacement_wait=20, min_step_deadline=5.0)
+# lies only on replies asked for in a codec: the steps that looked unchecked when checked ones asked for raw replies
+SLY_FAULT = {"EDGESWARM_FAULT_INJECTION": f"corrupt_outputs={NOISE},when=compressed_reply"}
+BRAGGING_THROUGHPUT = 1e6
+BRAGGING = {"EDGESWARM_FAULT_INJECTION": f"announce_throughput={BRAGGING_THROUGHPUT}"}
+LOSSY_CODECS = ("fp16", "bf16", "int8_outlier", "int8_block", "int8_token", "int4_block")
 
 
 # --- the measure and the rule, without a swarm ------------------------------------------------------
@@ -86,11 +95,45 @@ def test_the_judging_rule():
     assert judge(hop, lie, verifier, truth, [], lambda record: None, mask, tolerance).liars == {}
 
 
+def test_codec_error_bounds_hold_and_are_nearly_reached(reference):
+    # real hidden states (the tiny model's, at every block boundary) and SmolLM2-like ones with huge channels
+    with torch.no_grad():
+        states = list(reference(torch.tensor([PROMPT * 8]), output_hidden_states=True).hidden_states[1:-1])
+    torch.manual_seed(0)
+    massive = torch.randn(1, 32, 576)
+    massive[..., :2] *= 50.0
+    states.append(massive)
+    for codec in LOSSY_CODECS:
+        for state in states:
+            error = difference(decode_tensor(encode_tensor(state, codec)), state)
+            assert error <= codec_error_bound(codec, state.shape[-1]), codec
+    # the int8 codecs err by more than float32 nodes may differ: without the bound an honest reply is a lie
+    assert difference(decode_tensor(encode_tensor(massive, "int8_block")), massive) > POLICY.spot_check_tolerance
+    # the worst case: a block of one large value and the rest halfway between two steps
+    for codec, levels, block in (("int8_block", 127, 64), ("int8_token", 127, 64), ("int4_block", 7, 32)):
+        step = 2.0**-3  # the block's scale, exact in float16
+        worst = torch.full((1, 1, block), step / 2)
+        worst[..., 0] = levels * step
+        error = difference(decode_tensor(encode_tensor(worst, codec)), worst)
+        assert 0.9 * codec_error_bound(codec, block) < error <= codec_error_bound(codec, block), codec
+    assert codec_error_bound("", 64) == codec_error_bound("lossless", 64) == 0.0
+
+
 def test_fault_injection_setting():
-    assert _corrupt_outputs_scale("") == 0.0
-    assert _corrupt_outputs_scale("corrupt_outputs=0.05") == 0.05
+    assert FaultInjection.parse("") == FaultInjection()
+    assert FaultInjection.parse("corrupt_outputs=0.05") == FaultInjection(corrupt_outputs=0.05)
+    sly = FaultInjection.parse("corrupt_outputs=0.05, when=compressed_reply")
+    assert sly.corrupts("int8_block") and not sly.corrupts("") and not sly.corrupts("none")
+    assert FaultInjection.parse("corrupt_outputs=0.05").corrupts("")
+    assert FaultInjection.parse("announce_throughput=1e6").announce_throughput == 1e6
     with pytest.raises(ValueError, match="unknown fault"):
-        _corrupt_outputs_scale("drop_everything=1")
+        FaultInjection.parse("drop_everything=1")
+    with pytest.raises(ValueError, match="when must be"):
+        FaultInjection.parse("corrupt_outputs=0.05,when=sometimes")
+
+
+def test_spot_checks_are_on_by_default():
+    assert 0 < SessionPolicy().spot_check == DEFAULT_SPOT_CHECK
 
 
 def test_spot_check_must_be_a_fraction():
@@ -114,9 +157,22 @@ def swarm(tiny_llama_dir):
 @pytest.fixture
 def client(swarm, tiny_llama_dir):
     with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=POLICY) as swarm_client:
-        if not hasattr(swarm_client, "misbehaviours"):  # until SwarmClient keeps the log itself
-            swarm_client.misbehaviours = []
         yield swarm_client
+
+
+@pytest.fixture
+def extra_node(swarm, tiny_llama_dir):
+    """Starts a fourth node serving all blocks, with the given environment, joined to the swarm; it is
+    stopped (and withdraws its record) at the end of the test."""
+    started = []
+
+    def start(env: dict[str, str]):
+        started.append(start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], swarm.initial_peers, env=env))
+        return started[-1]
+
+    yield start
+    for node in started:
+        node.stop()
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +197,13 @@ def session_on(client, node, **kwargs) -> InferenceSession:
 
 def usable_ids(client) -> set[str]:
     return {record.node_id for record in client.usable_servers()}
+
+
+def wait_until_listed(client, node, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while node_id(node) not in {record.node_id for record in client.servers()}:
+        assert time.monotonic() < deadline, f"node {node_id(node)} never appeared in the DHT"
+        time.sleep(0.2)
 
 
 @pytest.mark.slow
@@ -280,7 +343,7 @@ def test_a_verifier_judged_lying_is_replaced_where_it_runs_another_hop(swarm, cl
 @pytest.mark.slow
 def test_lossy_links_do_not_look_like_lies(swarm, tiny_llama_dir):
     # int8_block inputs differ from the exact ones by far more than the tolerance: the verifier must get
-    # what the node decoded, and the checked reply must come back uncompressed
+    # what the node decoded, and the checked reply, compressed as every reply, is allowed the codec's error
     with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=POLICY, link_quality="int8_block") as lossy:
         lossy.ban(node_id(swarm.nodes[2]), 3600)
         with lossy.inference_session(max_length=64) as session:
@@ -291,3 +354,58 @@ def test_lossy_links_do_not_look_like_lies(swarm, tiny_llama_dir):
             stats = session.spot_checks
             assert stats.checks == TOKENS + 1 and stats.agreed == stats.checks, stats
             assert session.misbehaviours == [] and session.failovers == []
+
+
+@pytest.mark.slow
+def test_a_liar_cannot_tell_checked_steps_on_compressed_links(swarm, extra_node, tiny_llama_dir):
+    # it lies only on replies asked for in a codec; a checked step asks for the same codec as any other,
+    # so it lies on the first step, which is always checked, and is caught there (at the default rate)
+    sly = extra_node(SLY_FAULT)
+    policy = SessionPolicy(spot_check_seed=0, replacement_wait=20, min_step_deadline=5.0)
+    with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=policy, link_quality="int8_block") as client:
+        client.ban(node_id(swarm.nodes[2]), 3600)  # the other liar lies on every reply: keep it out
+        wait_until_listed(client, sly)
+        with session_on(client, swarm.nodes[0]) as honest_session:  # the honest output on these links
+            expected = greedy_decode(honest_session, PROMPT, TOKENS)
+            assert honest_session.misbehaviours == [] and honest_session.spot_checks.agreed >= 1
+        with session_on(client, sly) as session:
+            assert greedy_decode(session, PROMPT, TOKENS) == expected
+            assert all(step.seen is not None for step in session._hops[0].sent)  # the links did compress
+            [caught] = session.misbehaviours
+            assert caught.node_id == node_id(sly) and caught.step == 0 and caught.reason.startswith("outvoted")
+            assert caught.tolerance > POLICY.spot_check_tolerance  # allowing for int8_block's error
+            assert [event.failed_node for event in session.failovers] == [node_id(sly)]
+        assert client.misbehaviours == [caught]
+        assert node_id(sly) not in usable_ids(client)
+
+
+@pytest.mark.slow
+def test_an_absurd_throughput_announcement_does_not_win_every_route(swarm, extra_node, tiny_llama_dir):
+    braggart = extra_node(BRAGGING)
+    honest = swarm.nodes[0]
+    with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=SessionPolicy(spot_check=0.0)) as client:
+        for other in swarm.nodes[1:]:
+            client.ban(node_id(other), 3600)  # the braggart against one honest node
+        wait_until_listed(client, braggart)
+        announced = {record.node_id: record.throughput for record in client.usable_servers()}
+        assert announced[node_id(braggart)] == BRAGGING_THROUGHPUT
+
+        def trusted() -> dict[str, float]:
+            return {record.node_id: record.throughput for record in client.trusted_servers()}
+
+        # nothing measured yet: it counts as twice the median announcement at most (here the honest
+        # node's), so it is tried, as a node that may really be faster would be
+        assert trusted()[node_id(braggart)] == UNMEASURED_CEILING_FACTOR * announced[node_id(honest)]
+        [hop] = client.route()
+        assert hop.record.node_id == node_id(braggart)
+        with InferenceSession(client, [hop], max_length=64) as session:
+            greedy_decode(session, PROMPT, 4)
+        # measured, it counts at the speed the client saw, not at its word
+        measured = client.speeds.measured(node_id(braggart))
+        assert trusted()[node_id(braggart)] == measured < BRAGGING_THROUGHPUT
+        # so does the honest node once measured, and routes follow those measurements alone
+        with session_on(client, honest) as session:
+            greedy_decode(session, PROMPT, 4)
+        speeds = trusted()
+        assert speeds[node_id(honest)] == min(announced[node_id(honest)], client.speeds.measured(node_id(honest)))
+        assert [hop.record.node_id for hop in client.route()] == [max(speeds, key=speeds.get)]

@@ -18,7 +18,7 @@ from swarm.errors import RemoteError
 from swarm.routing import Hop
 from swarm.session import InferenceSession, greedy_decode
 from swarm.transport import SpanStream
-from tests.swarm_helpers import node_info, until_eos
+from tests.swarm_helpers import node_channel, node_info, swarm_member, until_eos
 
 pytestmark = pytest.mark.slow
 EOS = {2}
@@ -27,7 +27,7 @@ CHAT = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def swarm():
-    with LocalSwarm([["--num-blocks", "10"]] * 3) as local_swarm:
+    with LocalSwarm([["--num-blocks", "10"]] * 3) as local_swarm, swarm_member(local_swarm.initial_peers):
         yield local_swarm
 
 
@@ -72,10 +72,10 @@ def test_micro_batches_run_at_once_and_equal_each_prompt_alone(swarm, client, sm
         until_eos(reference_continuation(smollm_reference, client.tokenizer(prompt, return_tensors="pt").input_ids, None, 16)[0], EOS)
         for prompt in prompts
     ]
-    batched_before = sum(node_info(node.address).batched_decode_steps for node in swarm.nodes)
+    batched_before = sum(node_info(node).batched_decode_steps for node in swarm.nodes)
     results = client.generate(prompts, max_new_tokens=16)  # one session per prompt, all at once
     assert [result.token_ids for result in results] == expected
-    assert sum(node_info(node.address).batched_decode_steps for node in swarm.nodes) > batched_before
+    assert sum(node_info(node).batched_decode_steps for node in swarm.nodes) > batched_before
 
 
 def test_streaming_yields_the_tokens_of_generate(client):
@@ -122,7 +122,7 @@ def test_stateless_forward_gives_the_reference_logits(client, smollm_reference):
 def test_each_node_holds_only_its_own_blocks(swarm, smollm):
     block_bytes = block_parameter_bytes(smollm.config)
     for node in swarm.nodes:
-        info = node_info(node.address)
+        info = node_info(node)
         assert (info.start_block, info.end_block) == node.blocks
         assert info.num_parameters * 4 == 10 * block_bytes
         # loading 10 blocks grows the process by about 10 blocks' fp32 weights, far from all 30
@@ -159,7 +159,7 @@ def test_bad_forward_requests_get_invalid_argument(swarm, client, change, messag
         attention_mask=serialize_tensor(torch.ones(1, 2, dtype=torch.bool)),
     )
     change(request)
-    with grpc.insecure_channel(swarm.nodes[0].address) as channel:
+    with node_channel(swarm.nodes[0]) as channel:
         with pytest.raises(grpc.RpcError) as caught:
             pb_grpc.BlockServiceStub(channel).Forward(request, timeout=30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -3,6 +3,7 @@
 import json
 import ssl
 import urllib.request
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -12,17 +13,20 @@ from proto import api_pb2 as api
 from proto import api_pb2_grpc as api_grpc
 from proto import dataplane_pb2 as pb
 from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.channels import register_certificate
+from protocol.channels import open_channel, register_certificate
 from protocol.identity import NodeIdentity
+from swarm import dht as swarm_dht
 from swarm.client import SwarmClient
+from swarm.dht import RecordAuth
+from tests.swarm_helpers import wait_until
 
 
 def test_a_certificate_counts_only_for_the_identity_it_is_bound_to():
     node, impostor = NodeIdentity.generate(), NodeIdentity.generate()
     certificate = node.tls_certificate(["127.0.0.1"])[0].decode()
-    assert register_certificate("127.0.0.1:1", node.fingerprint, certificate)
-    assert not register_certificate("127.0.0.1:2", impostor.fingerprint, certificate)
-    assert not register_certificate("127.0.0.1:3", node.fingerprint, "not a certificate")
+    assert register_certificate(node.fingerprint, certificate)
+    assert not register_certificate(impostor.fingerprint, certificate)
+    assert not register_certificate(node.fingerprint, "not a certificate")
 
 
 @pytest.mark.slow
@@ -35,6 +39,16 @@ def test_nodes_serve_over_tls_and_clients_pin_the_announced_certificate(tiny_lla
             records = client.servers()
             assert len(records) == 2 and all(record.tls_cert for record in records)
             assert client.generate([1, 2, 3], max_new_tokens=4).finish_reason in ("eos", "length")
+            # a stranger's signed record that names the first node's address pins only the stranger's own
+            # certificate (pins are by node id), so the first node stays reachable
+            stranger = NodeIdentity.generate()
+            victim = next(record for record in records if record.node_id == first["node_id"])
+            forged = replace(victim, node_id=stranger.fingerprint, tls_cert=stranger.tls_certificate(["127.0.0.1"])[0].decode())
+            swarm_dht.use_auth(client.dht, RecordAuth(stranger))
+            assert swarm_dht.announce(client.dht, forged, ttl=30)
+            wait_until(lambda: stranger.fingerprint in {record.node_id for record in client.servers()})
+            with open_channel(victim.address, victim.node_id) as channel:
+                assert pb_grpc.BlockServiceStub(channel).NodeInfo(pb.NodeInfoRequest(), timeout=10).model_id
         # plaintext is refused
         with grpc.insecure_channel(first["address"]) as channel:
             with pytest.raises(grpc.RpcError) as refused:
