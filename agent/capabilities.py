@@ -8,11 +8,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from agent.memory_placement import is_storage_id
-from agent.tools import TOOL_NAME_PATTERN, ToolRegistry
-from protocol.channels import register_certificate
-from protocol.records import MAX_CERT_CHARS
-from swarm import dht as swarm_dht
+from edgeswarm.agent.memory_placement import is_storage_id
+from edgeswarm.agent.tools import TOOL_NAME_PATTERN, ToolRegistry
+from edgeswarm.protocol.channels import register_certificate
+from edgeswarm.protocol.records import MAX_CERT_CHARS
+from edgeswarm.swarm import dht as swarm_dht
 
 logger = logging.getLogger(__name__)
 

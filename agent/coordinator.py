@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from agent.journal import Journal
-from agent.run_client import FINISHED, RunFollower, RunLocation, RunLostError
-from agent.runtime import RunSpec, run_agent
-from agent.scheduler import StepScheduler
-from agent.steps import Step, StepOutcome
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
-from protocol.memory_access import READ, WRITE, check_access
+from edgeswarm.agent.journal import Journal
+from edgeswarm.agent.run_client import FINISHED, RunFollower, RunLocation, RunLostError
+from edgeswarm.agent.runtime import RunSpec, run_agent
+from edgeswarm.agent.scheduler import StepScheduler
+from edgeswarm.agent.steps import Step, StepOutcome
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.memory_access import READ, WRITE, check_access
 
 logger = logging.getLogger(__name__)
 

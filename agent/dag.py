@@ -10,7 +10,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
-from agent.steps import StepOutcome
+from edgeswarm.agent.steps import StepOutcome
 
 PLACEHOLDER = re.compile(r"\$(\d+)")
 MAX_PLAN_CALLS = 16

@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import re
 
-from agent.vector_store import check_namespace
+from edgeswarm.agent.vector_store import check_namespace
 
 MEMORY_REPLICAS = 2  # nodes that hold each namespace; a write succeeds only once this many hold it
 OPEN_SWARM_MEMORY_KEY = b"edgeswarm.v1 memory namespace"  # the storage-id key of a swarm without a swarm key

@@ -23,12 +23,16 @@ from collections.abc import Callable
 
 import grpc
 
-from agent.capabilities import TaskCapabilities
-from agent.memory_placement import MEMORY_REPLICAS, is_storage_id, replica_nodes
-from agent.vector_store import MemoryRecord, VectorStore
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
-from protocol.principals import Principal
+from edgeswarm.agent.capabilities import TaskCapabilities
+from edgeswarm.agent.memory_placement import (
+    MEMORY_REPLICAS,
+    is_storage_id,
+    replica_nodes,
+)
+from edgeswarm.agent.vector_store import MemoryRecord, VectorStore
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.principals import Principal
 
 logger = logging.getLogger(__name__)
 

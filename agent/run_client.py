@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import grpc
 
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ FINISHED = "run.finished"
 RETRY_PAUSE = 1.0
 
 
-class RunLostError(RuntimeError):
+class RunLostError(SwarmError):
     """The run's coordinator and every node that could take it over are gone."""
 
 

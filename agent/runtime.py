@@ -19,11 +19,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
-from agent.dag import PlanError, PlannedCall, execute_plan, parse_plan
-from agent.memory import ShortTermMemory
-from agent.steps import Step, StepFailed, StepOutcome
-from agent.vector_store import check_namespace
-from protocol.memory_access import MAX_ID_CHARS, MAX_TOKEN_CHARS
+from edgeswarm.agent.dag import PlanError, PlannedCall, execute_plan, parse_plan
+from edgeswarm.agent.memory import ShortTermMemory
+from edgeswarm.agent.steps import Step, StepFailed, StepOutcome
+from edgeswarm.agent.vector_store import check_namespace
+from edgeswarm.protocol.memory_access import MAX_ID_CHARS, MAX_TOKEN_CHARS
 
 STRATEGIES = ("react", "plan", "team")
 TOOL_CHOICES = ("auto", "required", "none")

@@ -30,13 +30,14 @@ from dataclasses import replace
 
 import grpc
 
-from agent.capabilities import TaskCapabilities
-from agent.memory_placement import MEMORY_REPLICAS, replica_nodes, storage_id
-from agent.steps import Step, StepOutcome
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
-from protocol.channels import open_channel
-from protocol.identity import NodeIdentity
+from edgeswarm.agent.capabilities import TaskCapabilities
+from edgeswarm.agent.memory_placement import MEMORY_REPLICAS, replica_nodes, storage_id
+from edgeswarm.agent.steps import Step, StepOutcome
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.channels import open_channel
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ DispatchCallback = Callable[[str, int], None]  # (node id, attempt number) just 
 FailureCallback = Callable[[str, int, str], None]  # (node id, attempt number, why) when a node failed the step
 
 
-class NoCapableNodeError(RuntimeError):
+class NoCapableNodeError(SwarmError):
     """No node in the swarm can take this step (or all that could have failed)."""
 
 

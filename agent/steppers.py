@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from swarm.session import InferenceSession
+from edgeswarm.swarm.session import InferenceSession
 
 
 class SessionStepper:

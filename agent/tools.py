@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from agent import calculator, sandbox
-from agent.schema import SchemaError, check_schema, validate
+from edgeswarm.agent import calculator, sandbox
+from edgeswarm.agent.schema import SchemaError, check_schema, validate
 
 TOOL_NAME_PATTERN = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 TOOL_ATTRIBUTE = "__edgeswarm_tool__"

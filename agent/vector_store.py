@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from agent.embeddings import TextEmbedder
+from edgeswarm.agent.embeddings import TextEmbedder
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 RECORD_ID_RE = NAMESPACE_RE

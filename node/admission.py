@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import grpc
 
-from proto import dataplane_pb2, tasks_pb2
+from edgeswarm.proto import dataplane_pb2, tasks_pb2
 
 SESSIONS, FORWARDS, TASKS, ADMIN = "sessions", "forwards", "tasks", "admin"
 

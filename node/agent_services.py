@@ -6,29 +6,33 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import grpc
 import hivemind
 import psutil
 
-from agent.capabilities import MAX_NAMESPACES, CapabilityDirectory, TaskCapabilities, announce_capabilities, hosted_tools
-from agent.coordinator import RunCoordinator
-from agent.embeddings import LazyEmbedder
-from agent.journal import Journal
-from agent.memory_placement import is_storage_id
-from agent.memory_replication import MemoryReplicator
-from agent.scheduler import StepScheduler
-from agent.tools import ToolRegistry, ToolSpec, builtin_tools, load_tools_file
-from agent.vector_store import VectorStore
-from node.llm_worker import LLMWorker
-from node.model_files import ModelSource
-from node.task_service import TaskServicer, add_task_service
-from node.task_worker import TaskWorker
-from swarm import dht as swarm_dht
-
-if TYPE_CHECKING:
-    from swarm.session import SessionPolicy
+from edgeswarm.agent.capabilities import (
+    MAX_NAMESPACES,
+    CapabilityDirectory,
+    TaskCapabilities,
+    announce_capabilities,
+    hosted_tools,
+)
+from edgeswarm.agent.client import SwarmClient
+from edgeswarm.agent.coordinator import RunCoordinator
+from edgeswarm.agent.embeddings import LazyEmbedder
+from edgeswarm.agent.journal import Journal
+from edgeswarm.agent.memory_placement import is_storage_id
+from edgeswarm.agent.memory_replication import MemoryReplicator
+from edgeswarm.agent.scheduler import StepScheduler
+from edgeswarm.agent.tools import ToolRegistry, ToolSpec, builtin_tools, load_tools_file
+from edgeswarm.agent.vector_store import VectorStore
+from edgeswarm.model.sources import ModelSource
+from edgeswarm.node.llm_worker import LLMWorker
+from edgeswarm.node.task_service import TaskServicer, add_task_service
+from edgeswarm.node.task_worker import TaskWorker
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.session import SessionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +90,6 @@ class AgentServices:
 
     def new_swarm_client(self):
         """A client of the swarm over this node's own DHT peer (the APIs each make their own)."""
-        from swarm.client import SwarmClient  # the client imports node modules; import it only when needed
-        from swarm.session import SessionPolicy
 
         return SwarmClient(model=self.model, dht=self.dht, swarm_key=self.swarm_key, policy=self.session_policy or SessionPolicy())
 

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.rate_limit import RateLimiter
-from protocol.principals import Principal
+from edgeswarm.node.rate_limit import RateLimiter
+from edgeswarm.protocol.principals import Principal
 
 DEFAULT_REQUESTS_PER_SECOND = 20.0
 BURST_SECONDS = 2.0  # a default burst is this many seconds' worth of requests

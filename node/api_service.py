@@ -22,17 +22,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from agent.scheduler import NoCapableNodeError
-from node.api_access import ApiAccess, Caller, RateLimited, Unauthenticated
-from node.model_files import ModelSource
-from node.service import bind
-from proto import api_pb2 as pb
-from proto import api_pb2_grpc as pb_grpc
-from protocol.principals import Principal, principal_of
-from protocol.request_parsing import add_servicer
-from swarm import dht as swarm_dht
-from swarm.agent_client import AgentTask
-from swarm.errors import SwarmError
+from edgeswarm.agent.client import AgentTask
+from edgeswarm.agent.scheduler import NoCapableNodeError
+from edgeswarm.model.sources import ModelSource
+from edgeswarm.node.api_access import ApiAccess, Caller, RateLimited, Unauthenticated
+from edgeswarm.node.service import bind
+from edgeswarm.proto import api_pb2 as pb
+from edgeswarm.proto import api_pb2_grpc as pb_grpc
+from edgeswarm.protocol.principals import Principal, principal_of
+from edgeswarm.protocol.request_parsing import add_servicer
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
 

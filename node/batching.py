@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from node.quantization import row_exact_products
-from node.span import SpanCache, TransformerSpan
+from edgeswarm.model.quantization import row_exact_products
+from edgeswarm.model.span import SpanCache, TransformerSpan
 
 logger = logging.getLogger(__name__)
 
@@ -111,11 +111,6 @@ class StepBatcher:
             self._stopped = True
             self._condition.notify()
         self._worker.join(timeout=30)
-
-    @property
-    def queued(self) -> int:
-        with self._condition:
-            return len(self._queue)
 
     # --- the compute thread ------------------------------------------------------------------------
 

@@ -16,15 +16,18 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
 
-from node.admission import SESSION_SLOTS, SESSIONS_PER_CLIENT  # noqa: E402
-from node.api_access import DEFAULT_REQUESTS_PER_SECOND, DEFAULT_TOKENS_PER_MINUTE  # noqa: E402
-from node.architectures import UnsupportedModelError  # noqa: E402
-from node.kv_budget import MAX_SESSION_BATCH  # noqa: E402
-from node.model_files import ModelNotFoundError  # noqa: E402
-from node.session_slots import CROWDED_FRACTION, CROWDED_IDLE_TIMEOUT  # noqa: E402
-from protocol.identity import IdentityError, NodeIdentity  # noqa: E402
-from swarm.errors import SwarmError  # noqa: E402
-from swarm.session import DEFAULT_SPOT_CHECK  # noqa: E402
+from edgeswarm.model.architectures import UnsupportedModelError  # noqa: E402
+from edgeswarm.model.sources import ModelNotFoundError  # noqa: E402
+from edgeswarm.node.admission import SESSION_SLOTS, SESSIONS_PER_CLIENT  # noqa: E402
+from edgeswarm.node.api_access import (  # noqa: E402
+    DEFAULT_REQUESTS_PER_SECOND,
+    DEFAULT_TOKENS_PER_MINUTE,
+)
+from edgeswarm.node.kv_budget import MAX_SESSION_BATCH  # noqa: E402
+from edgeswarm.node.session_slots import CROWDED_FRACTION, CROWDED_IDLE_TIMEOUT  # noqa: E402
+from edgeswarm.protocol.identity import IdentityError, NodeIdentity  # noqa: E402
+from edgeswarm.swarm.errors import SwarmError  # noqa: E402
+from edgeswarm.swarm.session import DEFAULT_SPOT_CHECK  # noqa: E402
 
 CLIENT_IDENTITY_FILE = "~/.config/edgeswarm/client.key"  # `swarm-node agent`'s key: its memory stays its own across runs
 
@@ -40,7 +43,9 @@ def parse_span(text: str) -> tuple[int, int]:
 
 def parse_allowed_tools(text: str) -> tuple[str, ...]:
     """Parses --allow-tools python[,...] into tool names (only tools that run code are named there)."""
-    from agent.tools import parse_allowed_tools as parse  # the tool registry, without the node's heavy imports
+    from edgeswarm.agent.tools import (
+        parse_allowed_tools as parse,  # the tool registry, without the node's heavy imports
+    )
 
     try:
         return parse(text)
@@ -153,7 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_join(args: argparse.Namespace) -> int:
-    from node.daemon import NodeSettings, SwarmNode  # heavy imports (torch, hivemind) only for this command
+    from edgeswarm.node.daemon import (  # heavy imports (torch, hivemind) only for this command
+        NodeSettings,
+        SwarmNode,
+    )
 
     settings = NodeSettings(
         model=args.model,
@@ -225,8 +233,8 @@ def run_join(args: argparse.Namespace) -> int:
 
 
 def _swarm_key(args: argparse.Namespace) -> bytes | None:
-    from protocol.channels import use_swarm_key
-    from protocol.swarm_key import read_swarm_key
+    from edgeswarm.protocol.channels import use_swarm_key
+    from edgeswarm.protocol.swarm_key import read_swarm_key
 
     key = read_swarm_key(args.swarm_key) if args.swarm_key else None
     use_swarm_key(key)
@@ -234,7 +242,7 @@ def _swarm_key(args: argparse.Namespace) -> bytes | None:
 
 
 def run_new_swarm_key(args: argparse.Namespace) -> int:
-    from protocol.swarm_key import generate_swarm_key
+    from edgeswarm.protocol.swarm_key import generate_swarm_key
 
     generate_swarm_key(args.file)
     print(f"wrote a new swarm key to {args.file}: give it to every node (--swarm-key) and client of the swarm")
@@ -242,11 +250,11 @@ def run_new_swarm_key(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from node.model_files import open_model
-    from swarm import dht as swarm_dht
-    from swarm.mdns import discover_peers
-    from swarm.membership import join_as_client
-    from swarm.status import collect_status, plot_status, render_table
+    from edgeswarm.model.sources import open_model
+    from edgeswarm.swarm import dht as swarm_dht
+    from edgeswarm.swarm.mdns import discover_peers
+    from edgeswarm.swarm.membership import join_as_client
+    from edgeswarm.swarm.status import collect_status, plot_status, render_table
 
     model = open_model(args.model)
     peers = args.initial_peers or discover_peers(args.swarm_id)
@@ -269,8 +277,8 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from swarm.client import SwarmClient
-    from swarm.session import SessionPolicy
+    from edgeswarm.agent.client import SwarmClient
+    from edgeswarm.swarm.session import SessionPolicy
 
     with SwarmClient(
         args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, link_quality=args.link_quality, swarm_key=_swarm_key(args),
@@ -315,7 +323,7 @@ def describe_event(event: dict) -> str | None:
 
 
 def run_agent(args: argparse.Namespace) -> int:
-    from swarm.client import SwarmClient
+    from edgeswarm.agent.client import SwarmClient
 
     identity = NodeIdentity.load_or_create(os.path.expanduser(args.identity))
     with SwarmClient(args.initial_peers or None, model=args.model, swarm_id=args.swarm_id, swarm_key=_swarm_key(args), identity=identity) as client:

@@ -16,37 +16,49 @@ from dataclasses import dataclass, field, replace
 import grpc
 import psutil
 
-from agent.sandbox import SandboxUnavailableError
-from agent.tools import check_allowed_tools
-from node.agent_services import AgentServices
-from node.api_access import DEFAULT_REQUESTS_PER_SECOND, DEFAULT_TOKENS_PER_MINUTE, ApiAccess, ClientLimits, api_access
-from node.api_service import SwarmApiServicer, start_api_server
-from node.calibration import load_or_fit_basis
-from node.model_files import ModelSource, open_model
-from node.openai_http import OpenAIServer
-from node.service import BlockServicer, ServiceLimits, start_grpc_server
-from node.span import TransformerSpan
-from partition.coordination import keep_recorded_plan, make_plan, participants, plan_from_record, plan_key
-from partition.planner import Plan
-from partition.profiling import (
+from edgeswarm.agent.sandbox import SandboxUnavailableError
+from edgeswarm.agent.tools import check_allowed_tools
+from edgeswarm.model.calibration import load_or_fit_basis
+from edgeswarm.model.profiling import (
     blocks_that_fit,
     measure_decode_throughput,
-    measure_link,
     measure_prefill_throughput,
 )
-from partition.rebalancing import choose_move
-from partition.span_selection import choose_least_covered_span
-from protocol.call_auth import CallAuthenticator
-from protocol.channels import use_identity, use_swarm_key
-from protocol.codecs import SemanticBasis
-from protocol.identity import NodeIdentity
-from protocol.records import ServerRecord
-from protocol.swarm_key import read_swarm_key
-from swarm import dht as swarm_dht
-from swarm.dht import RecordAuth
-from swarm.mdns import DEFAULT_SWARM_ID, LanPresence, discover_peers
-from swarm.membership import MemberAnnouncer, MemberDirectory
-from swarm.session import DEFAULT_SPOT_CHECK, SessionPolicy
+from edgeswarm.model.semantic_basis import load_basis
+from edgeswarm.model.sources import ModelSource, open_model
+from edgeswarm.model.span import TransformerSpan
+from edgeswarm.node.agent_services import AgentServices
+from edgeswarm.node.api_access import (
+    DEFAULT_REQUESTS_PER_SECOND,
+    DEFAULT_TOKENS_PER_MINUTE,
+    ApiAccess,
+    ClientLimits,
+    api_access,
+)
+from edgeswarm.node.api_service import SwarmApiServicer, start_api_server
+from edgeswarm.node.openai_http import OpenAIServer
+from edgeswarm.node.service import BlockServicer, ServiceLimits, start_grpc_server
+from edgeswarm.partition.coordination import (
+    keep_recorded_plan,
+    make_plan,
+    participants,
+    plan_from_record,
+    plan_key,
+)
+from edgeswarm.partition.planner import Plan
+from edgeswarm.partition.rebalancing import choose_move
+from edgeswarm.partition.span_selection import choose_least_covered_span
+from edgeswarm.protocol.call_auth import CallAuthenticator
+from edgeswarm.protocol.channels import use_identity, use_swarm_key
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.protocol.swarm_key import read_swarm_key
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.dht import RecordAuth
+from edgeswarm.swarm.links import measure_link
+from edgeswarm.swarm.mdns import DEFAULT_SWARM_ID, LanPresence, discover_peers
+from edgeswarm.swarm.membership import MemberAnnouncer, MemberDirectory
+from edgeswarm.swarm.session import DEFAULT_SPOT_CHECK, SessionPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +97,7 @@ class NodeSettings:
     announce_maddrs: list[str] = field(default_factory=list)  # public DHT addresses, for nodes behind NAT
     use_relay: bool = True  # let peers reach this node through libp2p relays
     use_auto_relay: bool = False  # look for relays by itself when it is not reachable directly
-    quant: str = "none"  # how weights are held: "none" (float32), "bf16" or "int8" (see node.quantization)
+    quant: str = "none"  # how weights are held: "none" (float32), "bf16" or "int8" (see model.quantization)
     semantic_basis: str = "auto"  # "auto" (cached, else fitted in the background), "off", or a basis file
     agents: bool = True  # take agent steps and coordinate agent runs (TaskService)
     tools_file: str | None = None  # a Python file of @tool functions this node hosts, beside the built-ins
@@ -297,7 +309,7 @@ class SwarmNode:
             if self.settings.semantic_basis == "auto":
                 basis = load_or_fit_basis(self.model)
             else:
-                basis = SemanticBasis.load(self.settings.semantic_basis)
+                basis = load_basis(self.settings.semantic_basis)
         except Exception as error:  # the node serves on without the semantic codec
             logger.warning("no semantic codec on this node: %s", error)
             return

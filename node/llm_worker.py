@@ -16,8 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.constrained import SMOLLM2_CALL_BIAS, decode_tool_calls, tool_prompt_text
-from agent.steppers import SessionStepper
+from edgeswarm.agent.constrained import (
+    SMOLLM2_CALL_BIAS,
+    decode_tool_calls,
+    tool_prompt_text,
+)
+from edgeswarm.agent.steppers import SessionStepper
 
 logger = logging.getLogger(__name__)
 
@@ -150,11 +154,6 @@ class LLMWorker:
         for index, (run_id, session) in enumerate(by_age):
             if now - session.used > self.idle_seconds or len(by_age) - index >= self.max_sessions:
                 self.forget(run_id)
-
-    @property
-    def open_sessions(self) -> int:
-        with self._lock:
-            return len(self._sessions)
 
     def close(self) -> None:
         with self._lock:

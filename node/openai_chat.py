@@ -16,9 +16,14 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.constrained import SMOLLM2_CALL_BIAS, UnsupportedSchemaError, decode_tool_calls, tool_prompt
-from agent.steppers import SessionStepper
-from swarm.errors import NoRouteError, SwarmConnectionError, SwarmError
+from edgeswarm.agent.constrained import (
+    SMOLLM2_CALL_BIAS,
+    UnsupportedSchemaError,
+    decode_tool_calls,
+    tool_prompt,
+)
+from edgeswarm.agent.steppers import SessionStepper
+from edgeswarm.swarm.errors import NoRouteError, SwarmConnectionError, SwarmError
 
 logger = logging.getLogger(__name__)
 

@@ -58,9 +58,19 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from agent.constrained import SMOLLM2_CALL_BIAS
-from node.api_access import ApiAccess, Caller, RateLimited, Unauthenticated
-from node.openai_chat import APIError, ChatEngine, ChatRequest, Chunks, Job, api_error_for, bad_request, completion_body, parse_chat_request
+from edgeswarm.agent.constrained import SMOLLM2_CALL_BIAS
+from edgeswarm.node.api_access import ApiAccess, Caller, RateLimited, Unauthenticated
+from edgeswarm.node.openai_chat import (
+    APIError,
+    ChatEngine,
+    ChatRequest,
+    Chunks,
+    Job,
+    api_error_for,
+    bad_request,
+    completion_body,
+    parse_chat_request,
+)
 
 logger = logging.getLogger(__name__)
 

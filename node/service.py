@@ -14,7 +14,9 @@ import grpc
 import psutil
 import torch
 
-from node.admission import (
+from edgeswarm.model.profiling import kv_bytes_per_token
+from edgeswarm.model.span import SpanCache, TransformerSpan
+from edgeswarm.node.admission import (
     ADMIN,
     ADMIN_SLOTS,
     CALLS_BEYOND_THREADS,
@@ -29,25 +31,28 @@ from node.admission import (
     AdmissionInterceptor,
     CallSlots,
 )
-from node.batching import StepBatcher
-from node.kv_budget import MAX_SESSION_BATCH, BusyError, KVBudget
-from node.session_slots import CROWDED_IDLE_TIMEOUT, SessionSlots
-from node.span import SpanCache, TransformerSpan
-from node.validation import InvalidRequest, StepInputs, check_reply_codec, decode_step_inputs
-from partition.profiling import kv_bytes_per_token
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.call_auth import CallAuthenticator, CallAuthInterceptor
-from protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
-from protocol.request_parsing import add_servicer
-from protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
+from edgeswarm.node.batching import StepBatcher
+from edgeswarm.node.kv_budget import MAX_SESSION_BATCH, BusyError, KVBudget
+from edgeswarm.node.session_slots import CROWDED_IDLE_TIMEOUT, SessionSlots
+from edgeswarm.node.validation import (
+    InvalidRequest,
+    StepInputs,
+    check_reply_codec,
+    decode_step_inputs,
+)
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.call_auth import CallAuthenticator, CallAuthInterceptor
+from edgeswarm.protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
+from edgeswarm.protocol.request_parsing import add_servicer
+from edgeswarm.protocol.tensors import (
+    MAX_MESSAGE_BYTES,
+    serialize_tensor,
+)
 
 logger = logging.getLogger(__name__)
 
 MAX_ECHO_BYTES = 8 * 1024 * 1024
-
-# gRPC refuses messages above this size with RESOURCE_EXHAUSTED before our code sees them.
-MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + 1024 * 1024
 
 
 @dataclass
@@ -118,7 +123,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._sessions: dict[str, SpanCache] = {}
         self._sessions_lock = threading.Lock()
         self.accepting = True
-        self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see node.calibration)
+        self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see model.calibration)
         self.faults = FaultInjection.parse(os.environ.get("EDGESWARM_FAULT_INJECTION", ""))
         threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
 

@@ -32,8 +32,8 @@ from typing import Any
 import grpc
 from grpc._cython import cygrpc
 
-from node.admission import SlotsFull
-from protocol.principals import principal_of
+from edgeswarm.node.admission import SlotsFull
+from edgeswarm.protocol.principals import principal_of
 
 logger = logging.getLogger(__name__)
 

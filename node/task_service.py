@@ -11,16 +11,16 @@ import time
 
 import grpc
 
-from agent.coordinator import RunCoordinator, UnknownRunError
-from agent.memory_replication import MemoryReplicator
-from agent.runtime import RunSpec
-from agent.steps import NODE_STEP_KINDS
-from node.task_worker import StepError, TaskWorker
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
-from protocol.memory_access import MemoryAccessError
-from protocol.principals import principal_of
-from protocol.request_parsing import add_servicer
+from edgeswarm.agent.coordinator import RunCoordinator, UnknownRunError
+from edgeswarm.agent.memory_replication import MemoryReplicator
+from edgeswarm.agent.runtime import RunSpec
+from edgeswarm.agent.steps import NODE_STEP_KINDS
+from edgeswarm.node.task_worker import StepError, TaskWorker
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.memory_access import MemoryAccessError
+from edgeswarm.protocol.principals import principal_of
+from edgeswarm.protocol.request_parsing import add_servicer
 
 logger = logging.getLogger(__name__)
 

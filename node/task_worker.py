@@ -12,12 +12,22 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from agent.memory_placement import storage_id
-from agent.tools import CODE_TOOLS, ToolArgumentError, ToolRegistry, UnknownToolError
-from agent.vector_store import VectorStore
-from node.llm_worker import LLMWorker
-from protocol.memory_access import READ, WRITE, MemoryAccessError, check_access
-from protocol.principals import Principal
+from edgeswarm.agent.memory_placement import storage_id
+from edgeswarm.agent.tools import (
+    CODE_TOOLS,
+    ToolArgumentError,
+    ToolRegistry,
+    UnknownToolError,
+)
+from edgeswarm.agent.vector_store import VectorStore
+from edgeswarm.node.llm_worker import LLMWorker
+from edgeswarm.protocol.memory_access import (
+    READ,
+    WRITE,
+    MemoryAccessError,
+    check_access,
+)
+from edgeswarm.protocol.principals import Principal
 
 MAX_SEARCH_HITS = 20
 RIGHT_NEEDED = {"memory.search": READ, "memory.write": WRITE}

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from proto import dataplane_pb2 as pb
-from protocol.codecs import CODECS, SemanticBasis, decode_tensor
-from protocol.tensors import TensorDecodeError, deserialize_tensor
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.protocol.codecs import CODECS, SemanticBasis, decode_tensor
+from edgeswarm.protocol.tensors import TensorDecodeError, deserialize_tensor
 
 
 class InvalidRequest(ValueError):

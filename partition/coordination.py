@@ -13,8 +13,17 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from partition.planner import CLIENT, Link, NetworkProfile, NodeProfile, Plan, evaluate_plan, plan_pipeline, plan_ring
-from protocol.records import ServerRecord
+from edgeswarm.partition.planner import (
+    CLIENT,
+    Link,
+    NetworkProfile,
+    NodeProfile,
+    Plan,
+    evaluate_plan,
+    plan_pipeline,
+    plan_ring,
+)
+from edgeswarm.protocol.records import ServerRecord
 
 # Keep the recorded plan unless a new one predicts at least this much improvement (avoids churn from
 # measurement noise: every move costs loading weights).

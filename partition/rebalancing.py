@@ -11,8 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from partition.span_selection import block_throughputs, choose_least_covered_span
-from protocol.records import ONLINE, ServerRecord
+from edgeswarm.partition.span_selection import (
+    block_throughputs,
+    choose_least_covered_span,
+)
+from edgeswarm.protocol.records import ONLINE, ServerRecord
 
 
 def swarm_score(records: Sequence[ServerRecord], num_blocks: int, redundancy: int) -> tuple[tuple[int, ...], float]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from protocol.records import ONLINE, ServerRecord
+from edgeswarm.protocol.records import ONLINE, ServerRecord
 
 
 def block_throughputs(records: Iterable[ServerRecord], num_blocks: int) -> list[float]:

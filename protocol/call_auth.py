@@ -19,15 +19,15 @@ from collections.abc import Callable
 
 import grpc
 
-from protocol.identity import (
+from edgeswarm.protocol.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     NodeIdentity,
     fingerprint_of_key,
     verify,
 )
-from protocol.principals import Principal
-from protocol.swarm_key import SWARM_AUTH_METADATA, call_token
+from edgeswarm.protocol.principals import Principal
+from edgeswarm.protocol.swarm_key import SWARM_AUTH_METADATA, call_token
 
 CALLER_KEY_METADATA = "edgeswarm-caller-key"
 CALL_METADATA = "edgeswarm-call"  # "<unix seconds>:<nonce hex>"

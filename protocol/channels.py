@@ -13,8 +13,12 @@ import threading
 
 import grpc
 
-from protocol.call_auth import SignedCalls
-from protocol.identity import IdentityError, NodeIdentity, fingerprint_of_certificate
+from edgeswarm.protocol.call_auth import SignedCalls
+from edgeswarm.protocol.identity import (
+    IdentityError,
+    NodeIdentity,
+    fingerprint_of_certificate,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -103,7 +103,9 @@ def _round_trip_seconds(codecs, sample: torch.Tensor, name: str, repeats: int = 
 def measured_costs(hidden_size: int, semantic_bytes_per_token: int = 0) -> dict[str, CodecCost]:
     """Bytes and encode+decode time of every codec, measured here on activation-like values of 1 and of
     128 tokens (the difference separates the per-value from the per-message cost; about 0.1 s, cached)."""
-    from protocol import codecs  # imported here: measuring needs the codecs, choosing does not
+    from edgeswarm.protocol import (
+        codecs,  # imported here: measuring needs the codecs, choosing does not
+    )
 
     sample = torch.randn(1, 128, hidden_size)
     sample[..., :2] *= 40.0  # the few huge channels real residual streams have

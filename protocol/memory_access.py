@@ -26,14 +26,14 @@ from dataclasses import dataclass
 
 import msgpack
 
-from protocol.identity import (
+from edgeswarm.protocol.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
     NodeIdentity,
     fingerprint_of_key,
     verify,
 )
-from protocol.principals import Principal
+from edgeswarm.protocol.principals import Principal
 
 READ = "read"
 WRITE = "write"

@@ -38,7 +38,7 @@ class ServerRecord:
     links: dict[str, list[float]] = field(default_factory=dict)  # peer node id -> [bytes/s, RTT seconds]
     codecs: tuple[str, ...] = ("none",)  # activation codecs it reads and writes (see protocol.codecs)
     semantic_basis: str = ""  # digest of its semantic codec basis, if it holds one
-    weight_quant: str = "none"  # how it holds its weights (see node.quantization)
+    weight_quant: str = "none"  # how it holds its weights (see model.quantization)
     tls_cert: str = ""  # PEM certificate of its TLS endpoint, bound to its identity ("" : plaintext gRPC)
 
     @property

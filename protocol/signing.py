@@ -19,7 +19,13 @@ from typing import Any
 
 import msgpack
 
-from protocol.identity import PUBLIC_KEY_BYTES, SIGNATURE_BYTES, NodeIdentity, fingerprint_of_key, verify
+from edgeswarm.protocol.identity import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    NodeIdentity,
+    fingerprint_of_key,
+    verify,
+)
 
 RECORD_DOMAIN = "edgeswarm.v1.record"
 MAX_PAYLOAD_BYTES = 64 * 1024  # of the payload's canonical encoding

@@ -7,10 +7,13 @@ import math
 import numpy as np
 import torch
 
-from proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2 as pb
 
-# The largest tensor a single message may carry; gRPC's own limit is set to match (see node.service).
+# The largest tensor a single message may carry; gRPC's own limit is set to match.
 MAX_TENSOR_BYTES = 256 * 1024 * 1024
+# Nodes and clients set gRPC's message limit to this: above it, gRPC refuses a message with
+# RESOURCE_EXHAUSTED before our code sees it.
+MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + 1024 * 1024
 MAX_DIMS = 16
 
 _WIRE_DTYPES: dict[str, torch.dtype] = {

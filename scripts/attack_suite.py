@@ -5,7 +5,7 @@ each attack is tried as a stranger or a hostile member would, and the table says
 refusal, or harm that did not happen) and what was observed. Exits 1 if any attack got through, so CI
 fails. Every attack is bounded in time, and so is the whole run (`--timeout`).
 
-    python scripts/attack_suite.py [--timeout 600] [--json results.json]
+    python -m scripts.attack_suite [--timeout 600] [--json results.json]   (from the repository's root)
 """
 
 from __future__ import annotations
@@ -27,29 +27,29 @@ from pathlib import Path
 import grpc
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from node.admission import SESSIONS_PER_CLIENT  # noqa: E402
-from node.launcher import LocalSwarm, NodeProcess, start_node  # noqa: E402
-from node.openai_http import MAX_CONNECTIONS  # noqa: E402
-from agent.capabilities import tasks_key  # noqa: E402
-from partition.coordination import participants, plan_from_record  # noqa: E402
-from proto import api_pb2  # noqa: E402
-from proto import dataplane_pb2 as pb  # noqa: E402
-from proto import dataplane_pb2_grpc as pb_grpc  # noqa: E402
-from proto import tasks_pb2, tasks_pb2_grpc  # noqa: E402
-from protocol.call_auth import SignedCalls, call_credentials  # noqa: E402
-from protocol.channels import open_channel, process_identity  # noqa: E402
-from protocol.identity import NodeIdentity  # noqa: E402
-from protocol.memory_access import READ, WRITE, issue_access  # noqa: E402
-from protocol.records import ONLINE, servers_key  # noqa: E402
-from protocol.tensors import serialize_tensor  # noqa: E402
-from swarm import dht as swarm_dht  # noqa: E402
-from swarm.client import SwarmClient  # noqa: E402
-from swarm.dht import RecordAuth  # noqa: E402
-from swarm.membership import MemberAnnouncer  # noqa: E402
-from swarm.session import SessionPolicy  # noqa: E402
+from devtools.launcher import LocalSwarm, NodeProcess, start_node
+from edgeswarm import SwarmClient
+from edgeswarm.agent.capabilities import tasks_key
+from edgeswarm.node.admission import SESSIONS_PER_CLIENT
+from edgeswarm.node.openai_http import MAX_CONNECTIONS
+from edgeswarm.partition.coordination import participants, plan_from_record
+from edgeswarm.proto import (
+    api_pb2,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.call_auth import SignedCalls, call_credentials
+from edgeswarm.protocol.channels import open_channel, process_identity
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.memory_access import READ, WRITE, issue_access
+from edgeswarm.protocol.records import ONLINE, servers_key
+from edgeswarm.protocol.tensors import serialize_tensor
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.dht import RecordAuth
+from edgeswarm.swarm.membership import MemberAnnouncer
+from edgeswarm.swarm.session import SessionPolicy
 
 CALL_TIMEOUT = 20.0  # seconds one attacking call may take
 WAIT_TIMEOUT = 60.0  # seconds an attack may wait for the swarm to show its effect

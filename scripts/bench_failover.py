@@ -19,12 +19,13 @@ import statistics
 import time
 from pathlib import Path
 
-from node.launcher import LocalSwarm, start_node
-from node.model_files import open_model
-from node.reference import load_reference_model, reference_greedy_tokens
-from swarm.client import SwarmClient
-from swarm.routing import Hop, coverage_gaps
-from swarm.session import InferenceSession, greedy_decode
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from devtools.launcher import LocalSwarm, start_node
+from devtools.reference import load_reference_model, reference_greedy_tokens
+from edgeswarm.swarm.routing import Hop, coverage_gaps
+from edgeswarm.swarm.session import InferenceSession
+from devtools.decoding import greedy_decode
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 PROMPT_MESSAGES = [{"role": "user", "content": "Name three rivers of Europe and say where each one flows."}]

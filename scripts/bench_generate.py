@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import DynamicCache
 
-from node.launcher import LocalSwarm
-from node.model_files import open_model
-from node.reference import load_reference_model
-from swarm.client import SwarmClient
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from devtools.launcher import LocalSwarm
+from devtools.reference import load_reference_model
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 

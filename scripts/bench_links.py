@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 
-from node.calibration import load_or_fit_basis, module_docs_text
-from node.launcher import start_node
-from node.model_files import open_model
-from swarm.client import SwarmClient
-from swarm.testbed import Testbed, testbed_available
+from edgeswarm import SwarmClient
+from edgeswarm.model.calibration import load_or_fit_basis, module_docs_text
+from edgeswarm.model.sources import open_model
+from devtools.launcher import start_node
+from devtools.testbed import Testbed, testbed_available
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 BUDGETS = ("lossless", "high", "balanced", "max")

@@ -19,10 +19,15 @@ from pathlib import Path
 
 import torch
 
-from node.launcher import start_node
-from node.model_files import open_model
-from partition.coordination import participants, plan_key, profiles_from_records
-from partition.planner import (
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from devtools.launcher import start_node
+from edgeswarm.partition.coordination import (
+    participants,
+    plan_key,
+    profiles_from_records,
+)
+from edgeswarm.partition.planner import (
     Link,
     NetworkProfile,
     NodeProfile,
@@ -33,8 +38,7 @@ from partition.planner import (
     plan_pipeline,
     plan_ring,
 )
-from swarm import dht as swarm_dht
-from swarm.client import SwarmClient
+from edgeswarm.swarm import dht as swarm_dht
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 CGROUP = Path("/sys/fs/cgroup/cpu/edgeswarm-slow-node")

@@ -18,9 +18,9 @@ directory on 3 Petals servers, and our swarm runs on that directory too, for a s
 Prints a table and PASS/FAIL lines for the targets, writes bench/results/bench_serving.json and
 bench/results/bench_serving.png.
 
-    .venv/bin/python scripts/bench_serving.py                                 # N = 1, 4, 16, 32
-    .venv/bin/python scripts/bench_serving.py --concurrency 1 4 --new-tokens 8
-    .venv/bin/python scripts/bench_serving.py --petals --petals-model tiny
+    .venv/bin/python -m scripts.bench_serving                                 # N = 1, 4, 16, 32
+    .venv/bin/python -m scripts.bench_serving --concurrency 1 4 --new-tokens 8
+    .venv/bin/python -m scripts.bench_serving --petals --petals-model tiny
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ import numpy as np
 import psutil
 import torch
 
-from node.launcher import LocalSwarm
-from node.model_files import ModelSource, default_model_path, open_model
-from node.reference import load_reference_model
-from swarm.client import SwarmClient
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import ModelSource, default_model_path, open_model
+from devtools.launcher import LocalSwarm
+from devtools.reference import load_reference_model
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # for `scripts.bench_generate` and `tests.tiny_models`, however this file is run
@@ -304,8 +304,8 @@ def export_tiny(directory: Path) -> Path:
 
 
 def petals_model_dir(kind: str) -> Path:
-    """The model directory for the Petals comparison, made once and cached (see node.cache_dir)."""
-    from node.cache_dir import cache_dir
+    """The model directory for the Petals comparison, made once and cached (see model.cache_dir)."""
+    from edgeswarm.model.cache_dir import cache_dir
 
     directory = cache_dir() / "bench-serving" / ("smollm2-135m-hf" if kind == "smollm" else "tiny-llama-30")
     if not (directory / "config.json").is_file():

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from node.launcher import LocalSwarm
-from node.model_files import open_model
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from devtools.launcher import LocalSwarm
+from edgeswarm.swarm.session import InferenceSession, SessionPolicy
 from scripts.bench_generate import real_text_prompt, time_loop
-from swarm.client import SwarmClient
-from swarm.session import InferenceSession, SessionPolicy
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 NODES = 3

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from node.launcher import start_node
-from node.model_files import open_model
-from swarm.client import SwarmClient
-from swarm.routing import coverage_gaps
-from swarm.testbed import Testbed, testbed_available
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from devtools.launcher import start_node
+from edgeswarm.swarm.routing import coverage_gaps
+from devtools.testbed import Testbed, testbed_available
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from node.cli import describe_event
-from node.launcher import LocalSwarm
-from swarm.client import SwarmClient
+from edgeswarm import SwarmClient
+from edgeswarm.node.cli import describe_event
+from devtools.launcher import LocalSwarm
 
 
 def main() -> None:

@@ -6,8 +6,8 @@ scored like BFCL's AST checker. `--backend local` runs the whole model in this p
 starts `--nodes` real node processes on loopback, each serving ceil(blocks / nodes) blocks, and decodes
 every case in a fresh inference session through them.
 
-    .venv/bin/python scripts/eval_agents.py --backend local
-    .venv/bin/python scripts/eval_agents.py --backend swarm --nodes 3 --limit 20
+    .venv/bin/python -m scripts.eval_agents --backend local
+    .venv/bin/python -m scripts.eval_agents --backend swarm --nodes 3 --limit 20
 
 Reports accuracy overall and per category, decisions per second (a decision is one stepper call, i.e.
 one time the model is asked: the prompt, then every point where the decoder needs the model's logits)
@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from agent.constrained import (
+from edgeswarm.agent.constrained import (
     SMOLLM2_CALL_BIAS,
     LocalStepper,
     TokenStepper,
@@ -41,7 +41,12 @@ from agent.constrained import (
     tool_prompt,
     vocab_for,
 )
-from agent.evaluation import CATEGORIES, accuracy_by_category, load_cases, score_case
+from devtools.evaluation import (
+    CATEGORIES,
+    accuracy_by_category,
+    load_cases,
+    score_case,
+)
 
 DEFAULT_CASES = REPO / "scripts" / "agent_eval_cases.json"
 DEFAULT_OUT = REPO / "scripts" / "results" / "eval_agents.json"
@@ -56,8 +61,8 @@ StepperFactory = Callable[[list[int]], Any]
 @contextmanager
 def local_backend(model_spec: str) -> Iterator[tuple[Any, StepperFactory, dict]]:
     """The whole model in this process; one LocalStepper, reset before every case."""
-    from node.model_files import open_model
-    from node.reference import load_reference_model
+    from edgeswarm.model.sources import open_model
+    from devtools.reference import load_reference_model
 
     source = open_model(model_spec)
     model_id = source.model_id  # read first: load_reference_model sets config.dtype, which changes the digest
@@ -75,10 +80,10 @@ def local_backend(model_spec: str) -> Iterator[tuple[Any, StepperFactory, dict]]
 @contextmanager
 def swarm_backend(model_spec: str, nodes: int) -> Iterator[tuple[Any, StepperFactory, dict]]:
     """`nodes` real node processes on loopback and a SwarmClient; one inference session per case."""
-    from agent.steppers import SessionStepper
-    from node.launcher import LocalSwarm
-    from node.model_files import open_model
-    from swarm.client import SwarmClient
+    from edgeswarm import SwarmClient
+    from edgeswarm.agent.steppers import SessionStepper
+    from edgeswarm.model.sources import open_model
+    from devtools.launcher import LocalSwarm
 
     num_blocks = open_model(model_spec).num_blocks
     per_node = math.ceil(num_blocks / nodes)

@@ -30,12 +30,23 @@ from pathlib import Path
 
 import torch
 
-from node.calibration import CALIBRATION_MODULES, load_or_fit_basis, module_docs_text
-from node.model_files import ModelSource, open_model
-from node.quantization import WEIGHT_QUANT_MODES
-from node.span import SpanCache, TransformerSpan
-from protocol.codecs import SemanticBasis, codec_names, decode_tensor, encode_semantic, encode_tensor, encoded_size
-from swarm.head import ClientHead
+from edgeswarm.model.calibration import (
+    CALIBRATION_MODULES,
+    load_or_fit_basis,
+    module_docs_text,
+)
+from edgeswarm.model.quantization import WEIGHT_QUANT_MODES
+from edgeswarm.model.sources import ModelSource, open_model
+from edgeswarm.model.span import SpanCache, TransformerSpan
+from edgeswarm.protocol.codecs import (
+    SemanticBasis,
+    codec_names,
+    decode_tensor,
+    encode_semantic,
+    encode_tensor,
+    encoded_size,
+)
+from edgeswarm.swarm.head import ClientHead
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
 EVAL_MODULES = ("json", "textwrap", "inspect", "dataclasses", "typing", "string", "shutil", "tempfile", "csv", "heapq")

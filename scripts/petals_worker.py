@@ -63,7 +63,7 @@ SMOLLM_EXPORT_SNIPPET = r'''
 import json, os, sys
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from node.model_files import default_model_path
+from edgeswarm.model.sources import default_model_path
 
 out = sys.argv[1]
 gguf = default_model_path()

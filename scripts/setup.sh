@@ -15,7 +15,7 @@ if { ! command -v bwrap || ! command -v setpriv; } >/dev/null 2>&1 && [ "$(id -u
     || { apt-get update -qq >/dev/null && apt-get install -y -qq bubblewrap util-linux >/dev/null; }
 fi
 
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import node, swarm, hivemind" 2>/dev/null; then
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && .venv/bin/python -c "import edgeswarm, hivemind" 2>/dev/null; then
   exit 0
 fi
 

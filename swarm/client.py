@@ -1,4 +1,5 @@
-"""`SwarmClient`: generate text with a model whose blocks are spread over the swarm."""
+"""`ModelClient`: generate text with a model whose blocks are spread over the swarm (edgeswarm.SwarmClient
+adds agent tasks and memory: edgeswarm.agent.client)."""
 
 from __future__ import annotations
 
@@ -13,35 +14,29 @@ from functools import cached_property
 import hivemind
 import torch
 
-from agent.runtime import RunSpec
-from node.calibration import load_or_fit_basis
-from node.model_files import ModelSource, open_model
-from protocol.channels import process_identity
-from protocol.codecs import SemanticBasis
-from protocol.identity import NodeIdentity
-from protocol.link_policy import LinkQuality
-from protocol.memory_access import READ, WRITE, read_access
-from protocol.records import ServerRecord
-from swarm import dht as swarm_dht
-from swarm.agent_client import AgentGateway, AgentTask
-from swarm.errors import NodeUnavailableError, SwarmConnectionError
-from swarm.head import ClientHead
-from swarm.links import LinkCodecs
-from swarm.mdns import DEFAULT_SWARM_ID, discover_peers
-from swarm.membership import join_as_client
-from swarm.routing import Hop, MeasuredSpeeds, plan_route
-from swarm.sampling import next_tokens
-from swarm.session import InferenceSession, SessionPolicy, positions_for
-from swarm.spot_check import Misbehaviour
-from swarm.transport import forward_hop
+from edgeswarm.model.calibration import load_or_fit_basis
+from edgeswarm.model.sources import ModelSource, open_model
+from edgeswarm.protocol.channels import process_identity
+from edgeswarm.protocol.codecs import SemanticBasis
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.link_policy import LinkQuality
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.errors import NodeUnavailableError, SwarmConnectionError
+from edgeswarm.swarm.head import ClientHead
+from edgeswarm.swarm.links import LinkCodecs
+from edgeswarm.swarm.mdns import DEFAULT_SWARM_ID, discover_peers
+from edgeswarm.swarm.membership import join_as_client
+from edgeswarm.swarm.routing import Hop, MeasuredSpeeds, plan_route
+from edgeswarm.swarm.sampling import next_tokens
+from edgeswarm.swarm.session import InferenceSession, SessionPolicy, positions_for
+from edgeswarm.swarm.spot_check import Misbehaviour
+from edgeswarm.swarm.transport import forward_hop
 
 logger = logging.getLogger(__name__)
 
 # A batch of prompts runs at most this many sessions at once.
 MAX_PARALLEL_SESSIONS = 32
-MEMORY_CALL_TTL = 120.0  # seconds the access token of one remember/recall lives
-RUN_MEMORY_TTL = 3600.0  # seconds the access token an agent run carries for its memory lives
-DEFAULT_GRANT_TTL = 7 * 24 * 3600.0
 
 
 @dataclass
@@ -62,7 +57,7 @@ class TokenEvent:
     text: str
 
 
-class SwarmClient:
+class ModelClient:
     """A client of the swarm. It holds the embeddings, final norm and LM head; nodes run the blocks.
 
     A node that dies or stalls mid-generation is replaced without losing a token (see `SessionPolicy`);
@@ -121,7 +116,7 @@ class SwarmClient:
         self._basis_tried = False
 
     def _semantic_basis(self) -> SemanticBasis | None:
-        """The semantic codec's basis for this model, loaded (or fitted: see node.calibration) on first use."""
+        """The semantic codec's basis for this model, loaded (or fitted: see model.calibration) on first use."""
         with self._basis_lock:
             if not self._basis_tried:
                 self._basis_tried = True
@@ -139,18 +134,12 @@ class SwarmClient:
     def tokenizer(self):
         return self.model.tokenizer()
 
-    @cached_property
-    def agents(self) -> AgentGateway:
-        return AgentGateway(self.dht, self.model.model_id, self.identity, self.swarm_key)
-
     def close(self) -> None:
-        if "agents" in self.__dict__:
-            self.agents.close()
         if self._owns_dht:
             self._member.close()
             self.dht.shutdown()
 
-    def __enter__(self) -> SwarmClient:
+    def __enter__(self) -> ModelClient:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -192,11 +181,10 @@ class SwarmClient:
             try:
                 return InferenceSession(self, route, max_length, prefill_chunk)
             except NodeUnavailableError as error:
-                dead = next((hop.record.node_id for hop in route if hop.record.address in str(error)), None)
-                if dead is None or attempt >= self.max_route_attempts:
+                if error.node_id is None or attempt >= self.max_route_attempts:
                     raise
                 logger.warning("routing around an unreachable node: %s", error)
-                self.ban(dead)
+                self.ban(error.node_id)
                 attempt += 1
 
     # --- inputs ----------------------------------------------------------------------------------
@@ -394,79 +382,3 @@ class SwarmClient:
             codecs = self.links.for_step(hop, *hidden.shape[:2])
             hidden = forward_hop(hop, self.model.model_id, hidden, positions, mask, timeout, self.policy.connect_timeout, codecs, identity=self.identity)
         return self.head.logits(hidden)
-
-    # --- agents ----------------------------------------------------------------------------------
-
-    def submit_agent_task(
-        self,
-        goal: str,
-        tools: Sequence[str] | None = None,
-        memory_namespace: str | None = None,
-        max_steps: int = 8,
-        strategy: str = "react",
-        plan: list[dict] | None = None,
-        max_answer_tokens: int = 96,
-        tool_choice: str = "auto",
-        coordinator: str | None = None,
-        memory_access: str | None = None,
-        principal: str | None = None,
-    ) -> AgentTask:
-        """Starts an agent run on a coordinator node and returns its handle (`events()`, `result()`, `cancel()`).
-
-        `tools`: names of tools the run may call (None: every tool a node hosts). `memory_namespace`: the
-        long-term memory it reads facts from and remembers its answer in: this client's own namespace of
-        that name, or, with `memory_access` (a grant from its owner, see `grant`), the owner's; a read-only
-        grant lets the run read but not remember. `principal`: the API principal this call acts for (a
-        node's APIs: `<node id>/api:<name>`, with the node's identity). `strategy`: "react",
-        "plan" (plan-and-execute; `plan` gives the calls instead of asking the model) or "team"
-        (planner, parallel worker sub-agents, critic). `tool_choice` as OpenAI's: "auto", "required" (the
-        first decision must call a tool) or "none". `coordinator`: the node id to coordinate the run (default:
-        the least loaded). Bad arguments raise ValueError; a namespace the client may not use raises
-        PermissionError (protocol.memory_access.MemoryAccessError or swarm.agent_client.MemoryAccessDenied).
-        """
-        owner = token = None
-        remember = True
-        if memory_namespace is not None:
-            remember = memory_access is None or WRITE in read_access(memory_access).rights
-            rights = (READ, WRITE) if remember else (READ,)
-            owner, token = self.agents.memory_access(memory_namespace, rights, RUN_MEMORY_TTL, memory_access, principal)
-        spec = RunSpec(
-            goal=goal,
-            tools=None if tools is None else list(tools),
-            memory_namespace=memory_namespace,
-            memory_owner=owner,
-            memory_access=token,
-            remember=remember,
-            max_steps=max_steps,
-            strategy=strategy,
-            plan=plan,
-            max_answer_tokens=max_answer_tokens,
-            tool_choice=tool_choice,
-        )
-        return self.agents.submit(spec, coordinator=coordinator)
-
-    def remember(
-        self, namespace: str, text: str, record_id: str | None = None, access: str | None = None, principal: str | None = None
-    ) -> list[str]:
-        """Writes a fact to long-term memory: this client's namespace, or with `access` (a grant with
-        "write") its owner's. Returns the nodes holding it: it succeeds only once every replica (2) does,
-        and raises AgentRunError naming what is missing otherwise (writing again is harmless: the record
-        id makes it idempotent). MemoryAccessDenied / MemoryAccessError if the namespace is not open to it."""
-        owner, token = self.agents.memory_access(namespace, (WRITE,), MEMORY_CALL_TTL, access, principal)
-        args = {"owner": owner, "namespace": namespace, "access": token, "text": text, **({"record_id": record_id} if record_id else {})}
-        return self.agents.memory_step("memory.write", args)["replicas"]
-
-    def recall(self, namespace: str, query: str, k: int = 5, access: str | None = None, principal: str | None = None) -> list[dict]:
-        """The `k` records of a namespace (this client's, or with `access` a grant's owner's) closest to
-        `query`: [{"id", "text", "score"}], best first, merged from every live replica."""
-        owner, token = self.agents.memory_access(namespace, (READ,), MEMORY_CALL_TTL, access, principal)
-        args = {"owner": owner, "namespace": namespace, "access": token, "query": query, "k": k}
-        return self.agents.memory_step("memory.search", args)["hits"]
-
-    def grant(
-        self, namespace: str, grantee: str, rights: Sequence[str] = (READ,), ttl: float = DEFAULT_GRANT_TTL, principal: str | None = None
-    ) -> str:
-        """A token that lets the principal `grantee` (a client's `identity.fingerprint`, or an API principal
-        `<node id>/api:<name>`) use `rights` ("read", "write") on this client's namespace for `ttl` seconds.
-        The grantee passes it as `access=` / `memory_access=`. `principal`: as in `submit_agent_task`."""
-        return self.agents.grant(namespace, grantee, rights, ttl, principal)

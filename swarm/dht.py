@@ -17,11 +17,16 @@ from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 from hivemind.utils import get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
-from protocol.channels import register_certificate
-from protocol.identity import NodeIdentity
-from protocol.records import OFFLINE, ONLINE, ServerRecord, servers_key
-from protocol.signing import ForgedRecordError, ReplayGuard, record_message, sign_record
-from swarm.errors import SwarmConnectionError
+from edgeswarm.protocol.channels import register_certificate
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.records import OFFLINE, ONLINE, ServerRecord, servers_key
+from edgeswarm.protocol.signing import (
+    ForgedRecordError,
+    ReplayGuard,
+    record_message,
+    sign_record,
+)
+from edgeswarm.swarm.errors import SwarmConnectionError
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,12 @@
 
 
 class SwarmError(RuntimeError):
-    """Base class of every error the client raises about the swarm."""
+    """Base class of every error the client raises about the swarm. `node_id` names the node the error
+    is about, when it is about one."""
+
+    def __init__(self, message: str, node_id: str | None = None):
+        super().__init__(message)
+        self.node_id = node_id
 
 
 class SwarmConnectionError(SwarmError):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import PretrainedConfig
 
-from node.architectures import architecture_of
-from node.model_files import HeadWeights
+from edgeswarm.model.architectures import architecture_of
+from edgeswarm.model.sources import HeadWeights
 
 
 class ClientHead:

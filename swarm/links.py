@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from partition.profiling import measure_link
-from protocol.codecs import SemanticBasis
-from protocol.identity import NodeIdentity
-from protocol.link_policy import LinkQuality, choose_codec, measured_costs
-from protocol.records import ServerRecord
-from swarm.routing import Hop
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.channels import open_channel
+from edgeswarm.protocol.codecs import SemanticBasis
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.link_policy import LinkQuality, choose_codec, measured_costs
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.swarm.routing import Hop
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +29,28 @@ logger = logging.getLogger(__name__)
 _PROBE_BYTES = 256 * 1024
 # A link that could not be measured is taken to be this fast (so it stays uncompressed).
 _UNMEASURED_BANDWIDTH = 1e9
+
+
+def measure_link(
+    address: str, node_id: str, probe_bytes: int = 1024 * 1024, timeout: float = 10.0, identity: NodeIdentity | None = None
+) -> tuple[float, float]:
+    """(bandwidth in bytes/s, round-trip seconds) to a node, from its Echo RPC.
+
+    RTT is the best of three empty echoes; bandwidth comes from one echo of `probe_bytes` each way,
+    less that round trip.
+    """
+    with open_channel(address, node_id, identity=identity) as channel:
+        echo = pb_grpc.BlockServiceStub(channel).Echo
+        echo(pb.EchoRequest(), timeout=timeout)  # connect outside the timings
+        rtt = float("inf")
+        for _ in range(3):
+            began = time.perf_counter()
+            echo(pb.EchoRequest(), timeout=timeout)
+            rtt = min(rtt, time.perf_counter() - began)
+        began = time.perf_counter()
+        echo(pb.EchoRequest(payload=bytes(probe_bytes), reply_bytes=probe_bytes), timeout=timeout)
+        transfer = max(time.perf_counter() - began - rtt, 1e-6)
+    return 2 * probe_bytes / transfer, rtt
 
 
 @dataclass(frozen=True)

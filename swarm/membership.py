@@ -14,9 +14,9 @@ import time
 
 import hivemind
 
-from protocol.channels import process_identity, use_swarm_key
-from protocol.identity import NodeIdentity
-from swarm import dht as swarm_dht
+from edgeswarm.protocol.channels import process_identity, use_swarm_key
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.swarm import dht as swarm_dht
 
 logger = logging.getLogger(__name__)
 

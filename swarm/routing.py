@@ -9,8 +9,8 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from protocol.records import ServerRecord
-from swarm.errors import NoRouteError
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.swarm.errors import NoRouteError
 
 # Fixed cost of one more hop (request, serialization, network), in seconds; measured on loopback it is
 # about a millisecond, on a LAN several. It makes the route prefer fewer, longer hops.

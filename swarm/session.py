@@ -20,11 +20,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from proto import dataplane_pb2 as pb
-from swarm.errors import NodeBusyError, NodeUnavailableError, NoRouteError
-from swarm.links import StepCodecs
-from swarm.routing import Hop, plan_route
-from swarm.spot_check import (
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.swarm.errors import NodeBusyError, NodeUnavailableError, NoRouteError
+from edgeswarm.swarm.links import StepCodecs
+from edgeswarm.swarm.routing import Hop, plan_route
+from edgeswarm.swarm.spot_check import (
     CheckInputs,
     Misbehaviour,
     NodeMisbehaved,
@@ -33,7 +33,7 @@ from swarm.spot_check import (
     difference,
     tolerance_for,
 )
-from swarm.transport import SpanStream, StepTimeout, decode_hidden
+from edgeswarm.swarm.transport import SpanStream, StepTimeout, decode_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -438,16 +438,3 @@ class InferenceSession:
                 index += len(replacements)
             tolerance = max(tolerance, tolerance_for(self.policy, stale.hop.record))
         return corrected
-
-
-def greedy_decode(session: InferenceSession, prompt: list[int], count: int, after_token=None) -> list[int]:
-    """`count` greedy tokens through `session`, one step each (no EOS stop); `after_token(i)` runs after
-    token i is chosen and before it is fed back: the place to inject a failure in tests and benchmarks."""
-    logits = session.step(torch.tensor([prompt]))
-    tokens: list[int] = []
-    for index in range(count):
-        tokens.append(int(logits[0].argmax()))
-        if after_token is not None:
-            after_token(index)
-        logits = session.step(torch.tensor([[tokens[-1]]]))
-    return tokens

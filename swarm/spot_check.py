@@ -74,11 +74,17 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from protocol.codecs import DEFAULT_MAX_RELATIVE_ERROR, INT4_BLOCK_SIZE, INT8_BLOCK_SIZE
-from protocol.records import ServerRecord
-from swarm.errors import NodeUnavailableError, SwarmError
-from swarm.routing import Hop
-from swarm.transport import forward_hop, open_channel
+from edgeswarm.protocol.codecs import (
+    DEFAULT_MAX_RELATIVE_ERROR,
+    INT4_BLOCK_SIZE,
+    INT4_QMAX,
+    INT8_BLOCK_SIZE,
+    INT8_QMAX,
+)
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.swarm.errors import NodeUnavailableError, SwarmError
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.transport import forward_hop, open_channel
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +97,6 @@ _SCALE_ROUNDING = 1 + 2.0**-10
 # Round to nearest keeps every value within half a unit in the last place: 2^-11 of it for float16 (10
 # stored mantissa bits), 2^-8 for bfloat16 (7).
 _HALF_ULP = {"fp16": 2.0**-11, "bf16": 2.0**-8}
-# The quantized codecs round values to -127..127 (int8) and -7..7 (int4) steps of their block's scale.
-_INT8_LEVELS, _INT4_LEVELS = 127, 7
 
 
 @dataclass(frozen=True)
@@ -133,7 +137,8 @@ class NodeMisbehaved(NodeUnavailableError):
     def __init__(self, misbehaviour: Misbehaviour):
         super().__init__(
             f"node {misbehaviour.node_id} at {misbehaviour.address} (blocks {misbehaviour.start_block}:"
-            f"{misbehaviour.end_block}) returned wrong hidden states: {misbehaviour.reason}"
+            f"{misbehaviour.end_block}) returned wrong hidden states: {misbehaviour.reason}",
+            misbehaviour.node_id,
         )
         self.misbehaviour = misbehaviour
 
@@ -177,11 +182,11 @@ def codec_error_bound(codec: str, width: int) -> float:
     if codec in _HALF_ULP:
         return _HALF_ULP[codec]
     if codec in ("int8_block", "int8_outlier"):  # int8_outlier: int8_block, with its outliers in float16
-        return _block_error_bound(INT8_BLOCK_SIZE, _INT8_LEVELS)
+        return _block_error_bound(INT8_BLOCK_SIZE, INT8_QMAX)
     if codec == "int8_token":  # one block: the whole position
-        return _block_error_bound(width, _INT8_LEVELS)
+        return _block_error_bound(width, INT8_QMAX)
     if codec == "int4_block":
-        return _block_error_bound(INT4_BLOCK_SIZE, _INT4_LEVELS)
+        return _block_error_bound(INT4_BLOCK_SIZE, INT4_QMAX)
     if codec == "semantic":  # the encoder sends a message losslessly rather than exceed this
         return DEFAULT_MAX_RELATIVE_ERROR
     raise ValueError(f"no error bound known for codec {codec!r}")

@@ -12,13 +12,13 @@ import grpc
 import hivemind
 from hivemind.utils import get_dht_time
 
-from partition.span_selection import block_throughputs
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.channels import open_channel
-from protocol.records import ONLINE, ServerRecord, servers_key
-from swarm.dht import fetch_servers
-from swarm.routing import coverage_gaps
+from edgeswarm.partition.span_selection import block_throughputs
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.channels import open_channel
+from edgeswarm.protocol.records import ONLINE, ServerRecord, servers_key
+from edgeswarm.swarm.dht import fetch_servers
+from edgeswarm.swarm.routing import coverage_gaps
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,9 @@ def render_table(status: SwarmStatus) -> str:
 
 def plot_status(status: SwarmStatus, path: str) -> None:
     """Draws each node's span over the blocks and the coverage per block (gaps in red), as a PNG at `path`."""
-    from matplotlib.figure import Figure  # renders with Agg, without pyplot's global state
+    from matplotlib.figure import (
+        Figure,  # renders with Agg, without pyplot's global state
+    )
 
     rows = max(len(status.nodes), 1)
     figure = Figure(figsize=(10, 2.5 + 0.45 * rows))

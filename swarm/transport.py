@@ -8,17 +8,20 @@ import threading
 import grpc
 import torch
 
-from node.service import MAX_MESSAGE_BYTES
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol import channels
-from protocol.codecs import decode_tensor, encode_tensor, encoded_size
-from protocol.identity import NodeIdentity
-from protocol.records import ServerRecord
-from protocol.tensors import TensorDecodeError, serialize_tensor
-from swarm.errors import NodeBusyError, NodeUnavailableError, RemoteError
-from swarm.links import RAW, StepCodecs
-from swarm.routing import Hop
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol import channels
+from edgeswarm.protocol.codecs import decode_tensor, encode_tensor, encoded_size
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.protocol.tensors import (
+    MAX_MESSAGE_BYTES,
+    TensorDecodeError,
+    serialize_tensor,
+)
+from edgeswarm.swarm.errors import NodeBusyError, NodeUnavailableError, RemoteError
+from edgeswarm.swarm.links import RAW, StepCodecs
+from edgeswarm.swarm.routing import Hop
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -49,7 +52,7 @@ def open_channel(record: ServerRecord, connect_timeout: float, identity: NodeIde
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as error:
         channel.close()
-        raise NodeUnavailableError(f"node at {address} did not answer within {connect_timeout:.1f}s") from error
+        raise NodeUnavailableError(f"node at {address} did not answer within {connect_timeout:.1f}s", record.node_id) from error
     return channel
 
 
@@ -60,10 +63,10 @@ def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
     details = error.details() if hasattr(error, "details") else str(error)
     name = code.name if code is not None else "error"
     if code in _CALLER_ERRORS:
-        return RemoteError(f"{where} refused the request: {name}: {details}")
+        return RemoteError(f"{where} refused the request: {name}: {details}", hop.record.node_id)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy"):
-        return NodeBusyError(f"{where} is busy: {details}")
-    return NodeUnavailableError(f"{where} failed: {name}: {details}")
+        return NodeBusyError(f"{where} is busy: {details}", hop.record.node_id)
+    return NodeUnavailableError(f"{where} failed: {name}: {details}", hop.record.node_id)
 
 
 def encode_hidden(hidden: torch.Tensor, codecs: StepCodecs, boundary: int) -> pb.Tensor:
@@ -79,7 +82,7 @@ def decode_hidden(hop: Hop, message: pb.Tensor, codecs: StepCodecs) -> torch.Ten
     try:
         return decode_tensor(message, bases=bases)
     except TensorDecodeError as error:
-        raise RemoteError(f"node {hop.record.node_id} sent a malformed tensor: {error}") from error
+        raise RemoteError(f"node {hop.record.node_id} sent a malformed tensor: {error}", hop.record.node_id) from error
 
 
 def forward_hop(
@@ -193,11 +196,11 @@ class SpanStream:
             response = self._responses.get(timeout=timeout)
         except queue.Empty:
             where = f"node {self.hop.record.node_id} at {self.hop.record.address}"
-            raise StepTimeout(f"{where} gave no answer to step {step_id} within {timeout:.2f}s") from None
+            raise StepTimeout(f"{where} gave no answer to step {step_id} within {timeout:.2f}s", self.hop.record.node_id) from None
         if isinstance(response, grpc.RpcError):
             raise remote_error(self.hop, response)
         if response is _END or response.step_id != step_id:
-            raise NodeUnavailableError(f"node {self.hop.record.node_id} ended the session or answered out of order")
+            raise NodeUnavailableError(f"node {self.hop.record.node_id} ended the session or answered out of order", self.hop.record.node_id)
         self.bytes_received += encoded_size(response.hidden_states)
         return decode_hidden(self.hop, response.hidden_states, self._codecs.pop(0))
 

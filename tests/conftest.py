@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node.model_files import open_model
+from edgeswarm.model.sources import open_model
 from tests.tiny_models import save_tiny_model
 
 

@@ -9,12 +9,12 @@ from typing import TypeVar
 
 import grpc
 
-from node.launcher import NodeProcess
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.channels import open_channel
-from swarm import dht as swarm_dht
-from swarm.membership import join_as_client
+from devtools.launcher import NodeProcess
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.channels import open_channel
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.membership import join_as_client
 
 T = TypeVar("T")
 

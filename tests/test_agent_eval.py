@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.constrained import ToolCall
-from agent.evaluation import (
+from edgeswarm.agent.constrained import ToolCall
+from devtools.evaluation import (
     CATEGORIES,
     OMITTED,
     accuracy_by_category,
@@ -19,7 +19,7 @@ from agent.evaluation import (
     score_case,
     values_match,
 )
-from agent.schema import validate
+from edgeswarm.agent.schema import validate
 
 CASES_FILE = Path(__file__).resolve().parent.parent / "scripts" / "agent_eval_cases.json"
 

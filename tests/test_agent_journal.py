@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from agent.journal import Journal, JournalClosedError
+from edgeswarm.agent.journal import Journal, JournalClosedError
 
 SPEC = {"steps": [{"id": "search", "kind": "tool"}, {"id": "summarise", "kind": "llm"}], "budget": 3}
 

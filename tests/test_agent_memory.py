@@ -13,12 +13,22 @@ import threading
 import pytest
 import torch
 
-import agent.embeddings as embeddings
-from agent.embeddings import Embedder, EmbedderUnavailable, bundled_model_dir
-from agent.memory import ShortTermMemory
-from agent.memory_placement import OPEN_SWARM_MEMORY_KEY, replica_nodes, storage_id
-from agent.scheduler import merge_hits
-from agent.vector_store import MAX_TEXT_BYTES, MemoryRecord, StoreClosedError, VectorStore, entries_digest
+import edgeswarm.agent.embeddings as embeddings
+from edgeswarm.agent.embeddings import Embedder, EmbedderUnavailable, bundled_model_dir
+from edgeswarm.agent.memory import ShortTermMemory
+from edgeswarm.agent.memory_placement import (
+    OPEN_SWARM_MEMORY_KEY,
+    replica_nodes,
+    storage_id,
+)
+from edgeswarm.agent.scheduler import merge_hits
+from edgeswarm.agent.vector_store import (
+    MAX_TEXT_BYTES,
+    MemoryRecord,
+    StoreClosedError,
+    VectorStore,
+    entries_digest,
+)
 
 FACTS = [
     "The capital of France is Paris",

@@ -6,14 +6,14 @@ from concurrent import futures
 import grpc
 import pytest
 
-from agent.capabilities import TaskCapabilities
-from agent.coordinator import RunCoordinator, _JournaledRun
-from agent.dag import PlanError, execute_plan, parse_plan, substitute
-from agent.journal import Journal
-from agent.runtime import RunSpec
-from agent.scheduler import StepScheduler
-from agent.steps import Step, StepOutcome
-from node.task_service import TaskServicer, add_task_service
+from edgeswarm.agent.capabilities import TaskCapabilities
+from edgeswarm.agent.coordinator import RunCoordinator, _JournaledRun
+from edgeswarm.agent.dag import PlanError, execute_plan, parse_plan, substitute
+from edgeswarm.agent.journal import Journal
+from edgeswarm.agent.runtime import RunSpec
+from edgeswarm.agent.scheduler import StepScheduler
+from edgeswarm.agent.steps import Step, StepOutcome
+from edgeswarm.node.task_service import TaskServicer, add_task_service
 
 TOOL = {"description": "a tool", "parameters": {"type": "object", "properties": {}}, "idempotent": True}
 
@@ -137,8 +137,8 @@ def test_a_node_dying_mid_step_means_a_retry_elsewhere_only_for_idempotent_steps
 
 
 def test_bad_step_requests_get_invalid_argument(two_nodes):
-    from proto import tasks_pb2 as pb
-    from proto import tasks_pb2_grpc as pb_grpc
+    from edgeswarm.proto import tasks_pb2 as pb
+    from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
 
     address = two_nodes[0][2].address
     with grpc.insecure_channel(address) as channel:
@@ -231,7 +231,7 @@ def decision(*calls, answer=None):
 
 
 def test_react_acts_in_parallel_keeps_its_llm_node_and_stops_a_loop():
-    from agent.runtime import run_agent
+    from edgeswarm.agent.runtime import run_agent
 
     repeated = decision({"x": 1})
     context = ScriptedContext(RunSpec("goal", max_steps=5), [decision({"x": 1}, {"x": 2}), repeated, repeated, decision(answer="done")])

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
+import threading
 import uuid
 from pathlib import Path
 from typing import Literal, Optional
 
 import pytest
 
-from agent import sandbox
-from agent.calculator import CalculatorError, evaluate
-from agent.schema import SchemaError, validate
-from agent.tools import (
+from edgeswarm.agent import sandbox
+from edgeswarm.agent.calculator import CalculatorError, evaluate
+from edgeswarm.agent.schema import SchemaError, validate
+from edgeswarm.agent.tools import (
     CODE_TOOLS,
     ToolArgumentError,
     ToolLoadError,
@@ -364,11 +364,13 @@ def test_results_must_be_json():
 
 
 def test_a_tool_past_its_timeout_fails():
-    registry = ToolRegistry([_spec(lambda: time.sleep(2), name="slow", timeout=0.2)])
-    started = time.monotonic()
-    result = registry.call("slow", {})
+    release = threading.Event()
+    registry = ToolRegistry([_spec(lambda: release.wait(60), name="slow", timeout=0.2)])
+    try:
+        result = registry.call("slow", {})  # the tool cannot finish before `release`: the call did not wait for it
+    finally:
+        release.set()
     assert not result.ok and "did not finish within 0.2 s" in result.error
-    assert time.monotonic() - started < 1.5
 
 
 # --------------------------------------------------------------------------- calculator
@@ -452,11 +454,9 @@ def test_calculator_floats_and_functions():
     ],
 )
 def test_calculator_refuses(expression, message):
-    started = time.monotonic()
     with pytest.raises(CalculatorError) as raised:
         evaluate(expression)
     assert message in str(raised.value)
-    assert time.monotonic() - started < 0.5
 
 
 # --------------------------------------------------------------------------- sandbox (its escapes: test_sandbox_escapes.py)
@@ -560,8 +560,8 @@ def test_allowed_python_is_hosted():
 
 
 def test_a_node_without_allow_tools_neither_offers_nor_runs_python():
-    from agent.capabilities import hosted_tools
-    from node.task_worker import StepError, TaskWorker
+    from edgeswarm.agent.capabilities import hosted_tools
+    from edgeswarm.node.task_worker import StepError, TaskWorker
 
     registry = ToolRegistry(builtin_tools())
     assert "python" not in hosted_tools(registry) and "calculator" in hosted_tools(registry)
@@ -573,7 +573,7 @@ def test_a_node_without_allow_tools_neither_offers_nor_runs_python():
 
 @needs_sandbox
 def test_a_node_allowing_python_runs_it():
-    from node.task_worker import TaskWorker
+    from edgeswarm.node.task_worker import TaskWorker
 
     worker = TaskWorker("node-a", ToolRegistry(builtin_tools(allow=["python"])), None, None)
     value = worker.execute("run-1", "tool", {"name": "python", "arguments": {"code": "print(6 * 7)"}})
@@ -581,7 +581,7 @@ def test_a_node_allowing_python_runs_it():
 
 
 def test_join_takes_allow_tools():
-    from node.cli import build_parser
+    from edgeswarm.node.cli import build_parser
 
     parser = build_parser()
     assert parser.parse_args(["join"]).allow_tools == ()
@@ -595,7 +595,7 @@ def test_join_takes_allow_tools():
     [({"agents": False}, "--allow-tools needs the agent services"), ({}, "--allow-tools python: bwrap is not installed")],
 )
 def test_a_node_allowing_python_without_its_sandbox_refuses_to_start(monkeypatch, tmp_path, settings, reason):
-    from node.daemon import NodeSettings, SwarmNode
+    from edgeswarm.node.daemon import NodeSettings, SwarmNode
 
     monkeypatch.setattr(sandbox, "TOOL_SEARCH_PATH", str(tmp_path))  # a machine where bwrap is not installed
     sandbox._probe.cache_clear()

@@ -1,8 +1,9 @@
 """Agent runs on a real 3-node swarm of SmolLM2-135M-Instruct: tools, memory, placement, and node deaths.
 
 Every node serves all 30 blocks, so that the run survives the two node deaths these tests cause (the
-model pipeline itself is tested with split spans in test_swarm_smollm). Tests run in file order and the
-last two kill nodes.
+model pipeline itself is tested with split spans in test_swarm_smollm). The last two tests kill nodes, so
+they come last; each sets up what it needs itself. The slow tools wait at a gate that the test opens, so
+that "mid-step" means mid-step however slowly the machine runs.
 """
 
 import itertools
@@ -11,15 +12,14 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
-from agent.memory_placement import replica_nodes
-from node.launcher import LocalSwarm
-from swarm.agent_client import AgentRunError
-from swarm.client import SwarmClient
-from tests.swarm_helpers import node_info, swarm_member
+from edgeswarm import SwarmClient
+from edgeswarm.agent.client import AgentRunError
+from edgeswarm.agent.memory_placement import replica_nodes
+from devtools.launcher import LocalSwarm
+from tests.swarm_helpers import node_info, swarm_member, wait_until
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 240
@@ -36,41 +36,68 @@ def capital_of(country: str) -> str:
     return {"france": "Paris", "japan": "Tokyo", "kenya": "Nairobi", "peru": "Lima"}.get(country.strip().lower(), "unknown")
 '''
 SLOW_LOOKUP = '''
-@tool()
+@tool(timeout=GATE_SECONDS + 30)
 def slow_lookup(key: str) -> str:
     """Look up the secret code stored under a key (slow).
 
     Args:
         key: The key to look up.
     """
-    time.sleep(6)
+    wait_at_gate(f"lookup-{key.strip().lower()}")
     return f"code-{key.strip().lower()}-7"
 '''
 SLOW_DOUBLE = '''
-@tool()
+@tool(timeout=GATE_SECONDS + 30)
 def slow_double(number: int) -> int:
     """Double a number, slowly.
 
     Args:
         number: The number to double.
     """
-    time.sleep(6)
+    wait_at_gate("double")
     return 2 * number
+'''
+# the slow tools run until the test opens their gate (a file in GATES), or GATE_SECONDS have passed
+GATE_SECONDS = 200
+TOOLS_HEADER = '''
+import os
+import time
+
+from edgeswarm.agent.tools import tool
+
+GATES, GATE_SECONDS = {gates!r}, {seconds!r}
+
+
+def wait_at_gate(name: str) -> None:
+    waited = 0.0
+    while not os.path.exists(os.path.join(GATES, name)) and waited < GATE_SECONDS:
+        time.sleep(0.1)
+        waited += 0.1
 '''
 
 
-def tools_file(tmp_path_factory, name: str, *bodies: str) -> str:
+def tools_file(tmp_path_factory, gates, name: str, *bodies: str) -> str:
     path = tmp_path_factory.mktemp("tools") / f"{name}.py"
-    path.write_text("import time\n\nfrom agent.tools import tool\n" + "".join(textwrap.dedent(body) for body in bodies))
+    header = TOOLS_HEADER.format(gates=str(gates), seconds=GATE_SECONDS)
+    path.write_text(header + "".join(textwrap.dedent(body) for body in bodies))
     return str(path)
 
 
 @pytest.fixture(scope="module")
-def swarm(tmp_path_factory):
+def gates(tmp_path_factory):
+    return tmp_path_factory.mktemp("gates")
+
+
+def open_gate(gates, name: str) -> None:
+    (gates / name).touch()
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, gates):
     tools = [
-        tools_file(tmp_path_factory, "node0", SLOW_DOUBLE),
-        tools_file(tmp_path_factory, "node1", CAPITALS, SLOW_LOOKUP),
-        tools_file(tmp_path_factory, "node2", SLOW_LOOKUP),
+        tools_file(tmp_path_factory, gates, "node0", SLOW_DOUBLE),
+        tools_file(tmp_path_factory, gates, "node1", CAPITALS, SLOW_LOOKUP),
+        tools_file(tmp_path_factory, gates, "node2", SLOW_LOOKUP),
     ]
     arguments = [
         ["--blocks", "0:30", "--tools", tools[index], "--data-dir", str(tmp_path_factory.mktemp(f"node{index}"))]
@@ -83,10 +110,7 @@ def swarm(tmp_path_factory):
 @pytest.fixture(scope="module")
 def client(swarm):
     with SwarmClient(swarm.initial_peers) as swarm_client:
-        deadline = time.monotonic() + 30
-        while len(swarm_client.agents.directory()) < 3 and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert len(swarm_client.agents.directory()) == 3, "not every node announced its task capabilities"
+        wait_until(lambda: len(swarm_client.agents.directory()) == 3, "every node announced its task capabilities", interval=0.5)
         yield swarm_client
 
 
@@ -135,10 +159,7 @@ def test_a_task_that_needs_the_calculator_gets_the_right_number(swarm, client):
     assert 0 < thinking[0]["value"]["prompt_tokens"] <= thinking[1]["value"]["reused_tokens"]
     assert any(event["type"] == "token" for event in events)
     # once the run has ended, its llm session is closed: no node keeps its KV caches
-    deadline = time.monotonic() + 10
-    while sum(node_info(node).active_sessions for node in swarm.nodes) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert [node_info(node).active_sessions for node in swarm.nodes] == [0, 0, 0]
+    wait_until(lambda: [node_info(node).active_sessions for node in swarm.nodes] == [0, 0, 0], "no node has a session open", timeout=30)
 
 
 def test_a_fact_written_to_memory_is_found_and_used(swarm, client, lab_notes):
@@ -208,7 +229,7 @@ def test_a_team_run_spreads_its_workers_over_other_nodes(swarm, client):
 
 
 def test_the_agent_command_prints_steps_and_the_answer(swarm):
-    command = [sys.executable, "-m", "node.cli", "agent", "What is 6 * 7?", "--tools", "calculator", "--tool-choice", "required"]
+    command = [sys.executable, "-m", "edgeswarm.node.cli", "agent", "What is 6 * 7?", "--tools", "calculator", "--tool-choice", "required"]
     done = subprocess.run([*command, "--initial-peers", *swarm.initial_peers], capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert done.returncode == 0, done.stderr[-2000:]
     assert re.search(r"act1\.call1 +calculator done on \w+ in [\d.]+s: 42", done.stdout), done.stdout
@@ -222,45 +243,57 @@ def wait_for(task, predicate, timeout=RUN_TIMEOUT):
     raise AssertionError("the run ended before the awaited event")
 
 
-def test_a_cancelled_run_stops_at_once_and_says_so(swarm, client):
+def test_a_cancelled_run_stops_at_once_and_says_so(swarm, client, gates):
     task = client.submit_agent_task(
         "What is the secret code for key beta?", tools=["slow_lookup"], tool_choice="required", coordinator=node_id(swarm, 0)
     )
-    wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_lookup")
-    began = time.monotonic()
-    task.cancel()
-    with pytest.raises(AgentRunError, match="cancelled"):
-        task.result(timeout=RUN_TIMEOUT)
-    assert time.monotonic() - began < 5  # the 6 s tool step was not waited for
-    assert not any(event["type"] == "answer" for event in task.events())
+    try:
+        wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_lookup")
+        task.cancel()
+        with pytest.raises(AgentRunError, match="cancelled"):
+            task.result(timeout=RUN_TIMEOUT)  # the tool step is still running: its gate is closed
+    finally:
+        open_gate(gates, "lookup-beta")
+    events = list(task.events())
+    assert not any(event["ok"] for event in finished_steps(events, tool="slow_lookup"))  # it was not waited for
+    assert not any(event["type"] == "answer" for event in events)
 
 
-def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client, lab_notes):
+def test_a_run_completes_when_a_worker_node_dies_mid_step(swarm, client, lab_notes, gates):
+    client.remember(lab_notes, "The wifi password of the lab is orchid-42.", record_id="wifi")  # on nodes 1 and 2
     task = client.submit_agent_task(
         "What is the secret code for key alpha?", tools=["slow_lookup"], tool_choice="required", coordinator=node_id(swarm, 0)
     )
-    started = wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_lookup")
-    victim = next(index for index in (1, 2) if node_id(swarm, index) == started["node"])
-    swarm.nodes[victim].stop(signal.SIGKILL)
+    try:
+        started = wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_lookup")
+        victim = next(index for index in (1, 2) if node_id(swarm, index) == started["node"])
+        swarm.nodes[victim].stop(signal.SIGKILL)  # while its step waits at the closed gate
+    finally:
+        open_gate(gates, "lookup-alpha")
     answer = task.result(timeout=RUN_TIMEOUT)
     events = list(task.events())
     assert any(event["type"] == "step.retry" and event["node"] == started["node"] for event in events)
     [lookup] = finished_steps(events, tool="slow_lookup")
     assert lookup["ok"] and lookup["value"] == "code-alpha-7" and lookup["node"] == node_id(swarm, 3 - victim)
     assert answer
-    # memory written earlier is on two nodes, so it outlives any one of them: here one that held it
+    # the memory written above is on two nodes, so it outlives any one of them: here one that held it
     assert started["node"] in replica_nodes(storage_of(client, lab_notes), [node_id(swarm, index) for index in range(3)])
     assert any("orchid-42" in hit["text"] for hit in client.recall(lab_notes, "wifi password"))
 
 
-def test_a_run_resumes_from_its_journal_when_its_coordinator_dies(swarm, client):
+def test_a_run_resumes_from_its_journal_when_its_coordinator_dies(swarm, client, gates):
     alive = [index for index in (1, 2) if swarm.nodes[index].process.poll() is None]
     coordinator = alive[0]
+    for bystander in alive[1:]:  # node 0 is the only other node left to take the run over
+        swarm.nodes[bystander].stop(signal.SIGKILL)
     task = client.submit_agent_task(
         "Double the number 21.", tools=["slow_double"], tool_choice="required", coordinator=node_id(swarm, coordinator)
     )
-    wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_double")
-    swarm.nodes[coordinator].stop(signal.SIGKILL)
+    try:
+        wait_for(task, lambda event: event["type"] == "step.started" and event["tool"] == "slow_double")
+        swarm.nodes[coordinator].stop(signal.SIGKILL)  # while the step waits at the closed gate
+    finally:
+        open_gate(gates, "double")
     task.result(timeout=RUN_TIMEOUT)
     events = list(task.events())
     resumed_at = next(index for index, event in enumerate(events) if event["type"] == "run.resumed")

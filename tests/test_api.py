@@ -12,12 +12,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from node.api_access import token_digest
-from node.api_service import RETRY_AFTER_METADATA
-from node.launcher import LocalSwarm
-from proto import api_pb2 as pb
-from proto import api_pb2_grpc as pb_grpc
-from swarm.client import SwarmClient
+from edgeswarm import SwarmClient
+from edgeswarm.node.api_access import token_digest
+from edgeswarm.node.api_service import RETRY_AFTER_METADATA
+from devtools.launcher import LocalSwarm
+from edgeswarm.proto import api_pb2 as pb
+from edgeswarm.proto import api_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.slow
 TOKEN = "s3cret-token"

@@ -14,7 +14,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent import futures
 
 import grpc
@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
-from node.api_access import (
+from edgeswarm.node.api_access import (
     ApiAccess,
     ApiClient,
     ClientLimits,
@@ -32,25 +32,29 @@ from node.api_access import (
     load_api_clients,
     token_digest,
 )
-from node.api_service import RETRY_AFTER_METADATA, SwarmApiServicer, start_api_server
-from node.openai_http import LIGHT_WORKERS, HttpLimits, OpenAIServer
-from proto import api_pb2, dataplane_pb2, dataplane_pb2_grpc, tasks_pb2, tasks_pb2_grpc
-from proto import api_pb2_grpc as api_grpc
-from protocol.principals import Principal
-from protocol.request_parsing import add_servicer
-from swarm.client import TokenEvent
+from edgeswarm.node.api_service import (
+    RETRY_AFTER_METADATA,
+    SwarmApiServicer,
+    start_api_server,
+)
+from edgeswarm.node.openai_http import LIGHT_WORKERS, HttpLimits, OpenAIServer
+from edgeswarm.proto import (
+    api_pb2,
+    dataplane_pb2,
+    dataplane_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
+from edgeswarm.proto import api_pb2_grpc as api_grpc
+from edgeswarm.protocol.principals import Principal
+from edgeswarm.protocol.request_parsing import add_servicer
+from edgeswarm.swarm.client import TokenEvent
+from tests.swarm_helpers import wait_until
 
 DEADLINE_SECONDS = 60.0  # the bound of every wait below: generous, never reached when things work
 TRICKLE_SECONDS = 0.05  # a slowloris sends one byte this often: far more often than any per-read timeout
 GARBAGE = b"\xff\x00garbage"
 MODEL = "m"
-
-
-def wait_until(condition: Callable[[], bool], what: str, seconds: float = DEADLINE_SECONDS) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
 
 
 def _no_swarm():
@@ -107,7 +111,7 @@ def test_a_slowloris_is_cut_at_the_request_deadline_while_a_normal_client_is_ser
         trickler.join(DEADLINE_SECONDS)
         assert cut.is_set()
         slowloris.close()
-        wait_until(lambda: server.open_connections == 0, "the cut connection is forgotten")
+        wait_until(lambda: server.open_connections == 0, "the cut connection is forgotten", DEADLINE_SECONDS, interval=0.02)
 
 
 def test_a_body_that_trickles_past_the_deadline_gets_408():
@@ -129,14 +133,14 @@ def test_connections_beyond_the_cap_are_closed_and_the_server_takes_no_thread_pe
     with OpenAIServer(_no_swarm, model_name=MODEL, limits=limits) as server:
         threads_before = threading.active_count()
         held = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(limits.max_connections)]
-        wait_until(lambda: server.open_connections == limits.max_connections, "the server holds the first connections")
+        wait_until(lambda: server.open_connections == limits.max_connections, "the server holds the first connections", DEADLINE_SECONDS, interval=0.02)
         extra = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(100)]
         assert all(closed_by_server(sock) for sock in extra)
         assert server.open_connections == limits.max_connections
         assert threading.active_count() <= threads_before + limits.max_concurrent + LIGHT_WORKERS
         for sock in extra + held:
             sock.close()
-        wait_until(lambda: server.open_connections == 0, "the held connections are closed")
+        wait_until(lambda: server.open_connections == 0, "the held connections are closed", DEADLINE_SECONDS, interval=0.02)
         assert get_models(server.port)[0] == 200
 
 

@@ -2,20 +2,19 @@
 prefills run in chunks with other sessions' decodes in between; concurrent swarm sessions stay greedy-exact."""
 
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from node.batching import StepBatcher
-from node.launcher import LocalSwarm
-from node.model_files import open_model
-from node.reference import load_reference_model, reference_greedy_tokens
-from node.span import SpanCache, TransformerSpan
-from swarm.client import SwarmClient
-from swarm.session import greedy_decode
-from tests.swarm_helpers import node_info
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from edgeswarm.model.span import SpanCache, TransformerSpan
+from edgeswarm.node.batching import StepBatcher
+from devtools.launcher import LocalSwarm
+from devtools.reference import load_reference_model, reference_greedy_tokens
+from devtools.decoding import greedy_decode
+from tests.swarm_helpers import node_info, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -74,32 +73,36 @@ def test_batched_decode_is_bit_identical_to_each_session_alone(tiny_llama_dir, q
 
 def test_a_long_prefill_runs_in_chunks_with_decodes_in_between(tiny_span):
     batcher = StepBatcher(prefill_chunk=16)
-    finished: list[str] = []
+    ran: list[str] = []  # what the compute thread ran, in order: "prefill" chunks and "decode" steps
+    prefilling = threading.Event()
+    long_hidden = torch.randn(1, 200, 64)
+    long_cache = SpanCache()
+    decode_cache, _ = _prefill(tiny_span, 5, 0)
+
+    def span(hidden, *args, **kwargs):  # the span as the batcher sees it, logging each call
+        kind = "decode" if hidden.shape[1] == 1 else "prefill"
+        if kind == "prefill" and not prefilling.is_set():
+            # the first chunk finishes once a decode step is queued, however slowly either thread runs
+            prefilling.set()
+            wait_until(lambda: batcher._queue, "a decode step is queued during the long prefill", interval=0.01)
+        ran.append(kind)
+        return tiny_span(hidden, *args, **kwargs)
+
+    def decodes():
+        assert prefilling.wait(timeout=60), "the long prefill never started"
+        for step in range(3):
+            batcher.run(span, torch.randn(1, 1, 64), torch.tensor([[5 + step]]), torch.ones(1, 1, dtype=torch.bool), 0, 6, decode_cache)
+
     try:
-        long_hidden = torch.randn(1, 200, 64)
-        long_cache = SpanCache()
-        decode_cache, _ = _prefill(tiny_span, 5, 0)
-        decoding = threading.Event()
-
-        def long_prefill():
-            output = batcher.run(tiny_span, long_hidden, torch.arange(200)[None], torch.ones(1, 200, dtype=torch.bool), 0, 6, long_cache)
-            finished.append("prefill")
-            return output
-
-        def decodes():
-            decoding.set()
-            for step in range(3):
-                batcher.run(tiny_span, torch.randn(1, 1, 64), torch.tensor([[5 + step]]), torch.ones(1, 1, dtype=torch.bool), 0, 6, decode_cache)
-                finished.append("decode")
-
         with ThreadPoolExecutor(2) as pool:
-            prefill_future = pool.submit(long_prefill)
-            time.sleep(0.001)
-            pool.submit(decodes).result(timeout=60)
-            chunked = prefill_future.result(timeout=60)
+            prefill = pool.submit(batcher.run, span, long_hidden, torch.arange(200)[None], torch.ones(1, 200, dtype=torch.bool), 0, 6, long_cache)
+            pool.submit(decodes).result(timeout=120)
+            chunked = prefill.result(timeout=120)
     finally:
         batcher.stop()
-    assert finished.index("decode") < finished.index("prefill")  # decodes did not wait for all 200 tokens
+    assert ran.count("prefill") == 13  # 200 tokens in chunks of at most 16
+    first, last = ran.index("prefill"), len(ran) - 1 - ran[::-1].index("prefill")
+    assert "decode" in ran[first:last]  # decodes did not wait for all 200 tokens
     assert long_cache.length == 200
     whole = tiny_span(long_hidden, torch.arange(200)[None], torch.ones(1, 200, dtype=torch.bool))
     torch.testing.assert_close(chunked, whole, atol=1e-4, rtol=1e-4)

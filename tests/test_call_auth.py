@@ -6,11 +6,12 @@ import grpc
 import pytest
 import torch
 
-from node.launcher import start_node
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from proto import tasks_pb2, tasks_pb2_grpc
-from protocol.call_auth import (
+from edgeswarm import SwarmClient
+from devtools.launcher import start_node
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.proto import tasks_pb2, tasks_pb2_grpc
+from edgeswarm.protocol.call_auth import (
     CALL_FRESHNESS_SECONDS,
     CALL_METADATA,
     CALL_SIGNATURE_METADATA,
@@ -19,13 +20,12 @@ from protocol.call_auth import (
     CallRefused,
     call_credentials,
 )
-from protocol.identity import NodeIdentity
-from protocol.principals import Principal
-from protocol.swarm_key import SWARM_AUTH_METADATA, call_token
-from swarm.client import SwarmClient
-from swarm.errors import NodeBusyError
-from swarm.routing import Hop
-from swarm.transport import SpanStream
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.principals import Principal
+from edgeswarm.protocol.swarm_key import SWARM_AUTH_METADATA, call_token
+from edgeswarm.swarm.errors import NodeBusyError
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.transport import SpanStream
 from tests.swarm_helpers import node_channel, swarm_member, wait_until
 
 METHOD = "/edgeswarm.v1.BlockService/NodeInfo"

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from node.cli import main
+from edgeswarm.node.cli import main
 
 DEAD_PEER = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCNNaFmPVdm3z1HQ5GfUo7QN21nXsHSr9nqna6cdsi1hq"
 
@@ -35,7 +35,7 @@ def test_malformed_span_is_an_argument_error(capsys):
 
 
 def test_a_dead_initial_peer_exits_with_a_clear_error():
-    command = [sys.executable, "-m", "node.cli", "join", "--host", "127.0.0.1", "--blocks", "0:10", "--initial-peers", DEAD_PEER]
+    command = [sys.executable, "-m", "edgeswarm.node.cli", "join", "--host", "127.0.0.1", "--blocks", "0:10", "--initial-peers", DEAD_PEER]
     finished = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert finished.returncode == 2, finished.stderr[-2000:]
     assert "cannot join the swarm through" in finished.stderr

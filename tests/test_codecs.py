@@ -8,10 +8,15 @@ import zlib
 import pytest
 import torch
 
-from proto import dataplane_pb2 as pb
-from protocol.codecs import (
-    CODECS,
+from edgeswarm.model.semantic_basis import (
     DEFAULT_SEMANTIC_BYTES,
+    fit_semantic_basis,
+    load_basis,
+    save_basis,
+)
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.protocol.codecs import (
+    CODECS,
     LOSSLESS_CODECS,
     CodecError,
     SemanticBasis,
@@ -20,11 +25,10 @@ from protocol.codecs import (
     encode_semantic,
     encode_tensor,
     encoded_size,
-    fit_semantic_basis,
     fits_fp16,
     relative_error,
 )
-from protocol.tensors import TensorDecodeError, serialize_tensor
+from edgeswarm.protocol.tensors import TensorDecodeError, serialize_tensor
 
 HIDDEN = 576
 PLAIN_CODECS = [name for name in codec_names() if name != "semantic"]
@@ -310,8 +314,8 @@ def test_semantic_encode_needs_basis_boundary_and_matching_hidden(semantic_setup
 def test_semantic_basis_save_load_round_trip(tmp_path, semantic_setup):
     basis, test = semantic_setup
     path = tmp_path / "basis.safetensors"
-    basis.save(path)
-    loaded = SemanticBasis.load(path)
+    save_basis(basis, path)
+    loaded = load_basis(path)
     assert loaded.digest == basis.digest and loaded.boundaries == [0, 3]
     assert loaded.allocations == basis.allocations and loaded.bytes_per_token(3) == basis.bytes_per_token(3)
     assert loaded.predicted_errors[3] == pytest.approx(basis.predicted_errors[3], rel=1e-4)
@@ -326,7 +330,7 @@ def test_tampered_basis_file_is_refused(tmp_path, semantic_setup):
 
     basis, _ = semantic_setup
     path = tmp_path / "basis.safetensors"
-    basis.save(path)
+    save_basis(basis, path)
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata()
     tensors = load_file(str(path))
@@ -336,20 +340,20 @@ def test_tampered_basis_file_is_refused(tmp_path, semantic_setup):
         edit(edited[name])  # plausible-looking edits: still a valid basis, different digest
         save_file(edited, str(tmp_path / "edited.safetensors"), metadata=metadata)
         with pytest.raises(CodecError, match="altered or corrupted"):
-            SemanticBasis.load(tmp_path / "edited.safetensors")
+            load_basis(tmp_path / "edited.safetensors")
     blob = bytearray(path.read_bytes())
     blob[-5] ^= 0x40  # a flipped bit inside the last tensor's bytes
     (tmp_path / "flipped.safetensors").write_bytes(bytes(blob))
     with pytest.raises(CodecError):
-        SemanticBasis.load(tmp_path / "flipped.safetensors")
+        load_basis(tmp_path / "flipped.safetensors")
     (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(CodecError, match="not a readable safetensors"):
-        SemanticBasis.load(tmp_path / "garbage.safetensors")
+        load_basis(tmp_path / "garbage.safetensors")
     # a file of the previous (low-rank, format 1) layout is refused cleanly, so callers refit
     old = {"mean.0": torch.zeros(8), "components.0": torch.eye(8)[:, :2].contiguous()}
     save_file(old, str(tmp_path / "v1.safetensors"), metadata={"format": "edgeswarm-semantic-basis/1", "digest": "0" * 16})
     with pytest.raises(CodecError, match="format is 'edgeswarm-semantic-basis/1'"):
-        SemanticBasis.load(tmp_path / "v1.safetensors")
+        load_basis(tmp_path / "v1.safetensors")
 
 
 def test_invalid_bases_are_refused():

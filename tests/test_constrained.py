@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import random
-import time
 
 import pytest
 import torch
 
-from agent.constrained import (
+from edgeswarm.agent.constrained import (
     CALL_OPEN,
     SMOLLM2_CALL_BIAS,
     Decision,
@@ -20,7 +19,7 @@ from agent.constrained import (
     tool_prompt,
     vocab_for,
 )
-from node.reference import load_reference_model
+from devtools.reference import load_reference_model
 
 
 def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -271,15 +270,9 @@ def test_local_stepper_chunks_after_the_cache_match_one_forward_pass(model):
 
 
 def test_masks_are_built_once_per_tokenizer(tokenizer):
-    start = time.perf_counter()
     fresh = Vocab(tokenizer)
-    build_seconds = time.perf_counter() - start
     vocab = vocab_for(tokenizer)
-    start = time.perf_counter()
-    again = vocab_for(tokenizer)
-    cached_seconds = time.perf_counter() - start
-    assert again is vocab
-    assert cached_seconds < 0.001 < build_seconds
+    assert vocab_for(tokenizer) is vocab  # built once, then cached
     assert (fresh.string_body == vocab.string_body).all()
 
 

@@ -1,12 +1,11 @@
 """A swarm-wide plan made from announced profiles, recorded in the DHT and followed by real nodes."""
 
-import time
-
 import pytest
 from transformers import AutoModelForCausalLM
 
-from node.launcher import LocalSwarm
-from partition.coordination import (
+from edgeswarm import SwarmClient
+from devtools.launcher import LocalSwarm
+from edgeswarm.partition.coordination import (
     keep_recorded_plan,
     make_plan,
     participants,
@@ -14,11 +13,10 @@ from partition.coordination import (
     plan_key,
     profiles_from_records,
 )
-from partition.planner import Plan
-from protocol.records import ServerRecord
-from swarm import dht as swarm_dht
-from swarm.client import SwarmClient
-from tests.swarm_helpers import until_eos
+from edgeswarm.partition.planner import Plan
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.swarm import dht as swarm_dht
+from tests.swarm_helpers import until_eos, wait_until
 
 
 def profiled(node, throughput, max_blocks=30, links=None, partition="pipeline"):
@@ -79,17 +77,18 @@ def test_only_the_coordinator_the_members_elect_may_record_a_plan():
 def test_nodes_follow_the_plan_recorded_in_the_dht(tiny_llama_dir, partition):
     args = ["--model", str(tiny_llama_dir), "--partition", partition, "--rebalance-period", "1"]
     with LocalSwarm([args] * 3) as swarm, SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
-        deadline = time.monotonic() + 60
-        while True:
+
+        def followed_plan() -> tuple[dict, Plan] | None:
             found = swarm_dht.fetch_value(client.dht, plan_key(client.model.model_id))
             value = found[0] if found else None
             plan = Plan.from_dict(value["plan"]) if value else None
             spans = {(r.node_id, r.start_block, r.end_block) for r in client.servers()}
             # a plan made before the last node announced itself is replaced: wait for one with all three
             if plan and len(value["members"]) == 3 and {(s.node_id, s.start, s.end) for s in plan.stages} <= spans:
-                break
-            assert time.monotonic() < deadline, f"nodes did not reach the plan: {plan} vs {spans}"
-            time.sleep(0.5)
+                return value, plan
+            return None
+
+        value, plan = wait_until(followed_plan, "the nodes serve the spans of a recorded plan of all three", interval=0.5)
         assert value["partition"] == partition
         assert [(s.start, s.end) for s in plan.stages][0][0] == 0 and plan.stages[-1].end == 6
         if partition == "ring":

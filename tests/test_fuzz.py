@@ -30,35 +30,40 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.capabilities import TaskCapabilities
-from agent.dag import PlannedCall, parse_plan
-from agent.runtime import RunSpec
-from node.model_files import open_model
-from node.service import BlockServicer, ServiceLimits, start_grpc_server
-from node.span import TransformerSpan
-from node.validation import InvalidRequest, decode_step_inputs
-from proto import dataplane_pb2 as pb
-from proto import tasks_pb2
-from protocol.call_auth import CallAuthenticator
-from protocol.channels import open_channel
-from protocol.codecs import (
+from edgeswarm.agent.capabilities import TaskCapabilities
+from edgeswarm.agent.dag import PlannedCall, parse_plan
+from edgeswarm.agent.runtime import RunSpec
+from edgeswarm.model.semantic_basis import fit_semantic_basis
+from edgeswarm.model.sources import open_model
+from edgeswarm.model.span import TransformerSpan
+from edgeswarm.node.service import BlockServicer, ServiceLimits, start_grpc_server
+from edgeswarm.node.validation import InvalidRequest, decode_step_inputs
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import tasks_pb2
+from edgeswarm.protocol.call_auth import CallAuthenticator
+from edgeswarm.protocol.channels import open_channel
+from edgeswarm.protocol.codecs import (
     CODECS,
     MAX_TENSOR_BYTES,
     CodecError,
     decode_tensor,
     encode_tensor,
-    fit_semantic_basis,
 )
-from protocol.identity import NodeIdentity, fingerprint_of_key
-from protocol.records import ServerRecord
-from protocol.signing import (
+from edgeswarm.protocol.identity import NodeIdentity, fingerprint_of_key
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.protocol.signing import (
     ForgedRecordError,
     ReplayGuard,
     record_message,
     sign_record,
     verify_record,
 )
-from protocol.tensors import TensorDecodeError, deserialize_tensor, serialize_tensor
+from edgeswarm.protocol.tensors import (
+    TensorDecodeError,
+    deserialize_tensor,
+    serialize_tensor,
+)
+from tests.swarm_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -1000,10 +1005,9 @@ def test_grpc_node_answers_random_sessions_and_serves_on(node):
         assert time.perf_counter() - started < 10.0
 
     check()
-    deadline = time.monotonic() + 10
-    while servicer.active_sessions and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert servicer.active_sessions == 0 and servicer.kv_budget.used_bytes == 0  # every session cleaned up
+    wait_until(
+        lambda: servicer.active_sessions == 0 and servicer.kv_budget.used_bytes == 0, "every session is cleaned up", timeout=30, interval=0.05
+    )
     _check_serves_on(servicer, channel)
 
 

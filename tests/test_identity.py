@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import NameOID
 
-from protocol.identity import (
+from edgeswarm.protocol.identity import (
     TLS_BINDING_OID,
     IdentityError,
     NodeIdentity,

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from node.kv_budget import BusyError, KVBudget
+from edgeswarm.node.kv_budget import BusyError, KVBudget
 
 
 def make_budget(budget_tokens: int = 100, bytes_per_token: int = 10) -> KVBudget:

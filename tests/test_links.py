@@ -5,22 +5,25 @@ choice would keep links uncompressed: the swarm tests pin codecs, and the choice
 measured costs with slow and fast bandwidths.
 """
 
-import time
-
 import grpc
 import pytest
 import torch
 
-from node.calibration import load_or_fit_basis
-from node.launcher import LocalSwarm
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.codecs import encode_tensor
-from protocol.link_policy import QUALITY_CODECS, LinkQuality, choose_codec, measured_costs
-from protocol.tensors import serialize_tensor
-from swarm.client import SwarmClient
-from swarm.session import greedy_decode
-from tests.swarm_helpers import node_channel, node_info, swarm_member
+from edgeswarm import SwarmClient
+from edgeswarm.model.calibration import load_or_fit_basis
+from devtools.launcher import LocalSwarm
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.codecs import encode_tensor
+from edgeswarm.protocol.link_policy import (
+    QUALITY_CODECS,
+    LinkQuality,
+    choose_codec,
+    measured_costs,
+)
+from edgeswarm.protocol.tensors import serialize_tensor
+from devtools.decoding import greedy_decode
+from tests.swarm_helpers import node_channel, node_info, swarm_member, wait_until
 
 pytestmark = pytest.mark.slow
 PROMPT = "The Python standard library offers modules for files, networking and text processing. Among them"
@@ -28,7 +31,7 @@ PROMPT = "The Python standard library offers modules for files, networking and t
 
 @pytest.fixture(scope="module")
 def basis_cache(smollm):
-    """The basis in the cache that this process and the nodes share (node.cache_dir), fitted if missing."""
+    """The basis in the cache that this process and the nodes share (model.cache_dir), fitted if missing."""
     return load_or_fit_basis(smollm)
 
 
@@ -41,10 +44,12 @@ def swarm(basis_cache):
 
 def _client(swarm, quality: str) -> SwarmClient:
     client = SwarmClient(swarm.initial_peers, link_quality=quality, mdns=False)
-    deadline = time.monotonic() + 180  # loading the cached basis takes seconds, but minutes on a loaded machine
-    while not all(record.semantic_basis for record in client.servers()) or len(client.servers()) < 2:
-        assert time.monotonic() < deadline, "nodes never announced their semantic basis"
-        time.sleep(0.5)
+    wait_until(
+        lambda: len(servers := client.servers()) >= 2 and all(record.semantic_basis for record in servers),
+        "both nodes announce their semantic basis",
+        timeout=180,  # loading the cached basis takes seconds, but minutes on a loaded machine
+        interval=0.5,
+    )
     return client
 
 

@@ -15,15 +15,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.memory_placement import storage_id
-from agent.memory_replication import MemoryReplicator
-from agent.tools import ToolRegistry
-from agent.vector_store import VectorStore
-from node.task_service import TaskServicer
-from node.task_worker import StepError, TaskWorker
-from proto import tasks_pb2 as pb
-from protocol.identity import NodeIdentity
-from protocol.memory_access import (
+from edgeswarm.agent.memory_placement import storage_id
+from edgeswarm.agent.memory_replication import MemoryReplicator
+from edgeswarm.agent.tools import ToolRegistry
+from edgeswarm.agent.vector_store import VectorStore
+from edgeswarm.node.task_service import TaskServicer
+from edgeswarm.node.task_worker import StepError, TaskWorker
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.memory_access import (
     ACCESS_DOMAIN,
     READ,
     WRITE,
@@ -32,7 +32,7 @@ from protocol.memory_access import (
     issue_access,
     read_access,
 )
-from protocol.principals import Principal
+from edgeswarm.protocol.principals import Principal
 from tests.test_agent_memory import TinyEmbedder
 
 ALICE, BOB, CAROL, NODE = (NodeIdentity.generate() for _ in range(4))
@@ -232,7 +232,7 @@ class Directory:
         self.node_ids = node_ids
 
     def __call__(self):
-        from agent.capabilities import TaskCapabilities
+        from edgeswarm.agent.capabilities import TaskCapabilities
 
         return [TaskCapabilities(node_id=node_id, address="127.0.0.1:1") for node_id in self.node_ids]
 

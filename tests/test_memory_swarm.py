@@ -15,22 +15,29 @@ import time
 import grpc
 import pytest
 
-from agent.capabilities import tasks_key
-from agent.memory_placement import MEMORY_REPLICAS, replica_nodes
-from node.launcher import NodeProcess, start_node
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
-from protocol.call_auth import SignedCalls
-from protocol.identity import NodeIdentity
-from protocol.memory_access import READ, WRITE, MemoryAccessError, issue_access, read_access
-from swarm.agent_client import AgentRunError, MemoryAccessDenied
-from swarm.client import SwarmClient
+from edgeswarm import SwarmClient
+from edgeswarm.agent.capabilities import tasks_key
+from edgeswarm.agent.client import AgentRunError, MemoryAccessDenied
+from edgeswarm.agent.memory_placement import MEMORY_REPLICAS, replica_nodes
+from devtools.launcher import NodeProcess, start_node
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.call_auth import SignedCalls
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.memory_access import (
+    READ,
+    WRITE,
+    MemoryAccessError,
+    issue_access,
+    read_access,
+)
 from tests.swarm_helpers import wait_until
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "secret-project-aurora"
 WAIT = 180  # seconds any awaited condition gets: replication takes one period (10 s) plus a node's start
 RUN_TIMEOUT = 120
+LAUNCH_CODE = "The aurora launch code is lynx-17."
 
 
 class MemorySwarm:
@@ -137,7 +144,7 @@ def run_memory_read(task) -> dict:
 
 
 def test_the_dht_shows_storage_ids_and_never_namespace_names(swarm, alice):
-    holders = alice.remember(NAMESPACE, "The aurora launch code is lynx-17.", record_id="launch")
+    holders = alice.remember(NAMESPACE, LAUNCH_CODE, record_id="launch")
     assert len(holders) == MEMORY_REPLICAS == len(set(holders))
     store = alice.agents.scheduler.storage_id(alice.identity.fingerprint, NAMESPACE)
 
@@ -151,6 +158,7 @@ def test_the_dht_shows_storage_ids_and_never_namespace_names(swarm, alice):
 
 
 def test_a_client_cannot_read_or_write_another_clients_namespace(swarm, alice, bob):
+    alice.remember(NAMESPACE, LAUNCH_CODE, record_id="launch")  # the same record as above: stored once
     owner = alice.identity.fingerprint
     first = live_memory_nodes(alice, swarm)[placement(alice, swarm)[0]]
     search = {"owner": owner, "namespace": NAMESPACE, "query": "launch code", "k": 3}
@@ -179,10 +187,11 @@ def test_a_client_cannot_read_or_write_another_clients_namespace(swarm, alice, b
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED and "not by the owner" in refused.value.details()
     task = bob.submit_agent_task("What is the launch code?", tools=[], memory_namespace=NAMESPACE)  # his own: nothing in it
     assert run_memory_read(task)["value"]["hits"] == []
-    assert [hit["text"] for hit in alice.recall(NAMESPACE, "launch code", k=5)] == ["The aurora launch code is lynx-17."]
+    assert [hit["text"] for hit in alice.recall(NAMESPACE, "launch code", k=5)] == [LAUNCH_CODE]
 
 
 def test_a_grant_opens_the_namespace_to_its_grantee_only(swarm, alice, bob):
+    alice.remember(NAMESPACE, LAUNCH_CODE, record_id="launch")
     read_only = alice.grant(NAMESPACE, bob.identity.fingerprint, rights=(READ,), ttl=600)
     [hit] = bob.recall(NAMESPACE, "launch code", k=1, access=read_only)
     assert "lynx-17" in hit["text"]

@@ -1,8 +1,13 @@
 import pytest
 import torch
 
-from node.architectures import UnsupportedModelError
-from node.model_files import GGUFModelSource, ModelNotFoundError, SafetensorsModelSource, open_model
+from edgeswarm.model.architectures import UnsupportedModelError
+from edgeswarm.model.sources import (
+    GGUFModelSource,
+    ModelNotFoundError,
+    SafetensorsModelSource,
+    open_model,
+)
 from tests.tiny_models import save_tiny_model
 
 

@@ -18,13 +18,21 @@ import time
 import openai
 import pytest
 
-from node.api_access import ApiAccess, ApiClient, ClientLimits, load_api_clients, token_digest
-from node.launcher import LocalSwarm
-from node.openai_chat import StopText
-from node.openai_http import OpenAIServer
-from node.rate_limit import RateLimiter
-from swarm.client import SwarmClient, TokenEvent
-from swarm.errors import NoRouteError, SwarmConnectionError
+from edgeswarm import SwarmClient
+from edgeswarm.node.api_access import (
+    ApiAccess,
+    ApiClient,
+    ClientLimits,
+    load_api_clients,
+    token_digest,
+)
+from devtools.launcher import LocalSwarm
+from edgeswarm.node.openai_chat import StopText
+from edgeswarm.node.openai_http import OpenAIServer
+from edgeswarm.node.rate_limit import RateLimiter
+from edgeswarm.swarm.client import TokenEvent
+from edgeswarm.swarm.errors import NoRouteError, SwarmConnectionError
+from tests.swarm_helpers import wait_until
 
 slow = pytest.mark.slow
 TOKEN = "sk-edgeswarm-test"
@@ -55,13 +63,14 @@ def swarm():
 @pytest.fixture(scope="module")
 def client(swarm):
     with SwarmClient(swarm.initial_peers) as swarm_client:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # both spans announced
+
+        def routable() -> bool:
             try:
-                swarm_client.route()
-                break
+                return bool(swarm_client.route())
             except NoRouteError:
-                time.sleep(0.5)
+                return False
+
+        wait_until(routable, "both spans are announced", interval=0.5)
         yield swarm_client
 
 

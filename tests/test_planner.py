@@ -2,12 +2,11 @@
 
 import itertools
 import random
-import time
 
 import msgpack
 import pytest
 
-from partition.planner import (
+from edgeswarm.partition.planner import (
     CLIENT,
     Link,
     NetworkProfile,
@@ -235,20 +234,20 @@ def test_more_nodes_than_the_exact_limit_swap_in_large_nodes_when_the_fastest_ca
     assert blocks_of(plan)["roomy"] >= 21  # at most nine 1-block nodes remain besides it
 
 
-def test_planning_six_nodes_and_thirty_blocks_is_fast():
+# how long planning takes is measured by scripts/bench_planner.py, not asserted here
+
+
+def test_planning_six_nodes_and_thirty_blocks_covers_every_block():
     profiles, network = random_swarm(random.Random(7), 6, 30)
-    began = time.perf_counter()
     for objective in ["latency", "throughput"]:
-        plan_pipeline(profiles, network, 30, 10_000, objective=objective)
-    assert time.perf_counter() - began < 2.0
+        plan = plan_pipeline(profiles, network, 30, 10_000, objective=objective)
+        assert plan.stages[0].start == 0 and plan.stages[-1].end == 30
 
 
-def test_planning_ten_nodes_and_a_hundred_blocks_stays_practical():
+def test_planning_ten_nodes_and_a_hundred_blocks_covers_every_block():
     profiles, network = random_swarm(random.Random(8), 10, 100)
-    began = time.perf_counter()
     plan = plan_pipeline(profiles, network, 100, 10_000, objective="throughput")
-    assert time.perf_counter() - began < 10.0
-    assert plan.stages[-1].end == 100
+    assert plan.stages[0].start == 0 and plan.stages[-1].end == 100
 
 
 # --- the ring planner ---

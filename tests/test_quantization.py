@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from node.quantization import BF16Linear, Int8Linear, quantize_block
-from node.span import SpanCache, TransformerSpan
-from partition.profiling import block_parameter_bytes
+from edgeswarm.model.profiling import block_parameter_bytes
+from edgeswarm.model.quantization import BF16Linear, Int8Linear, quantize_block
+from edgeswarm.model.span import SpanCache, TransformerSpan
 
 
 def _span(source, quant: str, start: int = 0, end: int = 3) -> TransformerSpan:

@@ -16,20 +16,28 @@ import grpc
 import pytest
 import torch
 
-from node.admission import ADMIN, FORWARDS, SESSIONS, TASKS, CallSlots, SlotsFull, pool_of
-from node.model_files import open_model
-from node.service import BlockServicer, ServiceLimits, start_grpc_server
-from node.session_slots import SessionSlots, client_of
-from node.span import TransformerSpan
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.call_auth import CallAuthenticator, SignedCalls
-from protocol.identity import NodeIdentity
-from protocol.principals import Principal
-from protocol.tensors import serialize_tensor
-from swarm.errors import NodeBusyError
-from swarm.routing import Hop
-from swarm.transport import remote_error
+from edgeswarm.model.sources import open_model
+from edgeswarm.model.span import TransformerSpan
+from edgeswarm.node.admission import (
+    ADMIN,
+    FORWARDS,
+    SESSIONS,
+    TASKS,
+    CallSlots,
+    SlotsFull,
+    pool_of,
+)
+from edgeswarm.node.service import BlockServicer, ServiceLimits, start_grpc_server
+from edgeswarm.node.session_slots import SessionSlots, client_of
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.call_auth import CallAuthenticator, SignedCalls
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.principals import Principal
+from edgeswarm.protocol.tensors import serialize_tensor
+from edgeswarm.swarm.errors import NodeBusyError
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.transport import remote_error
 from tests.swarm_helpers import wait_until
 
 MODEL_ID = "tiny-limits"

@@ -1,9 +1,17 @@
 import pytest
 
-from partition.span_selection import block_throughputs, choose_least_covered_span
-from protocol.records import OFFLINE, ServerRecord
-from swarm.errors import NoRouteError
-from swarm.routing import MeasuredSpeeds, coverage_gaps, plan_route, trusted_throughputs
+from edgeswarm.partition.span_selection import (
+    block_throughputs,
+    choose_least_covered_span,
+)
+from edgeswarm.protocol.records import OFFLINE, ServerRecord
+from edgeswarm.swarm.errors import NoRouteError
+from edgeswarm.swarm.routing import (
+    MeasuredSpeeds,
+    coverage_gaps,
+    plan_route,
+    trusted_throughputs,
+)
 
 
 def record(node: str, start: int, end: int, throughput: float = 100.0, state: str = "online") -> ServerRecord:
@@ -91,7 +99,7 @@ def test_record_round_trips_through_a_dict():
 
 
 def test_node_moves_into_a_gap_left_by_a_crash():
-    from partition.rebalancing import choose_move
+    from edgeswarm.partition.rebalancing import choose_move
 
     me = record("me", 0, 10)
     records = [record("a", 0, 10), record("b", 10, 20), me]  # blocks 20:30 lost their only node
@@ -99,7 +107,7 @@ def test_node_moves_into_a_gap_left_by_a_crash():
 
 
 def test_nodes_that_all_took_the_same_blocks_spread_out():
-    from partition.rebalancing import choose_move
+    from edgeswarm.partition.rebalancing import choose_move
 
     # four nodes started at once all saw an empty swarm and took 0:8; moving still leaves gaps, but fewer
     crowd = [record(name, 0, 8) for name in "abcd"]
@@ -107,7 +115,7 @@ def test_nodes_that_all_took_the_same_blocks_spread_out():
 
 
 def test_node_stays_when_moving_gains_too_little():
-    from partition.rebalancing import choose_move
+    from edgeswarm.partition.rebalancing import choose_move
 
     me = record("me", 0, 10, throughput=100.0)
     records = [record("a", 0, 10, throughput=100.0), record("b", 10, 20, throughput=110.0), record("c", 20, 30, throughput=105.0), me]
@@ -116,7 +124,7 @@ def test_node_stays_when_moving_gains_too_little():
 
 
 def test_node_moves_to_reach_the_redundancy_target():
-    from partition.rebalancing import choose_move
+    from edgeswarm.partition.rebalancing import choose_move
 
     me = record("me", 0, 10)
     records = [record("a", 0, 10), record("x", 0, 10), record("b", 10, 20), record("y", 10, 20), record("c", 20, 30), me]

@@ -14,14 +14,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from agent import sandbox
+from edgeswarm.agent import sandbox
+from tests.swarm_helpers import wait_until
 
 try:
     sandbox.check_available()
@@ -31,14 +30,6 @@ except sandbox.SandboxUnavailableError as unavailable:
 REPO = Path(__file__).resolve().parent.parent
 NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0, reason="the node drops to uid 65534 only when it runs as root")
 DEADLINE_SECONDS = 60.0
-
-
-def wait_until(condition: Callable[[], bool], what: str, seconds: float = DEADLINE_SECONDS) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {seconds:.0f} s: {what}")
-        time.sleep(0.05)
 
 
 def pids_with(marker: str) -> list[int]:
@@ -176,7 +167,7 @@ def test_the_program_runs_as_nobody_on_the_host():
     runner = threading.Thread(target=lambda: outcome.setdefault("result", sandbox.run_python(code, timeout=DEADLINE_SECONDS)))
     runner.start()
     try:
-        wait_until(lambda: pids_with(marker), "the sandboxed program starts")
+        wait_until(lambda: pids_with(marker), "the sandboxed program starts", DEADLINE_SECONDS, interval=0.05)
         [pid] = pids_with(marker)
         status = status_of(pid)
         assert status["Uid"].split() == ["65534"] * 4 and status["Gid"].split() == ["65534"] * 4
@@ -236,7 +227,7 @@ def test_a_setsid_double_forked_child_dies_with_the_run(ending):
     result = sandbox.run_python(DOUBLE_FORK.format(marker=marker, wait_forever=ending == "times out"), timeout=timeout)
     assert result.stdout == "daemon started\n", result
     assert result.timed_out == (ending == "times out")
-    wait_until(lambda: not pids_with(marker), "the double-forked daemon is gone")
+    wait_until(lambda: not pids_with(marker), "the double-forked daemon is gone", DEADLINE_SECONDS, interval=0.05)
 
 
 FORK_BOMB = """
@@ -263,7 +254,7 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit():
     words = result.stdout.split()
     assert words[:2] == ["stopped", "after"] and words[-1] == str(errno.EAGAIN), result
     assert 0 < int(words[2]) < sandbox.MAX_PROCESSES
-    wait_until(lambda: not pids_with(marker), "the fork bomb's children are gone")
+    wait_until(lambda: not pids_with(marker), "the fork bomb's children are gone", DEADLINE_SECONDS, interval=0.05)
 
 
 # --------------------------------------------------------------------------- network and writes

@@ -7,16 +7,16 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from node.launcher import LocalSwarm
-from protocol.channels import use_swarm_key
-from protocol.identity import NodeIdentity
-from protocol.records import servers_key
-from protocol.signing import sign_record
-from protocol.swarm_key import generate_swarm_key, read_swarm_key
-from swarm.client import SwarmClient
-from swarm.errors import RemoteError
-from swarm.routing import Hop
-from swarm.transport import SpanStream
+from edgeswarm import SwarmClient
+from devtools.launcher import LocalSwarm
+from edgeswarm.protocol.channels import use_swarm_key
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.records import servers_key
+from edgeswarm.protocol.signing import sign_record
+from edgeswarm.protocol.swarm_key import generate_swarm_key, read_swarm_key
+from edgeswarm.swarm.errors import RemoteError
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.transport import SpanStream
 from tests.swarm_helpers import wait_until
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,14 @@ def store_raw(dht, key, subkey, value, ttl=30.0):
     return dht.store(key, subkey=subkey, value=value, expiration_time=get_dht_time() + ttl)
 
 
-def wait_for_servers(client, count, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while len(client.servers()) < count and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return client.servers()
+def wait_for_servers(client, count):
+    """The announced servers, once there are at least `count`."""
+
+    def servers():
+        found = client.servers()
+        return found if len(found) >= count else None
+
+    return wait_until(servers, f"{count} servers are announced", interval=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +104,7 @@ def test_a_node_without_the_swarm_key_can_neither_serve_nor_be_routed_to(tiny_ll
             try:
                 with SwarmClient(peers, model=str(tiny_llama_dir), swarm_key=read_swarm_key(key_file)) as client:
                     # the outsider announced itself before it reported ready, but members never see its record
-                    assert [record.node_id for record in client.servers()] == [member["node_id"]]
+                    assert [record.node_id for record in wait_for_servers(client, 1)] == [member["node_id"]]
                     assert client.generate([1, 2, 3], max_new_tokens=4).finish_reason in ("eos", "length")  # members serve it
             finally:
                 use_swarm_key(None)  # this process's later calls carry no swarm token

@@ -6,16 +6,17 @@ import grpc
 import pytest
 import torch
 
-from node.launcher import LocalSwarm, start_node
-from node.model_files import open_model
-from node.reference import load_reference_model, reference_greedy_tokens
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.tensors import serialize_tensor
-from swarm.client import SwarmClient
-from swarm.routing import Hop
-from swarm.session import InferenceSession, greedy_decode
-from tests.swarm_helpers import node_channel, node_info, swarm_member
+from edgeswarm import SwarmClient
+from edgeswarm.model.sources import open_model
+from devtools.launcher import LocalSwarm, start_node
+from devtools.reference import load_reference_model, reference_greedy_tokens
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.tensors import serialize_tensor
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.session import InferenceSession
+from devtools.decoding import greedy_decode
+from tests.swarm_helpers import node_channel, node_info, swarm_member, wait_until
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 77, 300, 12, 9]
@@ -45,7 +46,8 @@ def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir):
     # 1 MiB holds one session of 400 tokens through 6 blocks (256 bytes per token and block), not two
     with LocalSwarm([[*model, "--blocks", "0:6", "--kv-memory", "1"]]) as swarm:
         small = swarm.nodes[0]
-        with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), mdns=False) as client:
+        # a busy node is skipped for busy_seconds: here longer than the test, however slowly it runs
+        with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), mdns=False, busy_seconds=600) as client:
             holder = client.inference_session(max_length=400)
             holder.step(torch.tensor([PROMPT]))
             with node_channel(small) as channel, pytest.raises(grpc.RpcError) as refused:
@@ -53,10 +55,7 @@ def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir):
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert refused.value.details().startswith("busy: KV-cache budget exhausted")
             roomy = swarm.add_node([*model, "--blocks", "0:6"])
-            deadline = time.monotonic() + 30
-            while len(client.servers()) < 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+            wait_until(lambda: len(client.servers()) >= 2, "both nodes are announced")
             # a session routed to the full node is told "busy" and replays on the other one
             full_record = next(record for record in client.servers() if record.address == small.address)
             with InferenceSession(client, [Hop(full_record, 0, 6)], max_length=400) as session:
@@ -95,8 +94,12 @@ def test_idle_sessions_are_closed_and_leave_nothing_behind(tiny_llama_dir):
                     next(responses)
                 assert closed.value.code() == grpc.StatusCode.CANCELLED
                 blocking.release()
-            info = node_info(node)
-            assert (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes, info.evicted_sessions) == (0, 0, 0, 1)
+
+            def evicted() -> bool:
+                info = node_info(node)
+                return (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes, info.evicted_sessions) == (0, 0, 0, 1)
+
+            wait_until(evicted, "the idle session is evicted and its memory freed", timeout=30)
     finally:
         node.stop()
 
@@ -132,11 +135,12 @@ def test_two_hundred_sessions_leave_memory_where_it_was(tiny_llama_dir):
                 baseline = node_info(node).rss_bytes
                 for _ in range(200):
                     assert len(_open_session(channel, model_id, 64, steps=4)) == 4
-                deadline = time.monotonic() + 10
-                while node_info(node).active_sessions and time.monotonic() < deadline:
-                    time.sleep(0.1)
-            info = node_info(node)
-            assert (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes) == (0, 0, 0)
+
+                def closed() -> pb.NodeInfoResponse | None:
+                    info = node_info(node)
+                    return info if (info.active_sessions, info.kv_cache_bytes, info.kv_reserved_bytes) == (0, 0, 0) else None
+
+                info = wait_until(closed, "every session is closed and its memory freed", timeout=30, interval=0.1)
             assert info.rss_bytes - baseline < 16 * 2**20
     finally:
         node.stop()

@@ -13,9 +13,9 @@ import msgpack
 import pytest
 from hivemind.utils.serializer import MSGPackSerializer
 
-from protocol.identity import NodeIdentity
-from protocol.records import ServerRecord
-from protocol.signing import (
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.protocol.signing import (
     DEFAULT_MAX_TTL,
     MAX_NESTING,
     MAX_PAYLOAD_BYTES,

@@ -4,11 +4,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.batched_attention import ATTENTION_IMPLEMENTATION
-from node.model_files import open_model
-from node.span import SpanCache, TransformerSpan, attention_mask_for
-from swarm.head import ClientHead
-from swarm.session import positions_for
+from edgeswarm.model.batched_attention import ATTENTION_IMPLEMENTATION
+from edgeswarm.model.sources import open_model
+from edgeswarm.model.span import SpanCache, TransformerSpan, attention_mask_for
+from edgeswarm.swarm.head import ClientHead
+from edgeswarm.swarm.session import positions_for
 from tests.tiny_models import save_tiny_model
 
 

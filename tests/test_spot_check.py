@@ -8,22 +8,22 @@ fourth node that lies in another way.
 """
 
 import threading
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from node.launcher import LocalSwarm, start_node
-from node.reference import reference_greedy_tokens
-from node.service import FaultInjection
-from protocol.codecs import decode_tensor, encode_tensor
-from protocol.records import ServerRecord
-from swarm.client import SwarmClient
-from swarm.routing import UNMEASURED_CEILING_FACTOR, Hop
-from swarm.session import DEFAULT_SPOT_CHECK, InferenceSession, SessionPolicy, greedy_decode
-from swarm.spot_check import codec_error_bound, difference, judge
-from tests.swarm_helpers import until_eos
+from edgeswarm import SwarmClient
+from devtools.launcher import LocalSwarm, start_node
+from devtools.reference import reference_greedy_tokens
+from edgeswarm.node.service import FaultInjection
+from edgeswarm.protocol.codecs import decode_tensor, encode_tensor
+from edgeswarm.protocol.records import ServerRecord
+from edgeswarm.swarm.routing import UNMEASURED_CEILING_FACTOR, Hop
+from devtools.decoding import greedy_decode
+from edgeswarm.swarm.session import DEFAULT_SPOT_CHECK, InferenceSession, SessionPolicy
+from edgeswarm.swarm.spot_check import codec_error_bound, difference, judge
+from tests.swarm_helpers import until_eos, wait_until
 
 PROMPT = [5, 77, 300, 12, 9, 401]
 TOKENS = 16
@@ -191,6 +191,7 @@ def node_id(node) -> str:
 
 def session_on(client, node, **kwargs) -> InferenceSession:
     """A session whose one hop is `node`, whatever routing would choose."""
+    wait_until_listed(client, node)
     records = {record.address: record for record in client.servers()}
     return InferenceSession(client, [Hop(records[node.address], 0, 6)], max_length=64, **kwargs)
 
@@ -199,11 +200,8 @@ def usable_ids(client) -> set[str]:
     return {record.node_id for record in client.usable_servers()}
 
 
-def wait_until_listed(client, node, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while node_id(node) not in {record.node_id for record in client.servers()}:
-        assert time.monotonic() < deadline, f"node {node_id(node)} never appeared in the DHT"
-        time.sleep(0.2)
+def wait_until_listed(client, node) -> None:
+    wait_until(lambda: node_id(node) in {record.node_id for record in client.servers()}, f"node {node_id(node)} appears in the DHT")
 
 
 @pytest.mark.slow

@@ -7,18 +7,19 @@ import grpc
 import pytest
 import torch
 
-from node.launcher import LocalSwarm, start_node
-from node.reference import reference_greedy_tokens
-from partition.profiling import block_parameter_bytes
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.tensors import serialize_tensor
-from swarm.client import SwarmClient
-from swarm.errors import RemoteError
-from swarm.routing import Hop
-from swarm.session import InferenceSession, greedy_decode
-from swarm.transport import SpanStream
-from tests.swarm_helpers import node_channel, node_info, swarm_member, until_eos
+from edgeswarm import SwarmClient
+from edgeswarm.model.profiling import block_parameter_bytes
+from devtools.launcher import LocalSwarm, start_node
+from devtools.reference import reference_greedy_tokens
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.tensors import serialize_tensor
+from edgeswarm.swarm.errors import RemoteError
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.session import InferenceSession
+from devtools.decoding import greedy_decode
+from edgeswarm.swarm.transport import SpanStream
+from tests.swarm_helpers import node_channel, node_info, swarm_member, until_eos, wait_until
 
 pytestmark = pytest.mark.slow
 EOS = {2}
@@ -181,6 +182,7 @@ def test_killing_the_middle_node_mid_generation_changes_no_token(swarm, client, 
     prompt = client.tokenizer(client.apply_chat_template(CHAT)).input_ids
     expected = reference_greedy_tokens(smollm_reference, prompt, 20)
     victim = start_node(["--blocks", "10:20"], swarm.initial_peers)
+    wait_until(lambda: victim.address in [record.address for record in client.servers()], "the new node is announced", interval=0.5)
     records = {record.address: record for record in client.servers()}
     route = [
         Hop(records[swarm.nodes[0].address], 0, 10),

@@ -2,15 +2,14 @@
 
 import os
 import signal
-import time
 
 import pytest
 from transformers import AutoModelForCausalLM
 
-from node.launcher import LocalSwarm, start_node
-from swarm.client import SwarmClient
-from swarm.errors import SwarmConnectionError
-from tests.swarm_helpers import until_eos
+from edgeswarm import SwarmClient
+from devtools.launcher import LocalSwarm, start_node
+from edgeswarm.swarm.errors import SwarmConnectionError
+from tests.swarm_helpers import until_eos, wait_until
 
 pytestmark = pytest.mark.slow
 EOS = {2}
@@ -56,37 +55,38 @@ def test_left_padded_batch_of_ids_equals_transformers(tiny_client, tiny_referenc
     assert [result.token_ids for result in results] == [until_eos(row, EOS) for row in expected]
 
 
+def announced(client, node) -> bool:
+    return any(record.address == node.address for record in client.servers())
+
+
 def test_graceful_leave_withdraws_the_announcement(tiny_swarm, tiny_client, tiny_llama_dir):
     extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
-    assert any(record.address == extra.address for record in tiny_client.servers())
+    wait_until(lambda: announced(tiny_client, extra), "the new node is announced", interval=0.5)
     assert [hop.record.address for hop in tiny_client.route()] == [extra.address]  # one hop beats three
     assert extra.stop(signal.SIGTERM) == 0
-    deadline = time.monotonic() + 10
-    while any(record.address == extra.address for record in tiny_client.servers()):
-        assert time.monotonic() < deadline, "the stopped node is still announced"
-        time.sleep(0.5)
+    wait_until(lambda: not announced(tiny_client, extra), "the stopped node is no longer announced", timeout=30, interval=0.5)
 
 
 def test_a_node_that_stopped_answering_is_routed_around(tiny_swarm, tiny_client, tiny_llama_dir):
     extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
+    wait_until(lambda: announced(tiny_client, extra), "the new node is announced", interval=0.5)
     os.killpg(extra.process.pid, signal.SIGKILL)  # the device dies: no withdrawal, its record stays until it expires
-    extra.process.wait(timeout=10)
-    assert any(record.address == extra.address for record in tiny_client.servers())
-    began = time.monotonic()
+    extra.process.wait(timeout=30)
+    assert announced(tiny_client, extra)
     result = tiny_client.generate([5, 77, 300], max_new_tokens=4)
     assert extra.address not in [hop.record.address for hop in result.route]
-    assert time.monotonic() - began < 15
 
 
-def wait_until_group_is_gone(pgid: int, seconds: float = 15.0) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return  # no process of the group is left
-        assert time.monotonic() < deadline, "a child of the node outlived it"
-        time.sleep(0.5)
+def group_is_gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True  # no process of the group is left
+    return False
+
+
+def wait_until_group_is_gone(pgid: int) -> None:
+    wait_until(lambda: group_is_gone(pgid), "every child of the node is gone with it", timeout=30, interval=0.5)
 
 
 def test_signalling_the_whole_process_group_stops_every_process(tiny_swarm, tiny_llama_dir):
@@ -100,16 +100,14 @@ def test_signalling_the_whole_process_group_stops_every_process(tiny_swarm, tiny
 def test_a_node_killed_alone_leaves_no_orphan_dht_process(tiny_swarm, tiny_llama_dir):
     extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_swarm.initial_peers)
     extra.process.send_signal(signal.SIGKILL)  # only the main process, as the OOM killer would
-    extra.process.wait(timeout=10)
+    extra.process.wait(timeout=30)
     wait_until_group_is_gone(extra.process.pid)
 
 
 def test_client_with_a_dead_initial_peer_gets_a_clear_error(tiny_llama_dir):
     dead = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWCNNaFmPVdm3z1HQ5GfUo7QN21nXsHSr9nqna6cdsi1hq"
-    began = time.monotonic()
     with pytest.raises(SwarmConnectionError, match="cannot join the swarm through"):
         SwarmClient([dead], model=str(tiny_llama_dir))
-    assert time.monotonic() - began < 30
     with pytest.raises(SwarmConnectionError, match="no initial peers given, and mDNS is off"):
         SwarmClient([], model=str(tiny_llama_dir), mdns=False)  # discovery itself is tested on the testbed
 
@@ -119,7 +117,7 @@ def test_status_command_shows_nodes_coverage_and_a_plot(tiny_swarm, tiny_llama_d
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "node.cli", "status", "--model", str(tiny_llama_dir), "--initial-peers", *tiny_swarm.initial_peers]
+    command = [sys.executable, "-m", "edgeswarm.node.cli", "status", "--model", str(tiny_llama_dir), "--initial-peers", *tiny_swarm.initial_peers]
     table = subprocess.run(command + ["--plot", str(tmp_path / "swarm.png")], capture_output=True, text=True, timeout=120)
     assert table.returncode == 0, table.stderr[-2000:]
     for node in tiny_swarm.nodes:

@@ -1,8 +1,12 @@
 import pytest
 import torch
 
-from proto import dataplane_pb2 as pb
-from protocol.tensors import TensorDecodeError, deserialize_tensor, serialize_tensor
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.protocol.tensors import (
+    TensorDecodeError,
+    deserialize_tensor,
+    serialize_tensor,
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.bool])

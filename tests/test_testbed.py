@@ -10,12 +10,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
-from swarm.testbed import BRIDGE, SCRIPT, Testbed, TestbedError
-from swarm.testbed import testbed_available as _testbed_available
+from devtools.testbed import BRIDGE, SCRIPT, Testbed, TestbedError
+from devtools.testbed import testbed_available as _testbed_available
+from tests.swarm_helpers import wait_until
 
 PY = sys.executable
 
@@ -219,7 +219,7 @@ def test_up_three_hosts_addresses_and_reachability(testbed_ok):
         for i in tb.hosts():
             assert f"es-host{i}" in status and f"10.213.0.{1 + i}/24" in status
 
-        servers = {i: _start(tb, i, ECHO_SERVER, tb.host_ip(i), 5601, 15) for i in tb.hosts()}
+        servers = {i: _start(tb, i, ECHO_SERVER, tb.host_ip(i), 5601, 120) for i in tb.hosts()}  # stopped below
         try:
             for src in tb.hosts():
                 for dst in tb.hosts():
@@ -236,7 +236,7 @@ def test_up_three_hosts_addresses_and_reachability(testbed_ok):
 def test_multicast_between_hosts(testbed_ok):
     """An mDNS-style datagram to 224.0.0.251 (port 5454, not 5353) from host1 reaches hosts 2 and 3."""
     with Testbed(3) as tb:
-        receivers = [_start(tb, i, MCAST_RECV, "224.0.0.251", 5454, 5) for i in (2, 3)]
+        receivers = [_start(tb, i, MCAST_RECV, "224.0.0.251", 5454, 60) for i in (2, 3)]  # each ends at its datagram
         try:
             sender = tb.run(1, [PY, "-c", MCAST_SEND, "224.0.0.251", "5454", "edgeswarm-mdns-test", "10"], timeout=15)
             assert sender.returncode == 0, sender.stderr
@@ -275,25 +275,17 @@ def test_rate_caps_throughput_both_directions(testbed_ok):
 
 def test_cut_makes_host_unreachable_and_restore_brings_it_back(testbed_ok):
     with Testbed(2) as tb:
-        server = _start(tb, 2, ECHO_SERVER, tb.host_ip(2), 5621, 20)
+        server = _start(tb, 2, ECHO_SERVER, tb.host_ip(2), 5621, 120)  # stopped below
         try:
             assert _probe(tb, 1, tb.host_ip(2), 5621).returncode == 0
 
             tb.cut(2)
             assert "CUT" in tb.status()
-            started = time.monotonic()
             out = _probe(tb, 1, tb.host_ip(2), 5621, timeout=1.5)
             assert out.returncode != 0, "host2 still reachable after cut"
-            assert time.monotonic() - started < 10
 
             tb.restore(2)
-            deadline = time.monotonic() + 8
-            while True:
-                out = _probe(tb, 1, tb.host_ip(2), 5621, timeout=1.0)
-                if out.returncode == 0 or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            assert out.returncode == 0, f"host2 unreachable after restore: {out.stdout}"
+            wait_until(lambda: _probe(tb, 1, tb.host_ip(2), 5621, timeout=1.0).returncode == 0, "host2 is reachable after restore", timeout=30)
             assert "CUT" not in tb.status()
         finally:
             _stop(server)

@@ -11,13 +11,14 @@ import sys
 import pytest
 from transformers import AutoModelForCausalLM
 
-from node.launcher import NodeProcess, start_node
-from node.reference import reference_greedy_tokens
-from swarm import testbed as edge_testbed
-from swarm.client import SwarmClient
-from swarm.routing import Hop
-from swarm.session import InferenceSession, greedy_decode
-from swarm.testbed import Testbed
+from edgeswarm import SwarmClient
+from devtools.launcher import NodeProcess, start_node
+from devtools.reference import reference_greedy_tokens
+from edgeswarm.swarm import testbed as edge_testbed
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.session import InferenceSession
+from devtools.decoding import greedy_decode
+from devtools.testbed import Testbed
 from tests.swarm_helpers import until_eos
 
 AVAILABLE, WHY_NOT = edge_testbed.testbed_available()
@@ -27,7 +28,7 @@ PROMPT = [5, 77, 300, 12, 9, 401]
 # Runs inside a testbed host: a client given no address at all finds the swarm by mDNS.
 ZERO_CONFIG_CLIENT = """
 import json, sys, time
-from swarm.client import SwarmClient
+from edgeswarm import SwarmClient
 with SwarmClient(model=sys.argv[1]) as client:
     deadline = time.monotonic() + 60
     while len(client.servers()) < int(sys.argv[2]) and time.monotonic() < deadline:
@@ -91,7 +92,7 @@ def test_a_cut_link_mid_generation_fails_over_to_another_host(lan, tiny_llama_di
 
 ADVERTISE = """
 import socket, sys, time
-from swarm.mdns import LanPresence
+from edgeswarm.swarm.mdns import LanPresence
 listener = socket.socket()
 listener.bind((sys.argv[1], 0))
 port = listener.getsockname()[1]
@@ -106,7 +107,7 @@ time.sleep(30)
 
 DISCOVER = """
 import json, time
-from swarm.mdns import discover_peers
+from edgeswarm.swarm.mdns import discover_peers
 began = time.monotonic()
 peers = discover_peers("edgeswarm", timeout=3.0)
 print(json.dumps({"peers": peers, "seconds": time.monotonic() - began}))

@@ -8,16 +8,16 @@ from dataclasses import replace
 import grpc
 import pytest
 
-from node.launcher import LocalSwarm
-from proto import api_pb2 as api
-from proto import api_pb2_grpc as api_grpc
-from proto import dataplane_pb2 as pb
-from proto import dataplane_pb2_grpc as pb_grpc
-from protocol.channels import open_channel, register_certificate
-from protocol.identity import NodeIdentity
-from swarm import dht as swarm_dht
-from swarm.client import SwarmClient
-from swarm.dht import RecordAuth
+from edgeswarm import SwarmClient
+from devtools.launcher import LocalSwarm
+from edgeswarm.proto import api_pb2 as api
+from edgeswarm.proto import api_pb2_grpc as api_grpc
+from edgeswarm.proto import dataplane_pb2 as pb
+from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.channels import open_channel, register_certificate
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.swarm import dht as swarm_dht
+from edgeswarm.swarm.dht import RecordAuth
 from tests.swarm_helpers import wait_until
 
 

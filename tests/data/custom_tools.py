@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from agent.tools import tool
+from edgeswarm.agent.tools import tool
 
 
 @tool

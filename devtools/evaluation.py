@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.schema import SchemaError, check_schema
+from edgeswarm.agent.schema import SchemaError, check_schema
 
 CATEGORIES = ("simple", "multiple", "parallel", "irrelevance")
 OMITTED = ""  # in an argument's acceptable values: the argument may be left out

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
-from node.cache_dir import cache_dir
-from node.model_files import ModelSource
-from node.span import TransformerSpan
-from protocol.codecs import CodecError, SemanticBasis, fit_semantic_basis
+from edgeswarm.model.cache_dir import cache_dir
+from edgeswarm.model.semantic_basis import fit_semantic_basis, load_basis, save_basis
+from edgeswarm.model.sources import ModelSource
+from edgeswarm.model.span import TransformerSpan
+from edgeswarm.protocol.codecs import CodecError, SemanticBasis
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +96,12 @@ def load_or_fit_basis(source: ModelSource, rank: int = DEFAULT_RANK) -> Semantic
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             try:
-                return SemanticBasis.load(path)
+                return load_basis(path)
             except (CodecError, OSError) as error:
                 logger.warning("refitting the semantic basis: the cached one is unusable (%s)", error)
         logger.info("fitting the semantic codec basis for %s (rank %d)", source.model_id, rank)
         basis = fit_model_basis(source, rank)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        basis.save(temporary)
+        save_basis(basis, temporary)
         temporary.replace(path)
         return basis

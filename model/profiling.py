@@ -8,14 +8,13 @@ import psutil
 import torch
 from transformers import PretrainedConfig
 
-from node.architectures import architecture_of
-from node.quantization import quantize_block, weight_bytes
-from node.span import SpanCache, TransformerSpan
-from protocol.identity import NodeIdentity
+from edgeswarm.model.architectures import architecture_of
+from edgeswarm.model.quantization import quantize_block, weight_bytes
+from edgeswarm.model.span import SpanCache, TransformerSpan
 
 
 def block_parameter_bytes(config: PretrainedConfig, quant: str = "none") -> int:
-    """Bytes of one decoder block's weights held as `quant` (see node.quantization), counted on a layer
+    """Bytes of one decoder block's weights held as `quant` (see model.quantization), counted on a layer
     built on the meta device (no memory used)."""
     architecture = architecture_of(config)
     with torch.device("meta"):
@@ -66,29 +65,3 @@ def measure_prefill_throughput(span: TransformerSpan, tokens: int = 64) -> float
         span(hidden, positions, mask)
         best = min(best, time.perf_counter() - began)
     return tokens * (span.end - span.start) / best
-
-
-def measure_link(
-    address: str, node_id: str, probe_bytes: int = 1024 * 1024, timeout: float = 10.0, identity: NodeIdentity | None = None
-) -> tuple[float, float]:
-    """(bandwidth in bytes/s, round-trip seconds) to a node, from its Echo RPC.
-
-    RTT is the best of three empty echoes; bandwidth comes from one echo of `probe_bytes` each way,
-    less that round trip.
-    """
-    from proto import dataplane_pb2 as pb
-    from proto import dataplane_pb2_grpc as pb_grpc
-    from protocol.channels import open_channel
-
-    with open_channel(address, node_id, identity=identity) as channel:
-        echo = pb_grpc.BlockServiceStub(channel).Echo
-        echo(pb.EchoRequest(), timeout=timeout)  # connect outside the timings
-        rtt = float("inf")
-        for _ in range(3):
-            began = time.perf_counter()
-            echo(pb.EchoRequest(), timeout=timeout)
-            rtt = min(rtt, time.perf_counter() - began)
-        began = time.perf_counter()
-        echo(pb.EchoRequest(payload=bytes(probe_bytes), reply_bytes=probe_bytes), timeout=timeout)
-        transfer = max(time.perf_counter() - began - rtt, 1e-6)
-    return 2 * probe_bytes / transfer, rtt

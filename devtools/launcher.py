@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from node.daemon import READY_PREFIX
+from edgeswarm.node.daemon import READY_PREFIX
 
 
 class NodeStartError(RuntimeError):
@@ -81,7 +81,7 @@ def start_node(
     never join (or get joined by) a LAN swarm running on the same machine. The semantic codec is off
     unless `--semantic-basis` is among `args`, so that no node spends its first seconds fitting a basis.
     """
-    command = [*prefix, sys.executable, "-m", "node.cli", "join", "--host", host, *args]
+    command = [*prefix, sys.executable, "-m", "edgeswarm.node.cli", "join", "--host", host, *args]
     if not mdns:
         command.append("--no-mdns")
     if "--semantic-basis" not in args:

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
-from node.model_files import ModelSource
+from edgeswarm.model.sources import ModelSource
 
 
 def load_reference_model(source: ModelSource) -> PreTrainedModel:

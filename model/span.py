@@ -9,9 +9,9 @@ from torch import nn
 from transformers import PretrainedConfig
 from transformers.cache_utils import DynamicCache
 
-from node.architectures import architecture_of
-from node.batched_attention import BatchedDecodeCache
-from node.quantization import quantize_block, weight_bytes
+from edgeswarm.model.architectures import architecture_of
+from edgeswarm.model.batched_attention import BatchedDecodeCache
+from edgeswarm.model.quantization import quantize_block, weight_bytes
 
 
 class SpanCache:
@@ -78,7 +78,7 @@ class TransformerSpan(nn.Module):
         quant: str = "none",
     ):
         """`block_states` may be a generator: each block is loaded, then quantized (`quant`, see
-        node.quantization) before the next is read, so float32 weights of only one block exist at a time."""
+        model.quantization) before the next is read, so float32 weights of only one block exist at a time."""
         super().__init__()
         architecture = architecture_of(config)
         self.config, self.start, self.end, self.quant = config, start, end, quant

@@ -6,7 +6,7 @@ transformers takes about 4 s more to turn that vocabulary into a fast tokenizer.
 used to pay both on start. The cache holds the scalar metadata and where each tensor's bytes lie (as
 JSON), and the tokenizer as transformers saves it.
 
-Entries live in `EDGESWARM_CACHE` (default `~/.cache/edgeswarm`, see node.cache_dir) under a key made of
+Entries live in `EDGESWARM_CACHE` (default `~/.cache/edgeswarm`, see model.cache_dir) under a key made of
 the file's resolved path, size and modification time, so a changed file is read afresh. Entries are written to a
 temporary name and renamed, so processes starting together never see half an entry. A cache that
 cannot be written is skipped with a log line: everything still works, only slower.
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from node.cache_dir import cache_dir
+from edgeswarm.model.cache_dir import cache_dir
 
 logger = logging.getLogger(__name__)
 

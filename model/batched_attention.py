@@ -6,7 +6,7 @@ way, because every session has its own KV cache of its own length. Decoder layer
 `BatchedDecodeCache` in place of a KV cache: it appends row i's key and value to session i's cache, and
 attention then runs for each session over its own cache, exactly as in an unbatched decode step.
 
-Our spans pin transformers' attention implementation to "edgeswarm_sdpa" (node.architectures): that is
+Our spans pin transformers' attention implementation to "edgeswarm_sdpa" (model.architectures): that is
 transformers' SDPA attention, except when a `BatchedDecodeCache` comes along as `batch_cache`.
 """
 

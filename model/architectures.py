@@ -10,7 +10,7 @@ from transformers.models.llama import modeling_llama
 from transformers.models.mistral import modeling_mistral
 from transformers.models.qwen2 import modeling_qwen2
 
-from node.batched_attention import ATTENTION_IMPLEMENTATION
+from edgeswarm.model.batched_attention import ATTENTION_IMPLEMENTATION
 
 
 @dataclass(frozen=True)
