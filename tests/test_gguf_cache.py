@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from edgeswarm.model.cache_dir import CACHE_ENV
 from edgeswarm.model.sources import default_model_path, open_model
-from edgeswarm.node import gguf_cache
+from edgeswarm.model import gguf_cache
 
 PROMPT = [{"role": "user", "content": "Ünïcode, 日本語 and 1234 * 5678?\n\n  spaces"}]
 

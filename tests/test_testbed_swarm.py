@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from edgeswarm import SwarmClient
 from devtools.launcher import NodeProcess, start_node
 from devtools.reference import reference_greedy_tokens
-from edgeswarm.swarm import testbed as edge_testbed
+from devtools import testbed as edge_testbed
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.session import InferenceSession
 from devtools.decoding import greedy_decode
