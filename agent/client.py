@@ -22,6 +22,7 @@ from edgeswarm.agent.scheduler import ACCESS_DENIED, NoCapableNodeError, StepSch
 from edgeswarm.agent.steps import Step
 from edgeswarm.proto import tasks_pb2 as pb
 from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.constants import RUN_START_TIMEOUT
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.memory_access import (
     READ,
@@ -34,6 +35,7 @@ from edgeswarm.protocol.memory_access import (
 from edgeswarm.protocol.principals import Principal
 from edgeswarm.swarm.client import ModelClient
 from edgeswarm.swarm.errors import SwarmError
+from edgeswarm.swarm.routes import Banlist
 
 MEMORY_CALL_TTL = 120.0  # seconds the access token of one remember/recall lives
 RUN_MEMORY_TTL = 3600.0  # seconds the access token an agent run carries for its memory lives
@@ -126,9 +128,9 @@ class AgentGateway:
     """What `SwarmClient` uses for agents: the capability records, a scheduler for memory steps, and the
     client's identity, which owns its memory namespaces and signs their access tokens."""
 
-    def __init__(self, dht, model_id: str, identity: NodeIdentity, swarm_key: bytes | None = None):
+    def __init__(self, dht, model_id: str, identity: NodeIdentity, swarm_key: bytes | None = None, banlist: Banlist | None = None):
         self.directory = CapabilityDirectory(dht, model_id)
-        self.scheduler = StepScheduler(self.directory, swarm_key=swarm_key, identity=identity)
+        self.scheduler = StepScheduler(self.directory, swarm_key=swarm_key, identity=identity, banlist=banlist)
         self.identity = identity
 
     def acting_for(self, principal: str | None) -> str:
@@ -177,7 +179,7 @@ class AgentGateway:
     def submit(self, spec: RunSpec, run_id: str | None = None, coordinator: str | None = None) -> AgentTask:
         """Starts the run on `coordinator` (a node id) or else the least loaded node that accepts it."""
         run_id = run_id or uuid.uuid4().hex
-        candidates = self.scheduler.candidates(Step("run", "subagent", spec.to_dict()))
+        candidates = self.scheduler.place_run()
         if coordinator is not None:
             candidates = [node for node in candidates if node.node_id == coordinator]
             if not candidates:
@@ -186,7 +188,7 @@ class AgentGateway:
         for node in candidates:
             try:
                 stub = pb_grpc.TaskServiceStub(self.scheduler.channel(node.address, node.node_id))
-                reply = stub.StartRun(pb.RunRequest(run_id=run_id, spec_json=json.dumps(spec.to_dict())), timeout=30)
+                reply = stub.StartRun(pb.RunRequest(run_id=run_id, spec_json=json.dumps(spec.to_dict())), timeout=RUN_START_TIMEOUT)
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ValueError(error.details()) from error
@@ -219,7 +221,7 @@ class SwarmClient(ModelClient):
 
     @cached_property
     def agents(self) -> AgentGateway:
-        return AgentGateway(self.dht, self.model.model_id, self.identity, self.swarm_key)
+        return AgentGateway(self.dht, self.model.model_id, self.identity, self.swarm_key, self.routes.banlist)
 
     def close(self) -> None:
         if "agents" in self.__dict__:

@@ -54,6 +54,8 @@ CALL_CLOSE = "</tool_call>"
 _MAX_DIGITS = 15  # digits in one number, fraction included
 _DEFAULT_MAX_ITEMS = 8  # items in an array whose schema sets no maxItems
 _MAX_LEADING_WHITESPACE = 2  # whitespace tokens passed through before a call/answer decision
+MAX_CALLS = 4  # calls in one decision, by default
+DEFAULT_ANSWER_TOKENS = 128  # tokens of a text answer, by default
 
 # A `call_bias` measured for SmolLM2-135M-Instruct with `tool_prompt`: unbiased, it almost never starts
 # a call first; with +3.5 it called on 14 of 20 tool requests and answered 8 of 10 chat messages.
@@ -680,12 +682,13 @@ def decode_tool_calls(
     tools: list[dict],
     *,
     allow_answer: bool = True,
-    max_calls: int = 4,
+    max_calls: int = MAX_CALLS,
     max_string_tokens: int = 48,
-    max_answer_tokens: int = 128,
+    max_answer_tokens: int = DEFAULT_ANSWER_TOKENS,
     call_bias: float = 0.0,
 ) -> Decision:
     """Feeds `prompt_ids` (e.g. from `tool_prompt`) to a fresh `stepper` and decodes calls or an answer.
+    (Servers decide through agent.tool_decoding, which adds stop strings and the session room for calls.)
 
     `tools` are OpenAI-style function definitions. Every returned call names one of them and has
     arguments valid for its `parameters` schema. With `allow_answer=False` at least one call is made.

@@ -25,6 +25,7 @@ from edgeswarm.agent.scheduler import StepScheduler
 from edgeswarm.agent.steps import Step, StepOutcome
 from edgeswarm.proto import tasks_pb2 as pb
 from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.constants import RUN_CONTROL_TIMEOUT, RUN_START_TIMEOUT
 from edgeswarm.protocol.memory_access import READ, WRITE, check_access
 
 logger = logging.getLogger(__name__)
@@ -216,9 +217,8 @@ class RunCoordinator:
     # --- the journal copy on a backup node -------------------------------------------------------
 
     def _choose_backup(self, run_id: str, active: _ActiveRun, exclude: set[str]) -> bool:
-        """Picks the least loaded other coordinator-capable node, sends it the journal, announces it."""
-        nodes = [n for n in self.scheduler.nodes() if n.coordinator and n.node_id != self.node_id and n.node_id not in exclude]
-        for node in sorted(nodes, key=lambda n: (self.scheduler.load(n), n.node_id)):
+        """Picks the best other coordinator (`StepScheduler.place_run`), sends it the journal, announces it."""
+        for node in self.scheduler.place_run(exclude={self.node_id, *exclude}):
             if self._push(run_id, node.address, node.node_id):
                 active.backup, active.backup_address = node.node_id, node.address
                 self.emit(run_id, {"type": "run.backup", "node": node.node_id, "address": node.address})
@@ -241,7 +241,7 @@ class RunCoordinator:
         export = json.dumps(self.journal.export_run(run_id))
         request = pb.RunJournal(run_id=run_id, export_json=export, coordinator=self.node_id)
         try:
-            pb_grpc.TaskServiceStub(self.scheduler.channel(address, node_id)).ReplicateRun(request, timeout=10)
+            pb_grpc.TaskServiceStub(self.scheduler.channel(address, node_id)).ReplicateRun(request, timeout=RUN_CONTROL_TIMEOUT)
             return True
         except grpc.RpcError as error:
             logger.info("could not copy run %s to %s: %s", run_id, address, error.details())
@@ -298,8 +298,7 @@ class RunCoordinator:
         child_id = f"{parent.run_id}.{step.step_id}"
         tried: list[str] = []
         while len(tried) < self.scheduler.max_attempts:
-            others = self.scheduler.candidates(step, exclude={self.node_id, *tried})
-            candidates = others or self.scheduler.candidates(step, exclude=set(tried))
+            candidates = self.scheduler.place_run(exclude=set(tried), asking=self.node_id)
             if not candidates:
                 break
             node = candidates[0]
@@ -309,7 +308,7 @@ class RunCoordinator:
             with self.scheduler.occupy(parent.run_id, node.node_id):
                 try:
                     stub = pb_grpc.TaskServiceStub(self.scheduler.channel(node.address, node.node_id))
-                    reply = stub.StartRun(pb.RunRequest(run_id=child_id, spec_json=json.dumps(step.args)), timeout=30)
+                    reply = stub.StartRun(pb.RunRequest(run_id=child_id, spec_json=json.dumps(step.args)), timeout=RUN_START_TIMEOUT)
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
                         return StepOutcome(ok=False, error=error.details(), node_id=node.node_id, tried=tried)

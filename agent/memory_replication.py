@@ -32,13 +32,13 @@ from edgeswarm.agent.memory_placement import (
 from edgeswarm.agent.vector_store import MemoryRecord, VectorStore
 from edgeswarm.proto import tasks_pb2 as pb
 from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.constants import CONNECT_TIMEOUT
 from edgeswarm.protocol.principals import Principal
 
 logger = logging.getLogger(__name__)
 
 REPLICATION_PERIOD = 10.0  # seconds between full placement checks (a membership change triggers one sooner)
 MEMBERSHIP_POLL = 2.0  # seconds between looks at which memory nodes are announced
-CONNECT_TIMEOUT = 3.0  # a peer that does not connect within this is skipped for the round
 CALL_TIMEOUT = 60.0
 MAX_STORES_PER_COMPARE = 1024  # namespaces compared in one call (more go in further calls)
 PUT_BATCH_BYTES = 4 << 20  # records sent in one PutMemoryRecords call, by their JSON size
@@ -148,6 +148,7 @@ class MemoryReplicator:
         return plan
 
     def _reachable(self, node: TaskCapabilities, known: dict[str, bool]) -> bool:
+        """Whether `node` connects within CONNECT_TIMEOUT; one that does not is skipped for the round."""
         if node.node_id not in known:
             try:
                 grpc.channel_ready_future(self.channel(node.address, node.node_id)).result(timeout=CONNECT_TIMEOUT)

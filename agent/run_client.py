@@ -16,6 +16,11 @@ import grpc
 
 from edgeswarm.proto import tasks_pb2 as pb
 from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.constants import (
+    MAX_ATTEMPTS,
+    RUN_CONTROL_TIMEOUT,
+    RUN_START_TIMEOUT,
+)
 from edgeswarm.swarm.errors import SwarmError
 
 logger = logging.getLogger(__name__)
@@ -47,7 +52,7 @@ class RunFollower:
     """Streams a run's events (dicts with a "type") until it finishes, moving to its backup if its
     coordinator dies. `channel(address, node_id)` gives a gRPC channel to a node."""
 
-    def __init__(self, location: RunLocation, channel: Callable[[str, str], grpc.Channel], max_takeovers: int = 3):
+    def __init__(self, location: RunLocation, channel: Callable[[str, str], grpc.Channel], max_takeovers: int = MAX_ATTEMPTS):
         self.location = location
         self._channel = channel
         self.max_takeovers = max_takeovers
@@ -89,17 +94,17 @@ class RunFollower:
             ) from error
         self.takeovers += 1
         logger.warning("coordinator %s of run %s is unreachable; resuming on %s", location.coordinator, location.run_id, location.backup)
-        for attempt in range(3):
+        for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                reply = self.stub(location.backup_address, location.backup).ResumeRun(pb.RunQuery(run_id=location.run_id), timeout=30)
+                reply = self.stub(location.backup_address, location.backup).ResumeRun(pb.RunQuery(run_id=location.run_id), timeout=RUN_START_TIMEOUT)
                 self.location = RunLocation.from_reply(reply)
                 if reply.resumed_seq > 0:  # events seen past the journal copy were the dead coordinator's
                     self.last_seq = min(self.last_seq, reply.resumed_seq - 1)
                 return
             except grpc.RpcError as resume_error:
-                if attempt == 2 or resume_error.code() == grpc.StatusCode.NOT_FOUND:
+                if attempt == MAX_ATTEMPTS or resume_error.code() == grpc.StatusCode.NOT_FOUND:
                     raise RunLostError(f"run {location.run_id}: backup {location.backup} cannot resume it: {resume_error.details()}") from resume_error
                 time.sleep(RETRY_PAUSE)
 
     def cancel(self) -> pb.RunReply:
-        return self.stub().CancelRun(pb.RunQuery(run_id=self.location.run_id), timeout=10)
+        return self.stub().CancelRun(pb.RunQuery(run_id=self.location.run_id), timeout=RUN_CONTROL_TIMEOUT)

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from edgeswarm.agent.dag import PlanError, PlannedCall, execute_plan, parse_plan
 from edgeswarm.agent.memory import ShortTermMemory
 from edgeswarm.agent.steps import Step, StepFailed, StepOutcome
+from edgeswarm.agent.tool_decoding import call_text, results_text
 from edgeswarm.agent.vector_store import check_namespace
 from edgeswarm.protocol.memory_access import MAX_ID_CHARS, MAX_TOKEN_CHARS
 
@@ -197,7 +198,7 @@ def recall(ctx: RunContext, conversation: Conversation) -> None:
     if not outcome.ok or not outcome.value.get("hits"):
         return
     call = {"name": "memory_search", "arguments": {"query": spec.goal}}
-    conversation.add("assistant", f"<tool_call>{json.dumps(call)}</tool_call>")
+    conversation.add("assistant", call_text(call["name"], call["arguments"]))
     conversation.add("user", observation([call], [outcome]))
 
 
@@ -254,7 +255,7 @@ def observation(calls: list[dict], outcomes: list[StepOutcome]) -> str:
     for call, outcome in zip(calls, outcomes, strict=True):
         shown = _shown(outcome.value) if outcome.ok else f"error: {outcome.error}"
         lines.append(f"{call['name']} returned: {shown[:OBSERVATION_CHARS]}")
-    return "Tool results:\n" + "\n".join(lines) + "\nUse them to answer the question."
+    return results_text(lines)
 
 
 def _shown(value: Any) -> str:

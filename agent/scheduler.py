@@ -3,6 +3,8 @@
 Placement: a tool step goes to a node hosting the tool; an llm step to the node that ran the run's
 previous llm step (it holds the run's KV prefix) unless that node is much busier; memory steps follow
 the namespace's rendezvous order (agent.memory_placement); otherwise the least loaded capable node wins.
+Runs are placed by `place_run`: a client's run, a sub-agent (on another coordinator if one can take it)
+and a run's backup copy (never on its coordinator).
 
 Memory: a write succeeds only once `MEMORY_REPLICAS` nodes hold it; a node that fails is replaced by the
 next one in rendezvous order, and a write still short of replicas is reported as failed, naming what is
@@ -35,9 +37,12 @@ from edgeswarm.agent.memory_placement import MEMORY_REPLICAS, replica_nodes, sto
 from edgeswarm.agent.steps import Step, StepOutcome
 from edgeswarm.proto import tasks_pb2 as pb
 from edgeswarm.proto import tasks_pb2_grpc as pb_grpc
+from edgeswarm.protocol.busy import busy_retry_after
 from edgeswarm.protocol.channels import open_channel
+from edgeswarm.protocol.constants import CONNECT_TIMEOUT, MAX_ATTEMPTS
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.swarm.errors import SwarmError
+from edgeswarm.swarm.routes import Banlist
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +65,17 @@ class StepScheduler:
     def __init__(
         self,
         capabilities: Callable[[], list[TaskCapabilities]],
-        connect_timeout: float = 3.0,
+        connect_timeout: float = CONNECT_TIMEOUT,
         step_timeout: float = 600.0,
         ban_seconds: float = 30.0,
-        max_attempts: int = 3,
+        max_attempts: int = MAX_ATTEMPTS,
         swarm_key: bytes | None = None,
         identity: NodeIdentity | None = None,
+        banlist: Banlist | None = None,
     ):
         """`swarm_key`: the private swarm's key, which memory storage ids are keyed with (None: open swarm).
-        `identity` signs this scheduler's calls (default: this process's)."""
+        `identity` signs this scheduler's calls (default: this process's). `banlist`: the bans this
+        scheduler adds to and skips, shared with the inference client of the same program (swarm.routes)."""
         self._capabilities = capabilities
         self._swarm_key = swarm_key
         self._identity = identity
@@ -78,7 +85,7 @@ class StepScheduler:
         self.max_attempts = max_attempts
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}  # node id -> steps this scheduler has running there
-        self._banned_until: dict[str, float] = {}
+        self.banlist = banlist or Banlist()
         self._channels: dict[str, grpc.Channel] = {}
         self._calls: dict[str, set] = {}  # run id -> RunStep calls in flight, for cancellation
         self._cancelled_runs: set[str] = set()
@@ -88,9 +95,7 @@ class StepScheduler:
 
     def nodes(self) -> list[TaskCapabilities]:
         """The announced nodes minus those that failed recently."""
-        now = time.monotonic()
-        with self._lock:
-            banned = {node for node, until in self._banned_until.items() if until > now}
+        banned = self.banlist.banned()
         return [node for node in self._capabilities() if node.node_id not in banned]
 
     def load(self, node: TaskCapabilities) -> float:
@@ -104,12 +109,12 @@ class StepScheduler:
         return storage_id(owner, namespace, self._swarm_key)
 
     def candidates(self, step: Step, exclude: set[str] = frozenset()) -> list[TaskCapabilities]:
-        """The nodes that can run `step`, best first (for memory steps: in the namespace's rendezvous order)."""
-        kind = "run" if step.kind == "subagent" else step.kind
-        capable = [n for n in self.nodes() if n.can_run(kind, step.tool) and n.node_id not in exclude]
+        """The nodes that can run the node step `step`, best first (for memory steps: in the namespace's
+        rendezvous order). Runs and sub-agents are placed by `place_run`."""
+        capable = [n for n in self.nodes() if n.can_run(step.kind, step.tool) and n.node_id not in exclude]
         if step.kind.startswith("memory."):
             return _by_replica_rank(capable, self.storage_id(step.args.get("owner"), step.args.get("namespace")))
-        ranked = sorted(capable, key=lambda node: (self.load(node), node.node_id))
+        ranked = self._least_loaded(capable)
         if step.prefer_node is not None and ranked:
             preferred = next((n for n in ranked if n.node_id == step.prefer_node), None)
             if preferred is not None and self.load(preferred) <= self.load(ranked[0]) + AFFINITY_SLACK:
@@ -117,9 +122,25 @@ class StepScheduler:
                 ranked.insert(0, preferred)
         return ranked
 
-    def ban(self, node_id: str) -> None:
-        with self._lock:
-            self._banned_until[node_id] = time.monotonic() + self.ban_seconds
+    def place_run(self, exclude: set[str] = frozenset(), asking: str | None = None) -> list[TaskCapabilities]:
+        """The nodes that may coordinate a run, best first: least loaded first, and the node `asking` (a
+        coordinator placing a sub-agent, which would rather hand it on) after every other one. A
+        coordinator places its run's backup with itself in `exclude`: the copy must live elsewhere."""
+        capable = [n for n in self.nodes() if n.can_run("run") and n.node_id not in exclude]
+        return sorted(self._least_loaded(capable), key=lambda node: node.node_id == asking)
+
+    def _least_loaded(self, nodes: list[TaskCapabilities]) -> list[TaskCapabilities]:
+        return sorted(nodes, key=lambda node: (self.load(node), node.node_id))
+
+    def ban(self, node_id: str, seconds: float | None = None) -> None:
+        """Skips a node for `seconds` (default `ban_seconds`)."""
+        self.banlist.ban(node_id, self.ban_seconds if seconds is None else seconds)
+
+    def _ban_failed(self, node_id: str) -> None:
+        """Bans a node that failed a step, unless it is banned already: a busy node has just been skipped
+        for as long as it asked, and a node caught lying for longer."""
+        if not self.banlist.is_banned(node_id):
+            self.ban(node_id)
 
     # --- running ---------------------------------------------------------------------------------
 
@@ -161,7 +182,7 @@ class StepScheduler:
                 return outcome
             if on_failure is not None:
                 on_failure(node.node_id, attempt, outcome.error or "failed")
-            self.ban(node.node_id)
+            self._ban_failed(node.node_id)
             if accepted and not step.idempotent:
                 outcome.error = (
                     f"node {node.node_id} failed while running non-idempotent {step.describe()} "
@@ -198,7 +219,7 @@ class StepScheduler:
             if on_failure is not None:
                 on_failure(node.node_id, attempt - 1, outcome.error or "failed")
             if not outcome.node_id:
-                self.ban(node.node_id)
+                self._ban_failed(node.node_id)
         seconds = time.perf_counter() - began
         if len(written) < MEMORY_REPLICAS:
             error = (
@@ -239,7 +260,7 @@ class StepScheduler:
                     if on_failure is not None:
                         on_failure(node.node_id, attempt - 1, outcome.error or "failed")
                     if not outcome.node_id:
-                        self.ban(node.node_id)
+                        self._ban_failed(node.node_id)
             missing = min(MEMORY_REPLICAS - len(answered), MAX_SEARCH_NODES + self.max_attempts - len(tried))
             ask = [node for node in ranked if node.node_id not in tried][:missing] if missing > 0 else []  # the next in order
         seconds = time.perf_counter() - began
@@ -279,6 +300,9 @@ class StepScheduler:
                     elif which == "result":
                         return _outcome(update.result), accepted
             except grpc.RpcError as error:
+                if (retry_after := busy_retry_after(error)) is not None:  # no room there now: go elsewhere
+                    self.ban(node.node_id, retry_after)
+                    return StepOutcome(ok=False, error=f"node {node.node_id} is busy: {error.details()}"), accepted
                 if error.code() == grpc.StatusCode.CANCELLED:
                     return StepOutcome(ok=False, error="cancelled", node_id=node.node_id), accepted
                 if error.code() == grpc.StatusCode.PERMISSION_DENIED:

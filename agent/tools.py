@@ -64,8 +64,8 @@ class UnknownToolError(LookupError):
     """No tool of that name is registered."""
 
 
-class ToolLoadError(RuntimeError):
-    """A tools file could not be imported, or defines no tools."""
+class ToolLoadError(ValueError):
+    """A tools file could not be imported, or defines no tools (a bad `--tools` value: `swarm-node` says so in one line)."""
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,15 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from devtools.lying_node import Lies
 from edgeswarm.node.daemon import READY_PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent  # holds `devtools`, which a lying node's process imports
+START_TIMEOUT = 120.0  # seconds a node may take to report ready (it loads its weights and joins the DHT first)
 
 
 class NodeStartError(RuntimeError):
@@ -67,12 +70,13 @@ def _pump(stream, lines: list[str], ready: threading.Event) -> None:
 def start_node(
     args: Sequence[str],
     initial_peers: Sequence[str] = (),
-    timeout: float = 120.0,
+    timeout: float = START_TIMEOUT,
     env: dict[str, str] | None = None,
     log_file: Path | None = None,
     prefix: Sequence[str] = (),
     host: str = "127.0.0.1",
     mdns: bool = False,
+    lies: Lies | None = None,
 ) -> NodeProcess:
     """Runs `swarm-node join ARGS --initial-peers ...` on `host` and waits until it reports ready.
 
@@ -80,8 +84,15 @@ def start_node(
     `ip netns exec HOST` for a testbed host. mDNS is off unless asked for, so that loopback swarms
     never join (or get joined by) a LAN swarm running on the same machine. The semantic codec is off
     unless `--semantic-basis` is among `args`, so that no node spends its first seconds fitting a basis.
+    With `lies`, the node is a lying one (devtools.lying_node), for tests of spot checks and routing.
     """
-    command = [*prefix, sys.executable, "-m", "edgeswarm.node.cli", "join", "--host", host, *args]
+    env = {**os.environ, **(env or {})}
+    if lies is None:
+        program = ["-m", "edgeswarm.node.cli"]
+    else:
+        program = ["-m", "devtools.lying_node", *lies.to_args()]
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    command = [*prefix, sys.executable, *program, "join", "--host", host, *args]
     if not mdns:
         command.append("--no-mdns")
     if "--semantic-basis" not in args:
@@ -94,17 +105,15 @@ def start_node(
         stdout=subprocess.PIPE,
         stderr=stderr,
         text=True,
-        env={**os.environ, **(env or {})},
+        env=env,
         start_new_session=True,  # its own process group: a terminal's Ctrl-C reaches only the launcher
     )
     lines: list[str] = []
     ready = threading.Event()
     threading.Thread(target=_pump, args=(process.stdout, lines, ready), daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(timeout=0.2):
-        if time.monotonic() > deadline:
-            process.kill()
-            raise NodeStartError(f"node did not become ready within {timeout:.0f}s: {' '.join(command)}")
+    if not ready.wait(timeout=timeout):  # set by the ready line, or when the process ends
+        process.kill()
+        raise NodeStartError(f"node did not become ready within {timeout:.0f}s: {' '.join(command)}")
     ready_lines = [line for line in lines if line.startswith(READY_PREFIX)]
     if not ready_lines:
         process.wait(timeout=10)
@@ -115,7 +124,7 @@ def start_node(
 class LocalSwarm:
     """Several nodes on loopback, started one after another so each sees the previous ones' spans."""
 
-    def __init__(self, node_args: Sequence[Sequence[str]], timeout: float = 120.0, log_dir: Path | None = None):
+    def __init__(self, node_args: Sequence[Sequence[str]], timeout: float = START_TIMEOUT, log_dir: Path | None = None):
         self.node_args = [list(args) for args in node_args]
         self.timeout = timeout
         self.log_dir = log_dir
@@ -125,10 +134,11 @@ class LocalSwarm:
     def initial_peers(self) -> list[str]:
         return self.nodes[0].initial_peers
 
-    def add_node(self, args: Sequence[str]) -> NodeProcess:
+    def add_node(self, args: Sequence[str], lies: Lies | None = None) -> NodeProcess:
+        """Starts one more node, joined to the others (a lying one with `lies`); it stops with the swarm."""
         log_file = self.log_dir / f"node{len(self.nodes)}.log" if self.log_dir else None
         peers = self.initial_peers if self.nodes else ()
-        node = start_node(args, peers, timeout=self.timeout, log_file=log_file)
+        node = start_node(args, peers, timeout=self.timeout, log_file=log_file, lies=lies)
         self.nodes.append(node)
         return node
 

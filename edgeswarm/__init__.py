@@ -30,7 +30,7 @@ from edgeswarm.swarm.errors import (  # noqa: E402
     SwarmConnectionError,
     SwarmError,
 )
-from edgeswarm.swarm.session import SessionPolicy  # noqa: E402
+from edgeswarm.swarm.policy import SessionPolicy  # noqa: E402
 
 __all__ = [
     "NoRouteError",

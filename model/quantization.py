@@ -29,12 +29,10 @@ from typing import Literal
 import torch
 from torch import nn
 
+from edgeswarm.protocol.constants import DECODE_STEP_TOKENS
+
 WeightQuant = Literal["none", "bf16", "int8"]
 WEIGHT_QUANT_MODES: tuple[str, ...] = ("none", "bf16", "int8")
-
-# Inputs of at most this many rows count as decode steps and take the low-precision kernels.
-_DECODE_ROWS = 8
-
 
 _mode = threading.local()
 
@@ -102,7 +100,7 @@ class BF16Linear(_SpanLinear):
         rows = x.numel() // x.shape[-1]
         if _row_exact():
             output = _rowwise_product(self._flat(x).to(torch.bfloat16), self.weight).reshape(*x.shape[:-1], -1).to(x.dtype)
-        elif rows <= _DECODE_ROWS:
+        elif rows <= DECODE_STEP_TOKENS:  # a decode step takes the low-precision kernel
             output = nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
         else:
             output = nn.functional.linear(x, self.weight.to(x.dtype))
@@ -121,7 +119,7 @@ class Int8Linear(_SpanLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= _DECODE_ROWS or _row_exact():  # the int8 kernel is row-exact at any batch size
+        if rows <= DECODE_STEP_TOKENS or _row_exact():  # the int8 kernel is row-exact at any batch size
             flat = self._flat(x).to(torch.bfloat16)
             output = torch._weight_int8pack_mm(flat, self.weight, self.scale)
             output = output.reshape(*x.shape[:-1], -1).to(x.dtype)

@@ -4,7 +4,7 @@ the slots another kind needs, and health and admin calls always answer.
 grpc's sync server runs each call on a thread of one pool, and its one `maximum_concurrent_rpcs` refuses
 every kind of call alike once reached (128 idle sessions used to make NodeInfo and Forward fail). So each
 call belongs to a pool (`pool_of`) and is admitted in its handler's thread as it starts; a call whose pool
-is full is refused with RESOURCE_EXHAUSTED "busy: ...", which clients treat like any busy node:
+is full is refused as busy (protocol.busy: RESOURCE_EXHAUSTED with a RetryInfo), which clients treat like any busy node:
 - sessions: InferenceSession streams (node.session_slots: per-client caps; idle ones make way);
 - forwards: stateless Forward calls. Not with the sessions, whose flood must not stop spot checks and
   replays; not with admin, which must not wait behind compute. A few slots are enough: the node's one
@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import grpc
 
 from edgeswarm.proto import dataplane_pb2, tasks_pb2
+from edgeswarm.protocol.busy import Busy, abort_busy
 
 SESSIONS, FORWARDS, TASKS, ADMIN = "sessions", "forwards", "tasks", "admin"
 
@@ -52,8 +53,8 @@ def pool_of(method: str) -> str:
     return ADMIN
 
 
-class SlotsFull(Exception):
-    """A call its pool has no slot for; the message starts with "busy:" (clients then go elsewhere)."""
+class SlotsFull(Busy):
+    """A call its pool has no slot for: a busy refusal (protocol.busy), so clients go elsewhere."""
 
 
 class SlotPool(Protocol):
@@ -77,7 +78,7 @@ class CallSlots:
     def enter(self, context: Any) -> None:
         with self._lock:
             if self._taken >= self.capacity:
-                raise SlotsFull(f"busy: all {self.capacity} {self.name} slots of this node are taken")
+                raise SlotsFull(f"all {self.capacity} {self.name} slots of this node are taken")
             self._taken += 1
 
     def leave(self, context: Any) -> None:
@@ -128,4 +129,4 @@ def _enter(pool: SlotPool, context: grpc.ServicerContext) -> None:
     try:
         pool.enter(context)
     except SlotsFull as refusal:
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(refusal))
+        abort_busy(context, refusal)

@@ -32,7 +32,8 @@ from edgeswarm.node.llm_worker import LLMWorker
 from edgeswarm.node.task_service import TaskServicer, add_task_service
 from edgeswarm.node.task_worker import TaskWorker
 from edgeswarm.swarm import dht as swarm_dht
-from edgeswarm.swarm.session import SessionPolicy
+from edgeswarm.swarm.policy import SessionPolicy
+from edgeswarm.swarm.routes import Banlist
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,8 @@ class AgentServices:
         self.llm = LLMWorker(lambda: self.swarm_client)
         self.worker = TaskWorker(node_id, self.tools, self.memory, self.llm, swarm_key)
         self.directory = CapabilityDirectory(dht, model.model_id)
-        self.scheduler = StepScheduler(self.directory, swarm_key=swarm_key)
+        self.banlist = Banlist()  # shared by the scheduler and this node's swarm clients (swarm.routes)
+        self.scheduler = StepScheduler(self.directory, swarm_key=swarm_key, banlist=self.banlist)
         self.coordinator = RunCoordinator(node_id, address, self.journal, self.scheduler, self.directory.tool_catalog)
         self.replicator = MemoryReplicator(node_id, self.memory, self.directory, self.scheduler.channel)
         self.replicator.start()
@@ -91,7 +93,8 @@ class AgentServices:
     def new_swarm_client(self):
         """A client of the swarm over this node's own DHT peer (the APIs each make their own)."""
 
-        return SwarmClient(model=self.model, dht=self.dht, swarm_key=self.swarm_key, policy=self.session_policy or SessionPolicy())
+        policy = self.session_policy or SessionPolicy()
+        return SwarmClient(model=self.model, dht=self.dht, swarm_key=self.swarm_key, policy=policy, banlist=self.banlist)
 
     def _swarm_status_tool(self) -> ToolSpec:
         def swarm_status() -> dict:

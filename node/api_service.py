@@ -27,6 +27,7 @@ from edgeswarm.agent.scheduler import NoCapableNodeError
 from edgeswarm.model.sources import ModelSource
 from edgeswarm.node.api_access import ApiAccess, Caller, RateLimited, Unauthenticated
 from edgeswarm.node.service import bind
+from edgeswarm.partition.coverage import min_coverage
 from edgeswarm.proto import api_pb2 as pb
 from edgeswarm.proto import api_pb2_grpc as pb_grpc
 from edgeswarm.protocol.principals import Principal, principal_of
@@ -188,7 +189,7 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
             for r in records
         ]
         return pb.SwarmStatusReply(
-            model=self.model.model_id, num_blocks=self.model.num_blocks, nodes=nodes, min_coverage=_min_coverage(records, self.model.num_blocks)
+            model=self.model.model_id, num_blocks=self.model.num_blocks, nodes=nodes, min_coverage=min_coverage(records, self.model.num_blocks)
         )
 
     def ListModels(self, request: pb.ListModelsRequest, context: grpc.ServicerContext) -> pb.ListModelsReply:
@@ -199,7 +200,7 @@ class SwarmApiServicer(pb_grpc.SwarmAPIServicer):
             family=str(config.model_type),
             num_blocks=self.model.num_blocks,
             hidden_size=int(config.hidden_size),
-            servable=_min_coverage(records, self.model.num_blocks) > 0,
+            servable=min_coverage(records, self.model.num_blocks) > 0,
         )
         return pb.ListModelsReply(models=[model])
 
@@ -219,14 +220,6 @@ def _status(task: AgentTask) -> pb.TaskStatus:
         error=final.get("error") or "",
         coordinator=task.coordinator,
     )
-
-
-def _min_coverage(records, num_blocks: int) -> int:
-    counts = [0] * num_blocks
-    for record in records:
-        for block in range(record.start_block, record.end_block):
-            counts[block] += 1
-    return min(counts) if counts else 0
 
 
 # --- access control ----------------------------------------------------------------------------------

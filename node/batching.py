@@ -21,13 +21,11 @@ import torch
 
 from edgeswarm.model.quantization import row_exact_products
 from edgeswarm.model.span import SpanCache, TransformerSpan
+from edgeswarm.protocol.constants import DECODE_STEP_TOKENS, PREFILL_CHUNK_TOKENS
 
 logger = logging.getLogger(__name__)
 
-# Steps with at most this many tokens run on one thread. They are bound by memory bandwidth, so a second
-# thread gains little, while waking a sleeping OpenMP pool for each of the ~10 ops per block costs about
-# 1 ms per 10 blocks (measured on 2 cores, 3 loopback nodes).
-SMALL_STEP_TOKENS = 8
+MAX_BATCH = 32  # decode steps of at most this many sessions run as one forward (`swarm-node join --max-batch`)
 
 
 class BatcherStopped(RuntimeError):
@@ -71,7 +69,7 @@ class StepWork:
 class StepBatcher:
     """The compute thread of a node; see the module docstring."""
 
-    def __init__(self, max_batch: int = 32, prefill_chunk: int = 256, max_threads: int | None = None):
+    def __init__(self, max_batch: int = MAX_BATCH, prefill_chunk: int = PREFILL_CHUNK_TOKENS, max_threads: int | None = None):
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self._max_threads = max_threads or torch.get_num_threads()
@@ -176,7 +174,9 @@ class StepBatcher:
         if work.cache is None:  # a stateless forward: it has nothing to append to, so it runs whole
             begin, finish = 0, work.length
         tokens = work.hidden_states.shape[0] * (finish - begin)
-        torch.set_num_threads(1 if tokens <= SMALL_STEP_TOKENS else self._max_threads)
+        # a decode-sized step is bound by memory bandwidth: a second thread gains little, while waking a
+        # sleeping OpenMP pool for each of the ~10 ops per block costs about 1 ms per 10 blocks
+        torch.set_num_threads(1 if tokens <= DECODE_STEP_TOKENS else self._max_threads)
         output = work.span(
             work.hidden_states[:, begin:finish],
             work.position_ids[:, begin:finish],

@@ -18,11 +18,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, replace
 
+from edgeswarm.protocol.busy import Busy
+
 # A session of more sequences than this is refused outright, whatever the budget (ServiceLimits.max_session_batch).
 MAX_SESSION_BATCH = 64
 
 
-class BusyError(RuntimeError):
+class BusyError(Busy):
     """A session does not fit in what is left of the node's KV-cache budget."""
 
 

@@ -16,19 +16,21 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgeswarm.agent.constrained import (
-    SMOLLM2_CALL_BIAS,
-    decode_tool_calls,
-    tool_prompt_text,
-)
 from edgeswarm.agent.steppers import SessionStepper
+from edgeswarm.agent.tool_decoding import (
+    DEFAULT_ANSWER_TOKENS,
+    MAX_CALLS,
+    SMOLLM2_CALL_BIAS,
+    ToolTurn,
+    call_room,
+    decide,
+    prompt_text,
+)
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_SESSION_LENGTH = 4096
 MAX_ANSWER_TOKENS = 256
-MAX_CALLS = 4
-CALL_TOKENS = 96  # room kept for each tool call an llm step may write
 
 
 @dataclass
@@ -78,38 +80,34 @@ class LLMWorker:
     def run(self, run_id: str, args: dict, on_text: Callable[[str], None] | None = None) -> dict:
         """Decides tool calls or answers for `args` (see agent.steps); reuses the run's KV prefix if it can."""
         messages, tools = _messages(args), _tools(args)
+        turn = ToolTurn(
+            tools,
+            allow_answer=bool(args.get("allow_answer", True)),
+            answer_only=bool(args.get("answer_only")),
+            max_calls=min(int(args.get("max_calls", MAX_CALLS)), MAX_CALLS),
+            max_answer_tokens=min(int(args.get("max_answer_tokens", DEFAULT_ANSWER_TOKENS)), MAX_ANSWER_TOKENS),
+            call_bias=float(args.get("call_bias", SMOLLM2_CALL_BIAS)),
+        )
         client = self.client
         tokenizer = client.tokenizer
-        if tools:
-            text = tool_prompt_text(tokenizer, messages, tools)
-        else:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        max_answer = min(int(args.get("max_answer_tokens", 128)), MAX_ANSWER_TOKENS)
+        text = prompt_text(tokenizer, messages, tools)
         with self._run_lock(run_id):
-            session, new_text = self._session_for(run_id, text, max_answer)
+            session, new_text = self._session_for(run_id, text, turn.max_answer_tokens)
             prompt_ids = list(tokenizer.encode(new_text, add_special_tokens=False))
             reused = len(session.stepper.fed)
             began = time.perf_counter()
             try:
-                decision = decode_tool_calls(
-                    _StreamingStepper(session.stepper, tokenizer, on_text),
-                    tokenizer,
-                    prompt_ids,
-                    [] if args.get("answer_only") else tools,  # the tools stay listed: the prompt (and its KV) is the same
-                    allow_answer=bool(args.get("allow_answer", True)),
-                    max_calls=min(int(args.get("max_calls", MAX_CALLS)), MAX_CALLS),
-                    max_answer_tokens=max_answer,
-                    call_bias=float(args.get("call_bias", SMOLLM2_CALL_BIAS)),
-                )
+                outcome = decide(_StreamingStepper(session.stepper, tokenizer, on_text), tokenizer, prompt_ids, turn)
             except Exception:
                 self.forget(run_id)  # its cache no longer matches any text we know
                 raise
+            decision = outcome.decision
             fed_output = decision.token_ids[: decision.fed_tokens]
             session.text = text + tokenizer.decode(fed_output, skip_special_tokens=False, clean_up_tokenization_spaces=False)
             session.used = time.monotonic()
             return {
-                "calls": [{"name": call.name, "arguments": call.arguments} for call in decision.calls],
-                "answer": decision.answer,
+                "calls": [{"name": call.name, "arguments": call.arguments} for call in outcome.calls],
+                "answer": outcome.answer,
                 "text": decision.text,
                 "prompt_tokens": reused + len(prompt_ids),
                 "reused_tokens": reused,
@@ -122,7 +120,7 @@ class LLMWorker:
         """The run's session and the part of `text` it has not seen; a new session if the old cannot continue."""
         with self._lock:
             session = self._sessions.get(run_id)
-        output_room = max_answer + CALL_TOKENS * MAX_CALLS
+        output_room = max_answer + call_room(MAX_CALLS)
         # a character count bounds the token count from above
         if session is not None and text.startswith(session.text):
             if session.stepper.room >= len(text) - len(session.text) + output_room:

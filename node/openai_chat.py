@@ -1,6 +1,6 @@
 """OpenAI chat completions over the swarm, apart from HTTP: parsing a request, rendering its messages for
-the model, generating (text, or tool calls by schema-constrained decoding through a swarm inference
-session), and the response bodies. `node.openai_http` serves it; see there for what is supported.
+the model, generating (text, or tool calls through a swarm inference session by agent.tool_decoding, the
+decoding path agent runs use too), and the response bodies. `node.openai_http` serves it; see there for what is supported.
 """
 
 from __future__ import annotations
@@ -16,21 +16,25 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgeswarm.agent.constrained import (
-    SMOLLM2_CALL_BIAS,
-    UnsupportedSchemaError,
-    decode_tool_calls,
-    tool_prompt,
-)
+from edgeswarm.agent.constrained import UnsupportedSchemaError
 from edgeswarm.agent.steppers import SessionStepper
+from edgeswarm.agent.tool_decoding import (
+    MAX_CALLS,
+    SMOLLM2_CALL_BIAS,
+    ToolTurn,
+    call_bias_for,
+    call_room,
+    call_text,
+    decide,
+    prompt_ids,
+    results_text,
+)
 from edgeswarm.swarm.errors import NoRouteError, SwarmConnectionError, SwarmError
+from edgeswarm.swarm.sampling import cut_at_stop
 
 logger = logging.getLogger(__name__)
 
-CALL_TOKENS = 96  # session room kept for each tool call (as node.llm_worker)
-MAX_CALLS = 4
 MAX_STOP_SEQUENCES = 4
-TOOL_RESULTS = "Tool results:\n"  # how tool messages start when the model reads them (as agent.runtime writes them)
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
@@ -217,12 +221,12 @@ def _assistant_text(message: dict, param: str, call_names: dict[str, str]) -> st
         with contextlib.suppress(TypeError, ValueError):
             arguments = json.loads(arguments)
         call_names[str(call.get("id"))] = function["name"]
-        lines.append(f"<tool_call>{json.dumps({'name': function['name'], 'arguments': arguments})}</tool_call>")
+        lines.append(call_text(function["name"], arguments))
     return "\n".join(line for line in lines if line)
 
 
 def _tool_results(results: list[str]) -> dict:
-    return {"role": "user", "content": TOOL_RESULTS + "\n".join(results) + "\nUse them to answer the question."}
+    return {"role": "user", "content": results_text(results)}
 
 
 # --- tools -------------------------------------------------------------------------------------------
@@ -321,7 +325,7 @@ class StopText:
     def push(self, token_id: int) -> str:
         """Adds a token; returns the text that is now certain (maybe "")."""
         self.ids.append(token_id)
-        self.text, self.stopped = _cut_at_stop(self.decode(self.ids), self.stop)
+        self.text, self.stopped = cut_at_stop(self.decode(self.ids), self.stop)
         if self.stopped:
             return self.finish()
         settled = self.text.rstrip("\ufffd")  # U+FFFD: a character whose bytes are not all here yet
@@ -335,12 +339,6 @@ class StopText:
         piece = self.text[self.emitted : upto] if upto > self.emitted else ""
         self.emitted = max(self.emitted, upto)
         return piece
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` up to its first stop string, and whether it had one."""
-    cut = min((text.find(marker) for marker in stop if marker in text), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def _stop_prefix_length(text: str, stop: Sequence[str]) -> int:
@@ -365,21 +363,21 @@ class ChatEngine:
         try:
             with self._tokenizer_lock:
                 if request.tools:
-                    prompt_ids = tool_prompt(tokenizer, request.messages, request.tools)
+                    ids = prompt_ids(tokenizer, request.messages, request.tools)
                 else:
-                    prompt_ids = list(tokenizer(self.client.apply_chat_template(request.messages))["input_ids"])
+                    ids = list(tokenizer(self.client.apply_chat_template(request.messages))["input_ids"])
         except Exception as error:  # e.g. a chat template that refuses the order of roles
             raise bad_request(f"the messages do not fit the model's chat template: {error}", "messages") from error
         context = int(getattr(self.client.model.config, "max_position_embeddings", 2048))
-        reserved = CALL_TOKENS * request.max_calls if request.tools else 0
-        room = context - len(prompt_ids) - reserved
+        reserved = call_room(request.max_calls) if request.tools else 0
+        room = context - len(ids) - reserved
         max_tokens = request.max_tokens if request.max_tokens is not None else min(self.default_max_tokens, room)
         if max_tokens > room or max_tokens < 1:
             raise bad_request(
-                f"the prompt has {len(prompt_ids)} tokens; with {max_tokens} more tokens (and {reserved} kept for tool "
+                f"the prompt has {len(ids)} tokens; with {max_tokens} more tokens (and {reserved} kept for tool "
                 f"calls) it exceeds the model's context of {context} tokens", "messages", "context_length_exceeded"
             )
-        return Job(request, prompt_ids, max_tokens, len(prompt_ids) + max_tokens + reserved)
+        return Job(request, ids, max_tokens, len(ids) + max_tokens + reserved)
 
     def complete(self, job: Job) -> Completion:
         """The whole completion at once."""
@@ -433,26 +431,24 @@ class ChatEngine:
     def _decide(self, job: Job) -> Completion:
         """Tool calls or an answer, by constrained decoding through one swarm inference session."""
         request = job.request
-        after_results = request.messages[-1]["content"].startswith(TOOL_RESULTS)
+        turn = ToolTurn(
+            request.tools,
+            allow_answer=request.allow_answer,
+            max_calls=request.max_calls,
+            max_answer_tokens=job.max_tokens,
+            call_bias=call_bias_for(request.messages, self.call_bias),
+            stop=tuple(request.stop),
+        )
         with self.client.inference_session(max_length=job.session_length) as session:
-            decision = decode_tool_calls(
-                SessionStepper(session),
-                self.client.tokenizer,
-                job.prompt_ids,
-                request.tools,
-                allow_answer=request.allow_answer,
-                max_calls=request.max_calls,
-                max_answer_tokens=job.max_tokens,
-                call_bias=0.0 if after_results else self.call_bias,  # as the agent runtime's later turns
-            )
-        job.on_tokens(decision.tokens)
+            outcome = decide(SessionStepper(session), self.client.tokenizer, job.prompt_ids, turn)
+        tokens = outcome.decision.tokens
+        job.on_tokens(tokens)
         prompt_tokens = len(job.prompt_ids)
-        if decision.calls:
-            calls = [_tool_call(call.name, call.arguments) for call in decision.calls]
-            return Completion(None, calls, "tool_calls", prompt_tokens, decision.tokens)
-        answer, stopped = _cut_at_stop(decision.answer or "", request.stop)
-        finish = "stop" if stopped or decision.tokens < job.max_tokens else "length"
-        return Completion(answer, [], finish, prompt_tokens, decision.tokens)
+        if outcome.calls:
+            calls = [_tool_call(call.name, call.arguments) for call in outcome.calls]
+            return Completion(None, calls, "tool_calls", prompt_tokens, tokens)
+        finish = "stop" if outcome.stopped or tokens < job.max_tokens else "length"
+        return Completion(outcome.answer, [], finish, prompt_tokens, tokens)
 
 
 def _tool_call(name: str, arguments: dict) -> dict:

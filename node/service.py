@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -31,7 +30,7 @@ from edgeswarm.node.admission import (
     AdmissionInterceptor,
     CallSlots,
 )
-from edgeswarm.node.batching import StepBatcher
+from edgeswarm.node.batching import MAX_BATCH, StepBatcher
 from edgeswarm.node.kv_budget import MAX_SESSION_BATCH, BusyError, KVBudget
 from edgeswarm.node.session_slots import CROWDED_IDLE_TIMEOUT, SessionSlots
 from edgeswarm.node.validation import (
@@ -42,8 +41,10 @@ from edgeswarm.node.validation import (
 )
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.busy import abort_busy
 from edgeswarm.protocol.call_auth import CallAuthenticator, CallAuthInterceptor
 from edgeswarm.protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
+from edgeswarm.protocol.constants import PREFILL_CHUNK_TOKENS
 from edgeswarm.protocol.request_parsing import add_servicer
 from edgeswarm.protocol.tensors import (
     MAX_MESSAGE_BYTES,
@@ -61,8 +62,8 @@ class ServiceLimits:
 
     max_session_length: int = 8192
     max_session_batch: int = MAX_SESSION_BATCH  # sequences one session (or Forward) may carry
-    max_batch: int = 32  # decode steps of this many sessions at most run as one forward
-    prefill_chunk: int = 256  # longer steps run in chunks of this many tokens, with other sessions' decodes between
+    max_batch: int = MAX_BATCH  # decode steps of this many sessions at most run as one forward
+    prefill_chunk: int = PREFILL_CHUNK_TOKENS  # longer steps run in chunks of this many tokens, with other sessions' decodes between
     kv_memory_bytes: int = 1 << 30  # KV-cache room all open sessions may reserve together
     session_idle_timeout: float = 300.0  # a session with no step for this long is closed and its cache freed
     # call slots per pool (node.admission), and how sessions share theirs (node.session_slots)
@@ -95,9 +96,6 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
     Each request keeps the span it started with, so `replace_span` (a rebalancing move) never breaks
     a session in flight: old sessions finish on the old blocks while new ones get the new blocks.
     After `stop_accepting` (a node leaving), new requests are refused as UNAVAILABLE.
-
-    Test hook: with EDGESWARM_FAULT_INJECTION in its environment (read once, here), the node lies as
-    `FaultInjection` describes. It exists to test spot checks and routing (swarm.spot_check, swarm.routing).
     """
 
     def __init__(
@@ -124,13 +122,12 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         self._sessions_lock = threading.Lock()
         self.accepting = True
         self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see model.calibration)
-        self.faults = FaultInjection.parse(os.environ.get("EDGESWARM_FAULT_INJECTION", ""))
         threading.Thread(target=self._evict_idle_sessions, name="idle-sessions", daemon=True).start()
 
     @property
     def announced_throughput(self) -> float:
-        """The decode throughput to announce: the measured one, unless the fault-injection hook lies."""
-        return self.faults.announce_throughput or self.throughput
+        """The decode throughput this node announces: the one it measured."""
+        return self.throughput
 
     @property
     def bases(self) -> dict[str, SemanticBasis]:
@@ -183,8 +180,6 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         reply_codec: str,
     ) -> pb.Tensor:
         output = self.batcher.run(span, inputs.hidden_states, inputs.position_ids, inputs.padding_mask, start, end, cache)
-        if self.faults.corrupts(reply_codec):  # the fault-injection test hook (class docstring)
-            output = output + self.faults.corrupt_outputs * output.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(output)
         return self._encode_reply(output.to(inputs.wire_dtype), reply_codec, boundary=end)
 
     def _encode_reply(self, output: torch.Tensor, codec: str, boundary: int) -> pb.Tensor:
@@ -255,7 +250,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             try:
                 self.kv_budget.admit(session_id, opening.max_length, blocks=opening.end_block - opening.start_block)
             except BusyError as error:
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {error}")
+                abort_busy(context, error)
             self._sessions[session_id] = cache
         try:
             yield from self._serve_session(request_iterator, context, opening, span, cache, session_id)
@@ -299,7 +294,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 try:  # the session reserved room for one sequence: its first step shows how many it runs
                     self.kv_budget.grow(session_id, batch)
                 except BusyError as error:
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"busy: {error}")
+                    abort_busy(context, error)
                 output = self._run(span, inputs, opening.start_block, opening.end_block, cache, step.reply_codec)
             yield pb.SessionResponse(step_id=step.step_id, hidden_states=output, cache_length=cache.length)
 
@@ -333,51 +328,6 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         if not 0 <= request.reply_bytes <= MAX_ECHO_BYTES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes must be in [0, {MAX_ECHO_BYTES}]")
         return pb.EchoResponse(payload=bytes(request.reply_bytes))
-
-
-@dataclass(frozen=True)
-class FaultInjection:
-    """How a node lies, for tests: EDGESWARM_FAULT_INJECTION holds comma-separated NAME=VALUE settings.
-
-    - `corrupt_outputs=S`: add gaussian noise of relative scale S (S times each position's RMS) to the
-      hidden states it returns, from sessions and Forward alike;
-    - `when=compressed_reply` (with corrupt_outputs): only to replies asked for in a codec (a reply codec
-      other than "" or "none"), the steps that looked unchecked when checked steps asked for raw replies;
-    - `announce_throughput=X`: announce X blocks/s instead of its measured decode throughput.
-    """
-
-    corrupt_outputs: float = 0.0
-    when: str = "always"  # or "compressed_reply"
-    announce_throughput: float | None = None
-
-    @classmethod
-    def parse(cls, setting: str) -> FaultInjection:
-        """The faults an EDGESWARM_FAULT_INJECTION value asks for (none when it is empty); ValueError if malformed."""
-        values: dict[str, str] = {}
-        for item in filter(None, (part.strip() for part in setting.split(","))):
-            name, _, value = item.partition("=")
-            values[name.strip()] = value.strip()
-        unknown = set(values) - {"corrupt_outputs", "when", "announce_throughput"}
-        if unknown:
-            raise ValueError(
-                f"EDGESWARM_FAULT_INJECTION: unknown fault {setting!r}; expected corrupt_outputs=SCALE[,when=compressed_reply]"
-                " and/or announce_throughput=BLOCKS_PER_SECOND"
-            )
-        when = values.get("when", "always")
-        if when not in ("always", "compressed_reply"):
-            raise ValueError(f"EDGESWARM_FAULT_INJECTION: when must be always or compressed_reply, got {when!r}")
-        faults = cls(
-            corrupt_outputs=float(values.get("corrupt_outputs", 0.0)),
-            when=when,
-            announce_throughput=float(values["announce_throughput"]) if "announce_throughput" in values else None,
-        )
-        if faults != cls():
-            logger.warning("fault injection: this node lies: %s", faults)
-        return faults
-
-    def corrupts(self, reply_codec: str) -> bool:
-        """Whether a reply in `reply_codec` is to be corrupted."""
-        return self.corrupt_outputs > 0 and (self.when == "always" or reply_codec not in ("", "none"))
 
 
 def start_grpc_server(

@@ -5,7 +5,7 @@ A stream holds a slot from its first moment (before its `open` message) to its e
 one of its steps runs, and *idle* otherwise: while it waits for its client's next message, or for its
 client to read a reply. Then:
 - a client (the caller's principal; an anonymous caller is counted by its network address) holds at most
-  `per_client` slots: one more is refused with RESOURCE_EXHAUSTED "busy: too many open sessions for ...";
+  `per_client` slots: one more is refused as busy ("too many open sessions for ...", protocol.busy);
 - when a stream arrives and slots are short (at least CROWDED_FRACTION of them taken), the stream idle
   longest is closed to make room, if it has been idle for `crowded_idle_timeout`; a working stream never is;
 - when all slots are taken and none is idle for that long, a new stream is refused with "busy";
@@ -104,14 +104,14 @@ class SessionSlots:
         with self._lock:
             held = sum(1 for stream in self._streams.values() if stream.client == client)
             if held >= self.per_client:
-                raise SlotsFull(f"busy: too many open sessions for {client} (at most {self.per_client} per client)")
+                raise SlotsFull(f"too many open sessions for {client} (at most {self.per_client} per client)")
             victim = self._crowded_victim() if len(self._streams) >= CROWDED_FRACTION * self.capacity else None
             if victim is not None:
                 del self._streams[victim.context]
                 self.evicted += 1
             if len(self._streams) >= self.capacity:
                 raise SlotsFull(
-                    f"busy: all {self.capacity} session slots are taken and none has been idle for "
+                    f"all {self.capacity} session slots are taken and none has been idle for "
                     f"{self.crowded_idle_timeout:g} s"
                 )
             self._streams[context] = _Stream(context, client, idle_since=self._clock())

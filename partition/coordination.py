@@ -5,13 +5,17 @@ with the smallest node id among them (no election is needed: every node reads th
 each participant accepts a plan only when the coordinator of its own view signed it. Each
 rebalancing period it plans from the announced profiles and stores the plan under
 `edgeswarm.v1.<model>.plan`, keeping the previous plan unless the nodes changed or the new one is
-clearly better; every participant moves to the stage the plan gives it.
+clearly better; every participant moves to the stage the plan gives it. `coordination_round` is one
+node's part in a period, given what it read from the DHT; node.plan_coordination does the reading and
+the storing.
 """
 
 from __future__ import annotations
 
+import logging
 import statistics
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from edgeswarm.partition.planner import (
     CLIENT,
@@ -25,6 +29,8 @@ from edgeswarm.partition.planner import (
 )
 from edgeswarm.protocol.records import ServerRecord
 
+logger = logging.getLogger(__name__)
+
 # Keep the recorded plan unless a new one predicts at least this much improvement (avoids churn from
 # measurement noise: every move costs loading weights).
 MIN_PLAN_GAIN = 1.2
@@ -33,6 +39,7 @@ DEFAULT_LINK = Link(bandwidth_bytes_per_s=100e6 / 8, rtt_s=0.002)
 
 
 def plan_key(model_id: str) -> str:
+    """The DHT key the plan of `model_id`'s swarm is recorded under."""
     return f"edgeswarm.v1.{model_id}.plan"
 
 
@@ -84,6 +91,11 @@ def make_plan(
     raise ValueError(f"no plan for partition {partition!r}")
 
 
+def plan_record(partition: str, plan: Plan, members: Sequence[str]) -> dict:
+    """The DHT value recording `plan` of kind `partition`, made for the participants `members` (node ids)."""
+    return {"partition": partition, "plan": plan.to_dict(), "members": list(members)}
+
+
 def plan_from_record(value: dict, signer: str, partition: str, members: Sequence[ServerRecord]) -> tuple[Plan, list[str]] | None:
     """The plan in a recorded DHT value and the node ids it was made for, if it is of `partition` and was
     signed by the coordinator that `members` (the participants this node sees) elect; else None."""
@@ -116,3 +128,42 @@ def keep_recorded_plan(
     if objective == "latency":
         return current.predicted_token_seconds <= new.predicted_token_seconds * MIN_PLAN_GAIN
     return current.predicted_throughput * MIN_PLAN_GAIN >= new.predicted_throughput
+
+
+class PlanRound(NamedTuple):
+    """What one node does in a round of coordination."""
+
+    record: dict | None  # the value to store under plan_key: only the coordinator records one
+    span: tuple[int, int] | None  # the blocks (start, end) the followed plan gives this node; None: none
+
+
+def coordination_round(
+    records: Sequence[ServerRecord],
+    node_id: str,
+    found: tuple[dict, str] | None,
+    partition: str,
+    num_blocks: int,
+    activation_bytes: int,
+    objective: str,
+) -> PlanRound:
+    """Node `node_id`'s round, from the announced `records` and `found`, the recorded plan value and its
+    signer (None: nothing recorded). A recorded plan counts only if the coordinator that the participants
+    elect signed it. The coordinator (the participant with the smallest id) makes a plan and records it,
+    or the recorded one again while that one stays (`keep_recorded_plan`); every node follows its stage
+    in the plan that counts."""
+    members = participants(records, partition)
+    recorded = found and plan_from_record(found[0], found[1], partition, members)
+    if found and not recorded:
+        logger.warning(
+            "ignoring the recorded plan signed by %s: not a well-formed %s plan of the elected coordinator", found[1], partition
+        )
+    plan, plan_members = recorded or (None, [])
+    record = None
+    if members and members[0].node_id == node_id:
+        new = make_plan(members, partition, num_blocks, activation_bytes, objective)
+        if not keep_recorded_plan(plan, plan_members, new, members, num_blocks, activation_bytes, objective):
+            plan, plan_members = new, [member.node_id for member in members]
+            logger.info("recording a new %s plan: %s", partition, new.to_dict())
+        record = plan_record(partition, plan, plan_members)
+    stage = next((stage for stage in plan.stages if stage.node_id == node_id), None) if plan else None
+    return PlanRound(record, None if stage is None else (stage.start, stage.end))

@@ -11,20 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from edgeswarm.partition.span_selection import (
-    block_throughputs,
-    choose_least_covered_span,
-)
-from edgeswarm.protocol.records import ONLINE, ServerRecord
+from edgeswarm.partition.coverage import block_coverage, block_throughputs
+from edgeswarm.partition.span_selection import choose_least_covered_span
+from edgeswarm.protocol.records import ServerRecord
 
 
 def swarm_score(records: Sequence[ServerRecord], num_blocks: int, redundancy: int) -> tuple[tuple[int, ...], float]:
     """(servers of each block capped at `redundancy`, sorted ascending; lowest total throughput of any block)."""
-    counts = [0] * num_blocks
-    for record in records:
-        if record.state == ONLINE:
-            for block in range(record.start_block, record.end_block):
-                counts[block] += 1
+    counts = block_coverage(records, num_blocks)
     return tuple(sorted(min(count, redundancy) for count in counts)), min(block_throughputs(records, num_blocks))
 
 

@@ -4,17 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from edgeswarm.protocol.records import ONLINE, ServerRecord
-
-
-def block_throughputs(records: Iterable[ServerRecord], num_blocks: int) -> list[float]:
-    """Total announced throughput serving each block, over the online nodes."""
-    totals = [0.0] * num_blocks
-    for record in records:
-        if record.state == ONLINE:
-            for block in range(record.start_block, record.end_block):
-                totals[block] += record.throughput
-    return totals
+from edgeswarm.partition.coverage import block_throughputs
+from edgeswarm.protocol.records import ServerRecord
 
 
 def choose_least_covered_span(records: Iterable[ServerRecord], num_blocks: int, span_length: int) -> tuple[int, int]:

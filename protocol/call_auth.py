@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import hmac
+import math
 import secrets
 import threading
 import time
@@ -19,6 +20,7 @@ from collections.abc import Callable
 
 import grpc
 
+from edgeswarm.protocol.busy import Busy, abort_busy
 from edgeswarm.protocol.identity import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
@@ -115,7 +117,7 @@ class _NonceLedger:
             if nonce in self._seen:
                 raise CallRefused(grpc.StatusCode.UNAUTHENTICATED, "this call's credential was already used (a replay)")
             if len(self._seen) >= self._capacity:
-                raise CallRefused(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy: too many calls within the freshness window")
+                raise Busy("too many calls within the freshness window")
             self._seen[nonce] = fresh_until
 
 
@@ -182,7 +184,7 @@ def _parse_call(call: str) -> tuple[float, str]:
         bytes.fromhex(nonce)
     except ValueError as error:
         raise CallRefused(grpc.StatusCode.UNAUTHENTICATED, "malformed call credential: expected <seconds>:<nonce hex>") from error
-    if len(nonce) != 2 * NONCE_BYTES or issued_at != issued_at:  # NaN is not equal to itself
+    if len(nonce) != 2 * NONCE_BYTES or math.isnan(issued_at):
         raise CallRefused(grpc.StatusCode.UNAUTHENTICATED, "malformed call credential: bad nonce or time")
     return issued_at, nonce
 
@@ -214,6 +216,8 @@ class CallAuthInterceptor(grpc.ServerInterceptor):
                 principal = authenticate(method, metadata)
             except CallRefused as refusal:
                 context.abort(refusal.code, str(refusal))
+            except Busy as refusal:
+                abort_busy(context, refusal)
             return behaviour(request_or_iterator, AuthenticatedContext(context, principal))
 
         return handler._replace(**{kind: authenticated})

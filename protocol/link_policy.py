@@ -25,15 +25,14 @@ from functools import lru_cache
 
 import torch
 
+from edgeswarm.protocol.constants import DECODE_STEP_TOKENS
+
 QUALITY_CODECS: dict[str, tuple[str, ...]] = {
     "lossless": ("none", "lossless"),
     "high": ("none", "lossless", "fp16", "int8_outlier"),
     "balanced": ("none", "lossless", "fp16", "int8_outlier", "int8_block", "int8_token", "int4_block"),
     "max": ("none", "lossless", "fp16", "int8_outlier", "int8_block", "int8_token", "int4_block", "semantic"),
 }
-
-# Steps with more tokens than this are prefill chunks and take the prefill budget.
-DECODE_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,8 @@ class LinkQuality:
         return cls(**parts)
 
     def budget_for(self, tokens: int) -> str:
-        return self.decode if tokens <= DECODE_TOKENS else self.prefill
+        """The budget of a step of `tokens` rows: decode up to DECODE_STEP_TOKENS, prefill above."""
+        return self.decode if tokens <= DECODE_STEP_TOKENS else self.prefill
 
     def allowed_codecs(self, tokens: int) -> tuple[str, ...]:
         """The codecs a step of `tokens` tokens may use."""

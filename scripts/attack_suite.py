@@ -28,6 +28,7 @@ import grpc
 import torch
 
 from devtools.launcher import LocalSwarm, NodeProcess, start_node
+from devtools.waiting import poll
 from edgeswarm import SwarmClient
 from edgeswarm.agent.capabilities import tasks_key
 from edgeswarm.node.admission import SESSIONS_PER_CLIENT
@@ -49,7 +50,7 @@ from edgeswarm.protocol.tensors import serialize_tensor
 from edgeswarm.swarm import dht as swarm_dht
 from edgeswarm.swarm.dht import RecordAuth
 from edgeswarm.swarm.membership import MemberAnnouncer
-from edgeswarm.swarm.session import SessionPolicy
+from edgeswarm.swarm.policy import SessionPolicy
 
 CALL_TIMEOUT = 20.0  # seconds one attacking call may take
 WAIT_TIMEOUT = 60.0  # seconds an attack may wait for the swarm to show its effect
@@ -58,7 +59,7 @@ SLOWLORIS_CONNECTIONS = MAX_CONNECTIONS + 64  # more than the HTTP server admits
 SLOWLORIS_THREAD_SLACK = 8  # threads the node may add while they trickle (the server itself adds none)
 FLOOD_REQUESTS = 80  # more than an API client's burst (node.api_access defaults)
 API_TOKEN = "attack-suite-secret"
-RESTART_GRACE = 5.0  # seconds a restarted node's record may take to read as online (its old one lived 15 s)
+RESTART_GRACE = 5.0  # seconds a restarted node's record may take to read as online (its offline one lives protocol.constants.ANNOUNCE_TTL)
 
 
 @dataclass
@@ -106,13 +107,6 @@ def _node_info(channel: grpc.Channel, metadata=None):
 def _python_step(channel: grpc.Channel, code: str):
     request = tasks_pb2.StepRequest(run_id="attack", step_id="s", kind="tool", args_json=json.dumps({"name": "python", "arguments": {"code": code}}))
     return tasks_pb2_grpc.TaskServiceStub(channel).RunStep(request, timeout=CALL_TIMEOUT)
-
-
-def _wait(condition: Callable[[], object], timeout: float = WAIT_TIMEOUT) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return value
 
 
 # --- the attacks ------------------------------------------------------------------------------------
@@ -179,7 +173,7 @@ def pin_displacement(arena: Arena) -> Outcome:
     try:
         swarm_dht.use_auth(attacker_dht, RecordAuth(stranger))
         swarm_dht.announce(attacker_dht, forged_record, ttl=30)
-        seen = _wait(lambda: stranger.fingerprint in {r.node_id for r in client.servers()})
+        seen = poll(lambda: stranger.fingerprint in {r.node_id for r in client.servers()}, WAIT_TIMEOUT)
         with open_channel(victim.address, arena.node_id()) as channel:
             code = _code(lambda: _node_info(channel))
     finally:
@@ -206,7 +200,7 @@ def restart_with_same_identity(arena: Arena) -> Outcome:
     node = start_node(["--blocks", "0:15", "--identity", str(identity_file), "--tls"], arena.swarm.initial_peers)
     began = time.monotonic()
     try:
-        online = _wait(lambda: _state_of(arena, node_id) == ONLINE, timeout=RESTART_GRACE)
+        online = poll(lambda: _state_of(arena, node_id) == ONLINE, RESTART_GRACE)
     finally:
         node.stop(signal.SIGKILL)
     seconds = time.monotonic() - began
@@ -267,7 +261,7 @@ def idle_session_flood(arena: Arena) -> Outcome:
         stub = pb_grpc.BlockServiceStub(channel)
         calls = []
         for index in range(IDLE_FLOOD_SESSIONS):
-            replies = stub.InferenceSession(_HeldOpen([_opening(arena, f"idle-{index}", 16), _step(1, 1, hidden_size)], released), timeout=WAIT_TIMEOUT)
+            replies = stub.InferenceSession(_HeldOpen([_opening(arena, f"idle-{index}", 16), _step(1, 1, hidden_size)], released), WAIT_TIMEOUT)
             calls.append(replies)
             try:
                 next(replies)
@@ -328,7 +322,7 @@ def python_sandbox_escapes(arena: Arena) -> Outcome:
     with open_channel(node.address, arena.node_id(node)) as channel:
         result = _step_result(_python_step(channel, f"TARGETS = {targets!r}\n" + ESCAPE_PROGRAM))
     reached = json.loads(json.loads(result.value_json)["stdout"] or "[]") if result.ok else [f"tool failed: {result.error}"]
-    survivors = _wait(lambda: not _processes_with(marker), timeout=WAIT_TIMEOUT) and _processes_with(marker)
+    survivors = poll(lambda: not _processes_with(marker), WAIT_TIMEOUT) and _processes_with(marker)
     alive = node.process.poll() is None
     observed = f"reached {reached or 'nothing'} of {len(files)} files and the node; daemons left: {len(survivors)}; node alive: {alive}"
     return Outcome(observed, result.ok and not reached and not survivors and alive)
@@ -469,7 +463,7 @@ def namespace_names_in_the_dht(arena: Arena) -> Outcome:
     client.remember(MEMORY_NAMESPACE, MEMORY_FACT, record_id="vault")
     store = client.agents.scheduler.storage_id(client.identity.fingerprint, MEMORY_NAMESPACE)
     published = lambda: repr(client.dht.get(tasks_key(client.model.model_id), latest=True).value)  # noqa: E731
-    announced = _wait(lambda: store in published())
+    announced = poll(lambda: store in published(), WAIT_TIMEOUT)
     leaked = MEMORY_NAMESPACE in published()
     return Outcome(f"storage id {'announced' if announced else 'not seen'}; name {'LEAKED' if leaked else 'absent'}", bool(announced) and not leaked)
 
@@ -544,7 +538,7 @@ def main() -> int:
     nodes = [["--blocks", "0:15", "--tls"], ["--blocks", "15:30", "--tls", "--allow-tools", "python", *secret_node]]
     patient = SessionPolicy(connect_timeout=CALL_TIMEOUT)  # the attacks load the machine; the arena's own calls must not time out
     with LocalSwarm(nodes) as swarm, SwarmClient(swarm.initial_peers, mdns=False, policy=patient) as client:
-        _wait(lambda: len(client.servers()) == len(nodes))
+        poll(lambda: len(client.servers()) == len(nodes), WAIT_TIMEOUT)
         rows = run_attacks(Arena(swarm, client, work_dir), ATTACKS)
     print_table(rows)
     if args.json:

@@ -23,8 +23,8 @@ from edgeswarm import SwarmClient
 from edgeswarm.model.sources import open_model
 from devtools.launcher import LocalSwarm, start_node
 from devtools.reference import load_reference_model, reference_greedy_tokens
-from edgeswarm.swarm.routing import Hop, coverage_gaps
-from edgeswarm.swarm.session import InferenceSession
+from edgeswarm.partition.coverage import coverage_gaps
+from edgeswarm.swarm.routing import Hop
 from devtools.decoding import greedy_decode
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
@@ -49,7 +49,7 @@ def failure_trial(swarm: LocalSwarm, client: SwarmClient, prompt: list[int], exp
         last[0] = time.perf_counter()
 
     try:
-        with InferenceSession(client, route, max_length=256) as session:
+        with client.inference_session(max_length=256, route=route) as session:
             tokens = greedy_decode(session, prompt, len(expected), after_token=after_token)
             events = session.failovers
     finally:

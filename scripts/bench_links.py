@@ -21,6 +21,7 @@ import torch
 from edgeswarm import SwarmClient
 from edgeswarm.model.calibration import load_or_fit_basis, module_docs_text
 from edgeswarm.model.sources import open_model
+from edgeswarm.protocol.constants import PREFILL_CHUNK_TOKENS
 from devtools.launcher import start_node
 from devtools.testbed import Testbed, testbed_available
 
@@ -44,7 +45,7 @@ def run_budget(peers: list[str], budget: str, prompt: torch.Tensor, new_tokens: 
                 logits = session.step(torch.tensor([[tokens[-1]]]))
                 steps.append(time.perf_counter() - began)
                 tokens.append(int(logits[0].argmax()))
-            prefill_codecs = sorted({client.links.for_step(hop, 1, 256).request or "none" for hop in session.route})
+            prefill_codecs = sorted({client.links.for_step(hop, 1, PREFILL_CHUNK_TOKENS).request or "none" for hop in session.route})
             decode_codecs = sorted({client.links.for_step(hop, 1, 1).request or "none" for hop in session.route})
             bandwidths = [client.links.bandwidth(hop.record) for hop in session.route]
     return {

@@ -22,7 +22,7 @@ import torch
 from edgeswarm import SwarmClient
 from edgeswarm.model.sources import open_model
 from devtools.launcher import LocalSwarm
-from edgeswarm.swarm.session import InferenceSession, SessionPolicy
+from edgeswarm.swarm.policy import SessionPolicy
 from scripts.bench_generate import real_text_prompt, time_loop
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
@@ -34,7 +34,7 @@ DEFAULT_PROMPT_TOKENS = 128
 def bench_rate(client: SwarmClient, prompt: torch.Tensor, new_tokens: int, rate: float, seed: int) -> dict:
     """One session at spot-check rate `rate`: its decode tokens/s and how many of its steps were checked."""
     policy = SessionPolicy(spot_check=rate, spot_check_seed=seed)
-    with InferenceSession(client, client.route(), prompt.shape[1] + new_tokens, policy=policy) as session:
+    with client.inference_session(max_length=prompt.shape[1] + new_tokens, policy=policy) as session:
         prefill_seconds, tokens_per_second = time_loop(session.step, prompt, new_tokens)
         stats = session.spot_checks
         return {"decode_tokens_per_s": tokens_per_second, "prefill_s": prefill_seconds, "checks": stats.checks, "agreed": stats.agreed}

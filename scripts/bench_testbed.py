@@ -24,7 +24,7 @@ import torch
 from edgeswarm import SwarmClient
 from edgeswarm.model.sources import open_model
 from devtools.launcher import start_node
-from edgeswarm.swarm.routing import coverage_gaps
+from edgeswarm.partition.coverage import coverage_gaps
 from devtools.testbed import Testbed, testbed_available
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"

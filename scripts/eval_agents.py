@@ -34,6 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from edgeswarm.agent.constrained import (
+    MAX_CALLS,
     SMOLLM2_CALL_BIAS,
     LocalStepper,
     TokenStepper,
@@ -50,7 +51,6 @@ from devtools.evaluation import (
 
 DEFAULT_CASES = REPO / "scripts" / "agent_eval_cases.json"
 DEFAULT_OUT = REPO / "scripts" / "results" / "eval_agents.json"
-MAX_CALLS = 4
 SESSION_ROOM = 256  # tokens a swarm session holds beyond the prompt
 
 # A backend yields (tokenizer, open_stepper, info): open_stepper(prompt_ids) is a context manager giving a

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from edgeswarm.model.calibration import load_or_fit_basis
 from edgeswarm.model.sources import ModelSource, open_model
 from edgeswarm.protocol.channels import process_identity
 from edgeswarm.protocol.codecs import SemanticBasis
+from edgeswarm.protocol.constants import MAX_ATTEMPTS, PREFILL_CHUNK_TOKENS
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.link_policy import LinkQuality
 from edgeswarm.protocol.records import ServerRecord
@@ -27,10 +27,11 @@ from edgeswarm.swarm.head import ClientHead
 from edgeswarm.swarm.links import LinkCodecs
 from edgeswarm.swarm.mdns import DEFAULT_SWARM_ID, discover_peers
 from edgeswarm.swarm.membership import join_as_client
-from edgeswarm.swarm.routing import Hop, MeasuredSpeeds, plan_route
-from edgeswarm.swarm.sampling import next_tokens
-from edgeswarm.swarm.session import InferenceSession, SessionPolicy, positions_for
-from edgeswarm.swarm.spot_check import Misbehaviour
+from edgeswarm.swarm.policy import SessionPolicy
+from edgeswarm.swarm.routes import Banlist, RouteManager
+from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.sampling import cut_at_stop, next_tokens
+from edgeswarm.swarm.session import InferenceSession, positions_for
 from edgeswarm.swarm.transport import forward_hop
 
 logger = logging.getLogger(__name__)
@@ -61,7 +62,8 @@ class ModelClient:
     """A client of the swarm. It holds the embeddings, final norm and LM head; nodes run the blocks.
 
     A node that dies or stalls mid-generation is replaced without losing a token (see `SessionPolicy`);
-    a node that failed is not routed to again for `ban_seconds`.
+    `routes` (swarm.routes.RouteManager) knows the servers, and keeps a node that failed out of routes for
+    `ban_seconds` (a busy one for as long as it asks, at least `busy_seconds`).
 
     >>> client = SwarmClient(initial_peers=["/ip4/127.0.0.1/tcp/31337/p2p/12D3Koo..."])  # or SwarmClient() on a LAN
     >>> client.generate("The capital of France is", max_new_tokens=8).text
@@ -72,22 +74,24 @@ class ModelClient:
         initial_peers: Sequence[str] | None = None,
         model: str | ModelSource = "default",
         policy: SessionPolicy = SessionPolicy(),
-        max_route_attempts: int = 3,
+        max_route_attempts: int = MAX_ATTEMPTS,
         ban_seconds: float = 60.0,
-        busy_seconds: float = 5.0,
+        busy_seconds: float = 0.0,
         swarm_id: str = DEFAULT_SWARM_ID,
         mdns: bool = True,
         link_quality: LinkQuality | str = "lossless",
         dht: hivemind.DHT | None = None,
         swarm_key: bytes | None = None,
         identity: NodeIdentity | None = None,
+        banlist: Banlist | None = None,
     ):
         """`dht`: a running DHT peer to use (a node's own) instead of joining as a new client peer.
         `model` may also be an opened ModelSource. `swarm_key`: a private swarm's key
         (protocol.swarm_key.read_swarm_key), without which its records and nodes are out of reach.
         `identity`: the key this client signs its calls with and owns its memory namespaces by
         (protocol.identity.NodeIdentity.load_or_create(FILE) keeps one across runs); by default this
-        process's identity (protocol.channels.process_identity), ephemeral unless set."""
+        process's identity (protocol.channels.process_identity), ephemeral unless set. `banlist`: bans to
+        share with other parts of the program (the agent scheduler shares the client's)."""
         if dht is None and not initial_peers and mdns:  # look for the swarm on the LAN
             initial_peers = discover_peers(swarm_id)
         if dht is None and not initial_peers:
@@ -98,16 +102,14 @@ class ModelClient:
         self.model: ModelSource = model if isinstance(model, ModelSource) else open_model(model)
         self.policy = policy
         self.max_route_attempts = max_route_attempts
-        self.ban_seconds = ban_seconds
-        self.busy_seconds = busy_seconds
-        self._banned_until: dict[str, float] = {}  # node id -> monotonic time
-        self.misbehaviours: list[Misbehaviour] = []  # nodes spot checks caught lying, from every session (swarm.spot_check)
-        self.speeds = MeasuredSpeeds()  # each node's decode speed as this client's sessions measured it
         self.identity = identity or process_identity()
         self.swarm_key = swarm_key
         self._owns_dht = dht is None
         self.dht = swarm_dht.start_dht(initial_peers, client_mode=True, swarm_key=swarm_key) if dht is None else dht
         self._member = join_as_client(self.dht, swarm_key, self.identity) if self._owns_dht else None
+        self.routes = RouteManager(
+            self.dht, self.model.model_id, self.model.num_blocks, self.identity, banlist, ban_seconds, busy_seconds
+        )
         if isinstance(link_quality, str):
             link_quality = LinkQuality.parse(link_quality)
         self.links = LinkCodecs(link_quality, self.model.config.hidden_size, self._semantic_basis, self.identity)
@@ -149,42 +151,27 @@ class ModelClient:
 
     def servers(self) -> list[ServerRecord]:
         """The online nodes announced for this model."""
-        return swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
-
-    def ban(self, node_id: str, seconds: float | None = None) -> None:
-        """Stops routing to a node that failed, for `seconds` (default `ban_seconds`, longer than a dead
-        node's record lives; a busy node is skipped only for `busy_seconds`). A longer ban already in force
-        (a node caught lying) is never shortened."""
-        until = time.monotonic() + (self.ban_seconds if seconds is None else seconds)
-        self._banned_until[node_id] = max(self._banned_until.get(node_id, 0.0), until)
-
-    def usable_servers(self) -> list[ServerRecord]:
-        """The announced nodes minus those banned after failing."""
-        now = time.monotonic()
-        return [record for record in self.servers() if self._banned_until.get(record.node_id, 0.0) <= now]
-
-    def trusted_servers(self) -> list[ServerRecord]:
-        """The usable nodes, each with the throughput routing may believe (swarm.routing.trusted_throughputs):
-        no faster than this client measured it, and an unmeasured one no faster than the best measured."""
-        return self.speeds.trusted(self.usable_servers())
+        return self.routes.servers()
 
     def route(self) -> list[Hop]:
         """The fastest chain of usable nodes over all blocks, from the DHT's current records and the speeds
         this client measured."""
-        return plan_route(self.trusted_servers(), self.model.num_blocks)
+        return self.routes.route()
 
-    def inference_session(self, max_length: int = 2048, prefill_chunk: int = 256) -> InferenceSession:
-        """Opens a session through the swarm; nodes that do not answer are banned and routed around."""
+    def inference_session(
+        self, max_length: int = 2048, prefill_chunk: int = PREFILL_CHUNK_TOKENS, route: list[Hop] | None = None, policy: SessionPolicy | None = None
+    ) -> InferenceSession:
+        """Opens a session through the swarm (along `route`, or the best one; with `policy`, or the
+        client's); nodes that do not answer are banned and routed around."""
         attempt = 1
         while True:
-            route = self.route()
             try:
-                return InferenceSession(self, route, max_length, prefill_chunk)
+                return InferenceSession(self.routes, self.head, self.links, policy or self.policy, max_length, route, prefill_chunk)
             except NodeUnavailableError as error:
-                if error.node_id is None or attempt >= self.max_route_attempts:
+                if error.node_id is None or attempt >= self.max_route_attempts or route is not None:
                     raise
                 logger.warning("routing around an unreachable node: %s", error)
-                self.ban(error.node_id)
+                self.routes.report_failure(error)
                 attempt += 1
 
     # --- inputs ----------------------------------------------------------------------------------
@@ -287,10 +274,9 @@ class ModelClient:
             return GenerationResult(self._decode(generated), list(generated), "eos", route)
         generated.append(token)
         if stop:
-            text = self._decode(generated) or ""
-            cut = min((text.find(marker) for marker in stop if marker in text), default=-1)
-            if cut >= 0:
-                return GenerationResult(text[:cut], list(generated), "stop", route)
+            text, stopped = cut_at_stop(self._decode(generated) or "", stop)
+            if stopped:
+                return GenerationResult(text, list(generated), "stop", route)
         return None
 
     def generate(

@@ -30,6 +30,8 @@ from edgeswarm.swarm.errors import SwarmConnectionError
 
 logger = logging.getLogger(__name__)
 
+STORE_TIMEOUT = 10.0  # seconds a DHT store may take before it counts as failed (announcements retry at their next renewal)
+
 
 @dataclass
 class RecordAuth:
@@ -81,6 +83,8 @@ def auth_of(dht: hivemind.DHT) -> RecordAuth:
     return _auths.setdefault(dht, RecordAuth())
 
 
+DHT_START_TIMEOUT = 60.0  # seconds a DHT process may take to become ready (generous: a loaded 2-core machine)
+DHT_START_ATTEMPTS = 3
 EXPIRY_SLACK = 5.0  # seconds a DHT expiration may exceed the signed one (clock steps between signing and storing)
 
 
@@ -123,17 +127,34 @@ def start_dht(
     addresses to announce), `use_relay` and `use_auto_relay` (reach and be reached through relays).
     """
     options = dict(p2p_options) if client_mode else {"host_maddrs": [f"/ip4/{host}/tcp/{port}"], **p2p_options}
-    try:
-        return hivemind.DHT(
+    for attempt in range(1, DHT_START_ATTEMPTS + 1):
+        dht = hivemind.DHT(
             initial_peers=list(initial_peers),
             client_mode=client_mode,
-            start=True,
+            start=False,
             record_validators=[SignedRecordValidator(swarm_key)],
             **options,
         )
-    except P2PDaemonError as error:
-        reason = str(error).split(": ", 1)[-1]
-        raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: {reason}") from error
+        try:
+            dht.run_in_background(await_ready=True, timeout=DHT_START_TIMEOUT)
+            return dht
+        except P2PDaemonError as error:
+            _stop(dht)
+            reason = str(error).split(": ", 1)[-1]
+            raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: {reason}") from error
+        except TimeoutError:
+            # hivemind forks its DHT process; a fork taken while another thread holds a lock can hang
+            # in the child for good, so a start that is not ready in time is killed and tried afresh
+            logger.warning("the DHT process was not ready in %.0f s (attempt %d of %d)", DHT_START_TIMEOUT, attempt, DHT_START_ATTEMPTS)
+            _stop(dht)
+    raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: the DHT did not start in {DHT_START_ATTEMPTS} attempts")
+
+
+def _stop(dht: hivemind.DHT) -> None:
+    """Ends a DHT process that did not become ready, whatever state it hangs in."""
+    if dht.is_alive():
+        dht.kill()
+        dht.join(timeout=DHT_START_TIMEOUT)
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
@@ -141,12 +162,12 @@ def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [str(maddr) for maddr in dht.get_visible_maddrs()]
 
 
-def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float, timeout: float = 10.0) -> bool:
+def announce(dht: hivemind.DHT, record: ServerRecord, ttl: float, timeout: float = STORE_TIMEOUT) -> bool:
     """Stores `record` under its model's key for `ttl` seconds; returns whether the DHT accepted it in time."""
     return store_subkey(dht, servers_key(record.model_id), record.node_id, record.to_dict(), ttl, timeout)
 
 
-def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value: dict, ttl: float, timeout: float = 10.0) -> bool:
+def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value: dict, ttl: float, timeout: float = STORE_TIMEOUT) -> bool:
     """Stores `value` signed as `subkey` of `key` (one subkey per node) for `ttl` seconds; returns whether
     it was accepted."""
     if not dht.is_alive():
@@ -204,7 +225,7 @@ def fetch_servers(dht: hivemind.DHT, model_id: str, num_blocks: int) -> list[Ser
     return sorted(records, key=lambda record: (record.start_block, record.node_id))
 
 
-def store_value(dht: hivemind.DHT, key: str, value: dict, ttl: float, timeout: float = 10.0) -> bool:
+def store_value(dht: hivemind.DHT, key: str, value: dict, ttl: float, timeout: float = STORE_TIMEOUT) -> bool:
     """Stores a msgpack-able dict under `key` for `ttl` seconds, signed by this peer."""
     sealed = auth_of(dht).seal(value, ttl)
     future = dht.store(key, value=sealed, expiration_time=get_dht_time() + ttl, return_future=True)

@@ -19,7 +19,12 @@ class NodeUnavailableError(SwarmConnectionError):
 
 
 class NodeBusyError(NodeUnavailableError):
-    """A node has no room for another session now (its KV-cache budget is reserved): try another."""
+    """A node has no room for this work now (slots or KV-cache memory taken): try another, and leave it
+    alone for `retry_after` seconds, as it asked (protocol.busy)."""
+
+    def __init__(self, message: str, node_id: str | None = None, retry_after: float = 0.0):
+        super().__init__(message, node_id)
+        self.retry_after = retry_after
 
 
 class NoRouteError(SwarmError):

@@ -17,7 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -15,13 +15,14 @@ import time
 import hivemind
 
 from edgeswarm.protocol.channels import process_identity, use_swarm_key
+from edgeswarm.protocol.constants import REFRESHES_PER_TTL
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.swarm import dht as swarm_dht
 
 logger = logging.getLogger(__name__)
 
 MEMBER_TTL = 60.0  # seconds a member record lives
-MEMBER_REFRESH = MEMBER_TTL / 3  # how often a participant renews it
+MEMBER_REFRESH = MEMBER_TTL / REFRESHES_PER_TTL  # how often a participant renews it
 KNOWN_MEMBER_SECONDS = 30.0  # how long a node trusts a member record it read before reading it again
 UNKNOWN_MEMBER_SECONDS = 1.0  # how long a node remembers that a key had no member record
 MAX_LOOKUPS_PER_SECOND = 20.0  # DHT reads a node makes for callers it does not know yet

@@ -9,6 +9,7 @@ import threading
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from edgeswarm.partition.coverage import coverage_gaps
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.swarm.errors import NoRouteError
 
@@ -33,22 +34,6 @@ class Hop:
 
     def describe(self) -> str:
         return f"{self.start}:{self.end} on {self.record.node_id[-8:]} ({self.record.address})"
-
-
-def coverage_gaps(records: Sequence[ServerRecord], num_blocks: int) -> list[tuple[int, int]]:
-    """Maximal runs of blocks that no record serves, as [start, end) pairs."""
-    covered = [False] * num_blocks
-    for record in records:
-        for block in range(record.start_block, record.end_block):
-            covered[block] = True
-    gaps, start = [], None
-    for block, is_covered in enumerate(covered + [True]):
-        if not is_covered and start is None:
-            start = block
-        elif is_covered and start is not None:
-            gaps.append((start, block))
-            start = None
-    return gaps
 
 
 def plan_route(

@@ -1,6 +1,9 @@
-"""Choosing the next token from logits: greedy, or temperature and nucleus (top-p) sampling."""
+"""Choosing the next token from logits (greedy, or temperature and nucleus (top-p) sampling), and where
+generated text stops."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -27,3 +30,9 @@ def next_tokens(
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` up to its first stop string, and whether it had one."""
+    cut = min((text.find(marker) for marker in stop if marker in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

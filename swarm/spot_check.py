@@ -54,10 +54,10 @@ Who is lying. When the hop's answer and the verifier's differ beyond the toleran
    would let any single liar evict an honest node by accusing it) and the session goes on as it was; it
    is counted in `SpotCheckStats.unresolved` and logged.
 A node judged lying is banned for `spot_check_ban_seconds`, a `Misbehaviour` is recorded on the session
-and on the client (`SwarmClient.misbehaviours`), and if it ran the hop, the hop is replaced as
+and on the client's route manager (`client.routes.misbehaviours`), and if it ran the hop, the hop is replaced as
 in a failover: its kept inputs are replayed on other nodes, and the step's output comes from them. If
 lies had already passed on to later hops unchecked (f < 1), those hops' caches are rebuilt from the
-corrected states (`InferenceSession._repair_downstream`); tokens already returned stay as they were.
+corrected states (`swarm.failover.Failover.repair_downstream`); tokens already returned stay as they were.
 """
 
 from __future__ import annotations
@@ -83,6 +83,8 @@ from edgeswarm.protocol.codecs import (
 )
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.swarm.errors import NodeUnavailableError, SwarmError
+from edgeswarm.swarm.policy import SessionPolicy
+from edgeswarm.swarm.routes import Misbehaviour, RouteManager
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.transport import forward_hop, open_channel
 
@@ -97,27 +99,6 @@ _SCALE_ROUNDING = 1 + 2.0**-10
 # Round to nearest keeps every value within half a unit in the last place: 2^-11 of it for float16 (10
 # stored mantissa bits), 2^-8 for bfloat16 (7).
 _HALF_ULP = {"fp16": 2.0**-11, "bf16": 2.0**-8}
-
-
-@dataclass(frozen=True)
-class Misbehaviour:
-    """A node judged to have returned wrong hidden states."""
-
-    node_id: str
-    address: str
-    start_block: int
-    end_block: int
-    session_id: str
-    step: int  # the session's step (0: the first, the prompt)
-    position: int  # positions the session had before that step
-    difference: float  # between its answer and the one it was judged against (see `difference`)
-    tolerance: float
-    reason: str
-    time: float  # time.time() when it was judged
-
-    @property
-    def blocks(self) -> tuple[int, int]:
-        return self.start_block, self.end_block
 
 
 @dataclass
@@ -162,7 +143,7 @@ def difference(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = Non
     return float(((a - b).norm(dim=-1) / scale).max())
 
 
-def tolerance_for(policy, record: ServerRecord) -> float:
+def tolerance_for(policy: SessionPolicy, record: ServerRecord) -> float:
     """The largest difference honest nodes holding weights as `record` does may show (module docstring)."""
     return policy.spot_check_tolerance if record.weight_quant == "none" else policy.spot_check_quantized_tolerance
 
@@ -259,8 +240,8 @@ class CheckInputs:
 class SpotChecker:
     """One session's spot checks: which steps, which verifiers, and the verdicts (module docstring)."""
 
-    def __init__(self, client, policy, session_id: str, stats: SpotCheckStats, misbehaviours: list[Misbehaviour]):
-        self.client, self.policy, self.session_id = client, policy, session_id
+    def __init__(self, routes: RouteManager, policy: SessionPolicy, session_id: str, stats: SpotCheckStats, misbehaviours: list[Misbehaviour]):
+        self.routes, self.policy, self.session_id = routes, policy, session_id
         self.stats, self.misbehaviours = stats, misbehaviours
         self.rng = random.Random(policy.spot_check_seed)
         self._pool: ThreadPoolExecutor | None = None
@@ -285,7 +266,7 @@ class SpotChecker:
         with self._lock:
             channel = self._channels.get(record.node_id)
         if channel is None:
-            opened = open_channel(record, self.policy.connect_timeout, self.client.identity)
+            opened = open_channel(record, self.policy.connect_timeout, self.routes.identity)
             with self._lock:
                 channel = self._channels.setdefault(record.node_id, opened)
             if channel is not opened:
@@ -303,7 +284,7 @@ class SpotChecker:
     def _usable(self) -> list[ServerRecord]:
         with self._lock:
             if self._servers is None or time.monotonic() - self._servers_at > _SERVERS_TTL:
-                self._servers, self._servers_at = self.client.usable_servers(), time.monotonic()
+                self._servers, self._servers_at = self.routes.usable_servers(), time.monotonic()
             return self._servers
 
     def candidates(self, hop: Hop) -> list[ServerRecord]:
@@ -325,7 +306,7 @@ class SpotChecker:
         try:
             output = forward_hop(
                 hop,
-                self.client.model.model_id,
+                self.routes.model_id,
                 inputs.hidden,
                 inputs.positions,
                 inputs.mask,
@@ -401,14 +382,13 @@ class SpotChecker:
             raise NodeMisbehaved(convicted)
 
     def record(self, misbehaviour: Misbehaviour) -> None:
-        """Bans the node for `spot_check_ban_seconds` and logs the misbehaviour on the session and client."""
+        """Bans the node for `spot_check_ban_seconds` and logs the misbehaviour on the session and the route manager."""
         logger.warning(
             "spot check: node %s (blocks %d:%d) judged lying and banned for %.0fs: %s",
             misbehaviour.node_id, misbehaviour.start_block, misbehaviour.end_block,
             self.policy.spot_check_ban_seconds, misbehaviour.reason,
         )
-        self.client.ban(misbehaviour.node_id, self.policy.spot_check_ban_seconds)
+        self.routes.convict(misbehaviour, self.policy.spot_check_ban_seconds)
         with self._lock:
             self._servers = None
         self.misbehaviours.append(misbehaviour)
-        self.client.misbehaviours.append(misbehaviour)

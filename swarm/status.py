@@ -12,17 +12,22 @@ import grpc
 import hivemind
 from hivemind.utils import get_dht_time
 
-from edgeswarm.partition.span_selection import block_throughputs
+from edgeswarm.partition.coverage import (
+    block_coverage,
+    block_throughputs,
+    coverage_gaps,
+)
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.protocol.channels import open_channel
+from edgeswarm.protocol.constants import ANNOUNCE_TTL
 from edgeswarm.protocol.records import ONLINE, ServerRecord, servers_key
 from edgeswarm.swarm.dht import fetch_servers
-from edgeswarm.swarm.routing import coverage_gaps
 
 logger = logging.getLogger(__name__)
 
 MAX_PARALLEL_QUERIES = 32
+NODE_INFO_TIMEOUT = 2.0  # seconds a node may take to answer NodeInfo before it shows as unreachable
 
 
 class NodeInfoLike(Protocol):
@@ -99,7 +104,7 @@ class SwarmStatus:
             model_id=model_id,
             num_blocks=num_blocks,
             nodes=nodes,
-            coverage=_coverage(online, num_blocks),
+            coverage=block_coverage(online, num_blocks),
             block_throughput=block_throughputs(online, num_blocks),
             gaps=coverage_gaps(online, num_blocks),
         )
@@ -133,15 +138,7 @@ def _node_status(record: ServerRecord, info: NodeInfoLike | None, last_seen: flo
     )
 
 
-def _coverage(records: Iterable[ServerRecord], num_blocks: int) -> list[int]:
-    counts = [0] * num_blocks
-    for record in records:
-        for block in range(record.start_block, record.end_block):
-            counts[block] += 1
-    return counts
-
-
-def query_node_info(record: ServerRecord, timeout: float = 2.0) -> pb.NodeInfoResponse | None:
+def query_node_info(record: ServerRecord, timeout: float = NODE_INFO_TIMEOUT) -> pb.NodeInfoResponse | None:
     """The node's NodeInfo answer, or None if it is unreachable or does not answer within `timeout` seconds."""
     try:
         with open_channel(record.address, record.node_id) as channel:
@@ -151,7 +148,7 @@ def query_node_info(record: ServerRecord, timeout: float = 2.0) -> pb.NodeInfoRe
         return None
 
 
-def fetch_node_infos(records: Sequence[ServerRecord], timeout: float = 2.0) -> dict[str, pb.NodeInfoResponse | None]:
+def fetch_node_infos(records: Sequence[ServerRecord], timeout: float = NODE_INFO_TIMEOUT) -> dict[str, pb.NodeInfoResponse | None]:
     """NodeInfo of every record's node, queried concurrently: node id -> answer, or None for a dead node."""
     if not records:
         return {}
@@ -169,11 +166,11 @@ def fetch_expirations(dht: hivemind.DHT, model_id: str) -> dict[str, float]:
 
 
 def collect_status(
-    dht: hivemind.DHT, model_id: str, num_blocks: int, ttl: float | None = 15.0, timeout: float = 2.0
+    dht: hivemind.DHT, model_id: str, num_blocks: int, ttl: float | None = ANNOUNCE_TTL, timeout: float = NODE_INFO_TIMEOUT
 ) -> SwarmStatus:
     """Reads the swarm's records from the DHT and asks every node for its live state.
 
-    `ttl` is the nodes' --announce-ttl (15 s unless they were told otherwise), from which `last_seen` is derived.
+    `ttl` is the nodes' --announce-ttl (ANNOUNCE_TTL unless they were told otherwise), from which `last_seen` is derived.
     """
     records = fetch_servers(dht, model_id, num_blocks)
     return SwarmStatus.from_records(

@@ -11,6 +11,7 @@ import torch
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.protocol import channels
+from edgeswarm.protocol.busy import busy_retry_after
 from edgeswarm.protocol.codecs import decode_tensor, encode_tensor, encoded_size
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.records import ServerRecord
@@ -64,8 +65,9 @@ def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
     name = code.name if code is not None else "error"
     if code in _CALLER_ERRORS:
         return RemoteError(f"{where} refused the request: {name}: {details}", hop.record.node_id)
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith("busy"):
-        return NodeBusyError(f"{where} is busy: {details}", hop.record.node_id)
+    retry_after = busy_retry_after(error)
+    if retry_after is not None:
+        return NodeBusyError(f"{where} is busy: {details}", hop.record.node_id, retry_after)
     return NodeUnavailableError(f"{where} failed: {name}: {details}", hop.record.node_id)
 
 
@@ -164,13 +166,6 @@ class SpanStream:
             self._responses.put(_END)
         except grpc.RpcError as error:
             self._responses.put(error)
-
-    def step(
-        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, timeout: float, codecs: StepCodecs = RAW
-    ) -> torch.Tensor:
-        """Sends one step and returns this hop's output hidden states (see `send` and `receive`)."""
-        self.send(hidden, positions, mask, codecs)
-        return self.receive(timeout)
 
     def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW) -> pb.Tensor:
         """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`.

@@ -136,6 +136,27 @@ def test_a_node_dying_mid_step_means_a_retry_elsewhere_only_for_idempotent_steps
     scheduler.close()
 
 
+def test_runs_go_to_the_least_loaded_coordinator_and_a_sub_agent_to_another_one_first():
+    nodes = [
+        TaskCapabilities("busy", "127.0.0.1:1", running_steps=3),
+        TaskCapabilities("idle", "127.0.0.1:2"),
+        TaskCapabilities("half", "127.0.0.1:3", free_cpu=0.5),
+        TaskCapabilities("steps-only", "127.0.0.1:4", coordinator=False),
+    ]
+    scheduler = StepScheduler(lambda: nodes)
+
+    def placed(**options) -> list[str]:
+        return [node.node_id for node in scheduler.place_run(**options)]
+
+    assert placed() == ["idle", "half", "busy"]  # a client's run
+    assert placed(asking="idle") == ["half", "busy", "idle"]  # a sub-agent of a run coordinated on "idle"
+    assert placed(exclude={"half", "busy"}, asking="idle") == ["idle"]  # no other coordinator left: itself
+    assert placed(exclude={"idle", "half"}) == ["busy"]  # a backup of "idle"'s run, whose backup "half" died
+    scheduler.ban("idle")
+    assert placed() == ["half", "busy"]
+    scheduler.close()
+
+
 def test_bad_step_requests_get_invalid_argument(two_nodes):
     from edgeswarm.proto import tasks_pb2 as pb
     from edgeswarm.proto import tasks_pb2_grpc as pb_grpc

@@ -592,16 +592,17 @@ def test_join_takes_allow_tools():
 
 @pytest.mark.parametrize(
     ("settings", "reason"),
-    [({"agents": False}, "--allow-tools needs the agent services"), ({}, "--allow-tools python: bwrap is not installed")],
+    [({"enabled": False}, "--allow-tools needs the agent services"), ({}, "--allow-tools python: bwrap is not installed")],
 )
 def test_a_node_allowing_python_without_its_sandbox_refuses_to_start(monkeypatch, tmp_path, settings, reason):
-    from edgeswarm.node.daemon import NodeSettings, SwarmNode
+    from edgeswarm.node.config import AgentConfig, NodeSettings
+    from edgeswarm.node.daemon import SwarmNode
 
     monkeypatch.setattr(sandbox, "TOOL_SEARCH_PATH", str(tmp_path))  # a machine where bwrap is not installed
     sandbox._probe.cache_clear()
     try:
         with pytest.raises(ValueError, match=reason):
-            SwarmNode(NodeSettings(allow_tools=("python",), **settings))
+            SwarmNode(NodeSettings(agents=AgentConfig(allow_tools=("python",), **settings)))
     finally:
         sandbox._probe.cache_clear()
 

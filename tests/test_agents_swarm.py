@@ -19,7 +19,7 @@ from edgeswarm import SwarmClient
 from edgeswarm.agent.client import AgentRunError
 from edgeswarm.agent.memory_placement import replica_nodes
 from devtools.launcher import LocalSwarm
-from tests.swarm_helpers import node_info, swarm_member, wait_until
+from tests.support import node_info, swarm_member, wait_until
 
 pytestmark = pytest.mark.slow
 RUN_TIMEOUT = 240

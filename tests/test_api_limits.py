@@ -49,7 +49,7 @@ from edgeswarm.proto import api_pb2_grpc as api_grpc
 from edgeswarm.protocol.principals import Principal
 from edgeswarm.protocol.request_parsing import add_servicer
 from edgeswarm.swarm.client import TokenEvent
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 DEADLINE_SECONDS = 60.0  # the bound of every wait below: generous, never reached when things work
 TRICKLE_SECONDS = 0.05  # a slowloris sends one byte this often: far more often than any per-read timeout
@@ -93,14 +93,18 @@ def test_a_slowloris_is_cut_at_the_request_deadline_while_a_normal_client_is_ser
         slowloris.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: ")
         cut = threading.Event()
 
-        def trickle() -> None:  # a header that never ends, one byte at a time
-            while time.monotonic() - opened < DEADLINE_SECONDS:
-                try:
-                    slowloris.sendall(b"a")
-                except OSError:
-                    break
-                time.sleep(TRICKLE_SECONDS)
-            cut.set()
+        def refused_a_byte() -> bool:
+            try:
+                slowloris.sendall(b"a")
+            except OSError:
+                return True
+            return False
+
+        def trickle() -> None:  # a header that never ends, one byte at a time, until the server cuts it
+            try:
+                wait_until(refused_a_byte, "the server cuts the slowloris", DEADLINE_SECONDS, interval=TRICKLE_SECONDS)
+            finally:
+                cut.set()
 
         trickler = threading.Thread(target=trickle, daemon=True)
         trickler.start()

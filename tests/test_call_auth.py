@@ -6,8 +6,8 @@ import grpc
 import pytest
 import torch
 
-from edgeswarm import SwarmClient
 from devtools.launcher import start_node
+from edgeswarm import SwarmClient
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.proto import tasks_pb2, tasks_pb2_grpc
@@ -26,7 +26,7 @@ from edgeswarm.protocol.swarm_key import SWARM_AUTH_METADATA, call_token
 from edgeswarm.swarm.errors import NodeBusyError
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.transport import SpanStream
-from tests.swarm_helpers import node_channel, swarm_member, wait_until
+from tests.support import node_channel, one_step, swarm_member, wait_until
 
 METHOD = "/edgeswarm.v1.BlockService/NodeInfo"
 NOW = 1_800_000_000.0
@@ -97,10 +97,9 @@ def test_a_private_swarm_needs_its_key_and_still_a_signature():
 
 
 @pytest.fixture(scope="module")
-def node(tiny_llama_dir):
-    process = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"])
-    yield process
-    process.stop()
+def node(tiny_node):
+    """The one node of the module's tiny swarm (tests/conftest.py)."""
+    return tiny_node.nodes[0]
 
 
 def _node_info(channel):
@@ -156,7 +155,7 @@ def test_clients_in_one_process_are_each_their_own_principal(tiny_llama_dir):
             [record] = clients[0].servers()
             third = SpanStream(Hop(record, 0, 6), "third", record.model_id, 16, connect_timeout=10, identity=clients[0].identity)
             with pytest.raises(NodeBusyError, match="too many open sessions"):
-                third.step(torch.zeros(1, 1, 64), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), 10)
+                one_step(third, torch.zeros(1, 1, 64), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), 10)
             third.close()
             for session in sessions:
                 session.close()

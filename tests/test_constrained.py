@@ -8,7 +8,9 @@ import random
 import pytest
 import torch
 
+from edgeswarm.agent import tool_decoding
 from edgeswarm.agent.constrained import (
+    CALL_CLOSE,
     CALL_OPEN,
     SMOLLM2_CALL_BIAS,
     Decision,
@@ -19,7 +21,15 @@ from edgeswarm.agent.constrained import (
     tool_prompt,
     vocab_for,
 )
-from devtools.reference import load_reference_model
+from edgeswarm.agent.tool_decoding import (
+    ToolTurn,
+    call_bias_for,
+    call_text,
+    prompt_ids,
+    prompt_text,
+    results_text,
+)
+from edgeswarm.swarm.sampling import cut_at_stop
 
 
 def _tool(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -168,8 +178,9 @@ def tokenizer(smollm):
 
 
 @pytest.fixture(scope="module")
-def model(smollm):
-    return load_reference_model(smollm)
+def model(smollm_reference):
+    """SmolLM2 in one process: the session's reference model (tests/conftest.py), loaded once."""
+    return smollm_reference
 
 
 def decide(model, tokenizer, request: str, tools: list[dict] = TOOLS, **options) -> Decision:
@@ -186,6 +197,20 @@ class RandomStepper:
 
     def step(self, input_ids: torch.Tensor) -> torch.Tensor:
         return torch.randn(1, self.vocab_size, generator=self.generator) * 4
+
+
+class ScriptedStepper:
+    """Logits that favour the next token of `script` at each step, then `end_id` (an end-of-turn token)."""
+
+    def __init__(self, vocab_size: int, script: list[int], end_id: int):
+        self.vocab_size, self.script, self.end_id = vocab_size, script, end_id
+        self.steps = 0
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(1, self.vocab_size)
+        logits[0, self.script[self.steps] if self.steps < len(self.script) else self.end_id] = 10.0
+        self.steps += 1
+        return logits
 
 
 class SpyStepper:
@@ -324,3 +349,57 @@ def test_unsupported_schemas_are_refused(tokenizer):
     tools = [_tool("lookup", "Looks up", {"ref": {"$ref": "#/defs/thing"}}, ["ref"])]
     with pytest.raises(UnsupportedSchemaError):
         decode_tool_calls(RandomStepper(len(tokenizer), 0), tokenizer, [1, 2, 3], tools, allow_answer=False)
+
+
+# --- the one decoding path (agent.tool_decoding) --------------------------------------------------------
+
+
+def scripted_answer(tokenizer, text: str) -> ScriptedStepper:
+    """A stepper whose model answers `text` and ends its turn."""
+    return ScriptedStepper(len(tokenizer), tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id)
+
+
+def test_an_answer_is_cut_where_its_first_stop_string_starts(tokenizer):
+    prompt = prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}], TOOLS)
+    turn = ToolTurn(TOOLS, call_bias=0.0, stop=("Goodbye", " world"))
+    outcome = tool_decoding.decide(scripted_answer(tokenizer, "Hello world. Goodbye!"), tokenizer, prompt, turn)
+    assert outcome.calls == [] and outcome.answer == "Hello" and outcome.stopped
+    assert outcome.decision.answer == "Hello world. Goodbye!"  # the decoder's own record stays whole
+    unstopped = tool_decoding.decide(scripted_answer(tokenizer, "Hello world. Goodbye!"), tokenizer, prompt, ToolTurn(TOOLS, call_bias=0.0, stop=("bye!!",)))
+    assert unstopped.answer == "Hello world. Goodbye!" and not unstopped.stopped
+
+
+def test_answer_only_turns_answer_although_the_tools_are_listed_and_the_bias_calls(tokenizer):
+    prompt = prompt_ids(tokenizer, [{"role": "user", "content": "Hi"}], TOOLS)
+    for seed in range(5):
+        called = tool_decoding.decide(RandomStepper(len(tokenizer), seed), tokenizer, prompt, ToolTurn(TOOLS, call_bias=1000.0))
+        assert called.calls and called.answer is None and not called.stopped
+        assert_calls_valid(called.decision, TOOLS)
+        answered = tool_decoding.decide(RandomStepper(len(tokenizer), seed), tokenizer, prompt, ToolTurn(TOOLS, answer_only=True, call_bias=1000.0))
+        assert answered.calls == [] and answered.answer is not None
+
+
+def test_the_prompt_lists_tools_only_when_there_are_some(tokenizer):
+    messages = [{"role": "user", "content": "Hi"}]
+    assert prompt_ids(tokenizer, messages, TOOLS) == tool_prompt(tokenizer, messages, TOOLS)
+    plain = prompt_text(tokenizer, messages, [])
+    assert plain == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "<tools>" not in plain and "<tools>" in prompt_text(tokenizer, messages, TOOLS)
+
+
+def test_the_call_bias_holds_until_tool_results_come_back():
+    question = {"role": "user", "content": "What is 2 + 2?"}
+    call = {"role": "assistant", "content": call_text("calculator", {"expression": "2 + 2"})}
+    results = {"role": "user", "content": results_text(["calculator returned: 4"])}
+    assert call_bias_for([question], SMOLLM2_CALL_BIAS) == SMOLLM2_CALL_BIAS
+    assert call_bias_for([question, call, results], SMOLLM2_CALL_BIAS) == 0.0
+    assert call_bias_for([question, call, results, {"role": "user", "content": "And 3 + 3?"}], SMOLLM2_CALL_BIAS) == SMOLLM2_CALL_BIAS
+    written = call["content"]
+    assert written.startswith(CALL_OPEN) and written.endswith(CALL_CLOSE)
+    assert json.loads(written[len(CALL_OPEN) : -len(CALL_CLOSE)]) == {"name": "calculator", "arguments": {"expression": "2 + 2"}}
+
+
+def test_stop_strings_cut_at_the_earliest_one_found():
+    assert cut_at_stop("one two three", ["three", "two"]) == ("one ", True)
+    assert cut_at_stop("one two three", ["four"]) == ("one two three", False)
+    assert cut_at_stop("one two three", []) == ("one two three", False)

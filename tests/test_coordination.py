@@ -6,17 +6,19 @@ from transformers import AutoModelForCausalLM
 from edgeswarm import SwarmClient
 from devtools.launcher import LocalSwarm
 from edgeswarm.partition.coordination import (
+    coordination_round,
     keep_recorded_plan,
     make_plan,
     participants,
     plan_from_record,
     plan_key,
+    plan_record,
     profiles_from_records,
 )
 from edgeswarm.partition.planner import Plan
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.swarm import dht as swarm_dht
-from tests.swarm_helpers import until_eos, wait_until
+from tests.support import until_eos, wait_until
 
 
 def profiled(node, throughput, max_blocks=30, links=None, partition="pipeline"):
@@ -70,6 +72,38 @@ def test_only_the_coordinator_the_members_elect_may_record_a_plan():
     assert plan_from_record({**value, "members": ["0-outsider", "a", "b"]}, "0-outsider", "pipeline", members) is None
     assert plan_from_record(value, "a", "ring", members) is None  # a plan of another kind
     assert plan_from_record({**value, "plan": {"stages": "x"}}, "a", "pipeline", members) is None  # malformed
+
+
+def test_the_coordinator_records_a_plan_of_every_participant_and_follows_it():
+    records = [profiled("b", 100.0), profiled("a", 300.0), profiled("c", 100.0, partition="ring")]
+    round_ = coordination_round(records, "a", None, "pipeline", 30, 2304, "throughput")
+    plan = make_plan(participants(records, "pipeline"), "pipeline", 30, 2304)
+    assert round_.record == plan_record("pipeline", plan, ["a", "b"])
+    [stage] = [stage for stage in plan.stages if stage.node_id == "a"]
+    assert round_.span == (stage.start, stage.end)
+
+
+def test_a_participant_follows_the_coordinators_plan_and_records_none():
+    records = [profiled("a", 100.0), profiled("b", 100.0)]
+    plan = Plan.from_dict({**make_plan(records, "pipeline", 30, 2304).to_dict(), "stages": [
+        {"node_id": "a", "start": 0, "end": 12}, {"node_id": "b", "start": 12, "end": 30},
+    ]})
+    value = plan_record("pipeline", plan, ["a", "b"])
+    assert coordination_round(records, "b", (value, "a"), "pipeline", 30, 2304, "throughput") == (None, (12, 30))
+    assert coordination_round(records, "b", None, "pipeline", 30, 2304, "throughput") == (None, None)  # nothing recorded yet
+    assert coordination_round(records, "b", (value, "b"), "pipeline", 30, 2304, "throughput") == (None, None)  # not the coordinator's
+
+
+def test_the_coordinator_keeps_a_good_enough_plan_and_replaces_a_foreign_one():
+    records = [profiled("a", 100.0), profiled("b", 100.0)]
+    nearly = Plan.from_dict({**make_plan(records, "pipeline", 30, 2304).to_dict(), "stages": [
+        {"node_id": "a", "start": 0, "end": 16}, {"node_id": "b", "start": 16, "end": 30},
+    ]})
+    value = plan_record("pipeline", nearly, ["a", "b"])
+    assert coordination_round(records, "a", (value, "a"), "pipeline", 30, 2304, "throughput") == (value, (0, 16))
+    best = plan_record("pipeline", make_plan(records, "pipeline", 30, 2304), ["a", "b"])
+    assert best != value
+    assert coordination_round(records, "a", (value, "b"), "pipeline", 30, 2304, "throughput").record == best  # b may not record
 
 
 @pytest.mark.slow

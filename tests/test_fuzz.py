@@ -1,8 +1,10 @@
 """Fuzzing every decoder of untrusted input: bad input may only ever raise the decoder's documented error.
 
 Each decoder gets random and mutated-valid inputs from hypothesis and must either return something that
-satisfies its contract or raise its documented error type -- never another exception, never hang (each
-call is timed), never allocate much (the peak RSS of the process is checked around every test).
+satisfies its contract or raise its documented error type -- never another exception, never hang (every
+gRPC call has a deadline and the module a time limit; no call is timed against a speed target, those
+belong in scripts/ benchmarks), never allocate much (the peak RSS of the process is checked around
+every test).
 
 - protocol.tensors.deserialize_tensor -> TensorDecodeError
 - protocol.codecs.decode_tensor (every codec) -> CodecError
@@ -21,7 +23,6 @@ Every test is derandomized, so CI runs the same examples every time.
 from __future__ import annotations
 
 import math
-import time
 
 import grpc
 import pytest
@@ -63,7 +64,7 @@ from edgeswarm.protocol.tensors import (
     deserialize_tensor,
     serialize_tensor,
 )
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -71,11 +72,10 @@ _HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_
 
 
 def fuzz(examples: int):
-    """Settings of one fuzz test: reproducible (derandomized), no per-example deadline (calls are timed)."""
+    """Settings of one fuzz test: reproducible (derandomized), no per-example deadline (nothing is timed)."""
     return settings(max_examples=examples, deadline=None, derandomize=True, suppress_health_check=_HEALTH, database=None)
 
 
-MAX_CALL_SECONDS = 5.0  # one decode of a small input taking longer than this counts as a hang
 MAX_RSS_GROWTH = 512 * 1024 * 1024  # peak RSS growth allowed over one whole fuzz test
 
 
@@ -99,15 +99,12 @@ def _bounded_memory():
 
 
 def call(decoder, *args, expected: type[BaseException], **kwargs):
-    """(result, None) or (None, error) of one decoder call; any other exception, or a slow call, fails."""
-    started = time.perf_counter()
+    """(result, None) or (None, error) of one decoder call; any other exception fails."""
     try:
         result, error = decoder(*args, **kwargs), None
     except expected as caught:
         result, error = None, caught
         assert str(caught), f"{type(caught).__name__} without a message"
-    elapsed = time.perf_counter() - started
-    assert elapsed < MAX_CALL_SECONDS, f"{decoder.__name__} took {elapsed:.1f} s"
     return result, error
 
 
@@ -817,13 +814,12 @@ def node(tiny_llama_dir):
 
 
 def _rpc(channel, method: str, request: bytes):
-    """(reply bytes, None) or (None, RpcError) of one raw unary call."""
-    started = time.perf_counter()
+    """(reply bytes, None) or (None, RpcError) of one raw unary call (a hang ends in DEADLINE_EXCEEDED,
+    which no caller accepts)."""
     try:
         reply, error = channel.unary_unary(SERVICE + method, request_serializer=None, response_deserializer=None)(request, timeout=30), None
     except grpc.RpcError as caught:
         reply, error = None, caught
-    assert time.perf_counter() - started < 10.0, f"{method} took too long"
     return reply, error
 
 
@@ -990,8 +986,7 @@ def test_grpc_node_answers_random_sessions_and_serves_on(node):
     @fuzz(80)
     @given(messages=session_streams())
     def check(messages):
-        started = time.perf_counter()
-        try:
+        try:  # a hang ends in DEADLINE_EXCEEDED, which is not accepted below
             replies = list(session(iter(messages), timeout=30))
         except grpc.RpcError as error:
             code, details = error.code(), error.details()
@@ -1002,7 +997,6 @@ def test_grpc_node_answers_random_sessions_and_serves_on(node):
         else:
             for reply in replies:
                 pb.SessionResponse.FromString(reply)
-        assert time.perf_counter() - started < 10.0
 
     check()
     wait_until(

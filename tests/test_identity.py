@@ -27,16 +27,6 @@ from edgeswarm.protocol.identity import (
 BASE32_LOWER = set("abcdefghijklmnopqrstuvwxyz234567")
 
 
-@pytest.fixture(scope="module")
-def identity() -> NodeIdentity:
-    return NodeIdentity.generate()
-
-
-@pytest.fixture(scope="module")
-def other() -> NodeIdentity:
-    return NodeIdentity.generate()
-
-
 def pem_of(key) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

@@ -23,7 +23,7 @@ from edgeswarm.protocol.link_policy import (
 )
 from edgeswarm.protocol.tensors import serialize_tensor
 from devtools.decoding import greedy_decode
-from tests.swarm_helpers import node_channel, node_info, swarm_member, wait_until
+from tests.support import node_channel, node_info, swarm_member, wait_until
 
 pytestmark = pytest.mark.slow
 PROMPT = "The Python standard library offers modules for files, networking and text processing. Among them"

@@ -31,7 +31,7 @@ from edgeswarm.protocol.memory_access import (
     issue_access,
     read_access,
 )
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 pytestmark = pytest.mark.slow
 NAMESPACE = "secret-project-aurora"

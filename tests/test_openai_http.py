@@ -32,7 +32,7 @@ from edgeswarm.node.openai_http import OpenAIServer
 from edgeswarm.node.rate_limit import RateLimiter
 from edgeswarm.swarm.client import TokenEvent
 from edgeswarm.swarm.errors import NoRouteError, SwarmConnectionError
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 slow = pytest.mark.slow
 TOKEN = "sk-edgeswarm-test"

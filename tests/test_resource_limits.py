@@ -31,6 +31,7 @@ from edgeswarm.node.service import BlockServicer, ServiceLimits, start_grpc_serv
 from edgeswarm.node.session_slots import SessionSlots, client_of
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.busy import BUSY_RETRY_SECONDS, busy_retry_after
 from edgeswarm.protocol.call_auth import CallAuthenticator, SignedCalls
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.principals import Principal
@@ -38,7 +39,7 @@ from edgeswarm.protocol.tensors import serialize_tensor
 from edgeswarm.swarm.errors import NodeBusyError
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.transport import remote_error
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 MODEL_ID = "tiny-limits"
 NODE_ID = "limits-node"
@@ -92,7 +93,7 @@ def test_a_client_over_its_cap_is_refused_while_others_are_served():
     slots, _, closed = make_slots(capacity=8, per_client=2)
     for _ in range(2):
         slots.enter(FakeContext(peer="ipv4:10.0.0.1:1000"))
-    with pytest.raises(SlotsFull, match=r"^busy: too many open sessions for anonymous ipv4:10.0.0.1 \(at most 2"):
+    with pytest.raises(SlotsFull, match=r"^too many open sessions for anonymous ipv4:10.0.0.1 \(at most 2"):
         slots.enter(FakeContext(peer="ipv4:10.0.0.1:2000"))  # another connection from the same address
     slots.enter(FakeContext(peer="ipv4:10.0.0.2:1000"))
     slots.enter(FakeContext("alice"))
@@ -111,7 +112,7 @@ def test_when_slots_are_short_the_longest_idle_session_makes_way_but_never_a_wor
         fourth = FakeContext("d")
         slots.enter(fourth)  # nobody idle for 10 s: it takes the last free slot
         assert not closed and slots.taken == 4
-        with pytest.raises(SlotsFull, match="^busy: all 4 session slots are taken and none has been idle for 10 s"):
+        with pytest.raises(SlotsFull, match="^all 4 session slots are taken and none has been idle for 10 s"):
             slots.enter(FakeContext("e"))
         clock.advance(5)
     # first is idle again from now; second and third have been idle for 14 s: second entered first
@@ -147,7 +148,7 @@ def test_calls_go_to_their_own_pools():
     assert pool_of("/edgeswarm.v1.BlockService/NodeInfo") == pool_of("/edgeswarm.v1.BlockService/Echo") == ADMIN
     pool = CallSlots(TASKS, 1)
     pool.enter(None)
-    with pytest.raises(SlotsFull, match="^busy: all 1 tasks slots of this node are taken"):
+    with pytest.raises(SlotsFull, match="^all 1 tasks slots of this node are taken"):
         pool.enter(None)
     pool.leave(None)
     pool.enter(None)
@@ -252,7 +253,8 @@ def test_a_huge_first_batch_is_refused_busy_and_allocates_nothing(make_node):
     with pytest.raises(grpc.RpcError) as refused:
         next(flood.responses)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert refused.value.details().startswith("busy: KV-cache budget exhausted: session 'flood:0:2' asks")
+    assert refused.value.details().startswith("KV-cache budget exhausted: session 'flood:0:2' asks")
+    assert busy_retry_after(refused.value) == BUSY_RETRY_SECONDS  # "busy" travels in the status details
     record = SimpleNamespace(node_id=NODE_ID, address=node.address)
     assert isinstance(remote_error(Hop(record, 0, BLOCKS), refused.value), NodeBusyError)  # the client goes elsewhere
     wait_until(lambda: node.info(channel).active_sessions == 1, "the refused session is gone", timeout=DEADLINE, interval=POLL_SECONDS)
@@ -283,7 +285,8 @@ def test_a_pool_full_of_idle_sessions_leaves_node_info_and_forward_answering_and
     with pytest.raises(grpc.RpcError) as refused:
         next(refused_stream.responses)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert refused.value.details() == "busy: all 4 session slots are taken and none has been idle for 10 s"
+    assert refused.value.details() == "all 4 session slots are taken and none has been idle for 10 s"
+    assert busy_retry_after(refused.value) == BUSY_RETRY_SECONDS
 
     info = node.info(channel)  # the admin pool answers
     assert (info.node_id, info.active_sessions) == (NODE_ID, 4)
@@ -322,7 +325,8 @@ def test_a_principal_over_its_session_cap_is_refused_while_another_is_served(mak
     with pytest.raises(grpc.RpcError) as refused:
         next(third.responses)
     assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert refused.value.details() == f"busy: too many open sessions for {greedy.fingerprint} (at most 2 per client)"
+    assert refused.value.details() == f"too many open sessions for {greedy.fingerprint} (at most 2 per client)"
+    assert busy_retry_after(refused.value) == BUSY_RETRY_SECONDS
 
     served = node.hold(other_channel, opening("other-0"), step(batch=1))
     assert next(served.responses).cache_length == 1

@@ -1,14 +1,11 @@
 import pytest
 
-from edgeswarm.partition.span_selection import (
-    block_throughputs,
-    choose_least_covered_span,
-)
+from edgeswarm.partition.coverage import block_throughputs, coverage_gaps
+from edgeswarm.partition.span_selection import choose_least_covered_span
 from edgeswarm.protocol.records import OFFLINE, ServerRecord
 from edgeswarm.swarm.errors import NoRouteError
 from edgeswarm.swarm.routing import (
     MeasuredSpeeds,
-    coverage_gaps,
     plan_route,
     trusted_throughputs,
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from edgeswarm.agent import sandbox
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 try:
     sandbox.check_available()

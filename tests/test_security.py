@@ -7,8 +7,8 @@ import pytest
 import torch
 from hivemind.utils import get_dht_time
 
-from edgeswarm import SwarmClient
 from devtools.launcher import LocalSwarm
+from edgeswarm import SwarmClient
 from edgeswarm.protocol.channels import use_swarm_key
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.records import servers_key
@@ -17,7 +17,7 @@ from edgeswarm.protocol.swarm_key import generate_swarm_key, read_swarm_key
 from edgeswarm.swarm.errors import RemoteError
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.transport import SpanStream
-from tests.swarm_helpers import wait_until
+from tests.support import one_step, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,28 +37,22 @@ def wait_for_servers(client, count):
     return wait_until(servers, f"{count} servers are announced", interval=0.5)
 
 
-@pytest.fixture(scope="module")
-def one_node(tiny_llama_dir):
-    with LocalSwarm([["--model", str(tiny_llama_dir), "--blocks", "0:6"]]) as swarm:
-        yield swarm
-
-
-def test_a_replayed_session_step_is_refused(one_node, tiny_llama_dir):
-    with SwarmClient(one_node.initial_peers, model=str(tiny_llama_dir)) as client:
+def test_a_replayed_session_step_is_refused(tiny_node, tiny_llama_dir):
+    with SwarmClient(tiny_node.initial_peers, model=str(tiny_llama_dir)) as client:
         [record] = wait_for_servers(client, 1)
         hidden = torch.zeros(1, 1, client.model.config.hidden_size)
         positions, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
         stream = SpanStream(Hop(record, 0, 6), "replay", client.model.model_id, 16, connect_timeout=5)
-        stream.step(hidden, positions, mask, 10)
+        one_step(stream, hidden, positions, mask, 10)
         stream._next_step_id -= 1  # send step 0 again
         with pytest.raises(RemoteError, match="INVALID_ARGUMENT: step 0 is replayed"):
-            stream.step(hidden, positions + 1, mask, 10)
+            one_step(stream, hidden, positions + 1, mask, 10)
         stream.close()
         assert client.generate([1, 2, 3], max_new_tokens=2).finish_reason in ("eos", "length")  # still serving
 
 
-def test_forged_unsigned_and_replayed_records_are_ignored(one_node, tiny_llama_dir):
-    swarm = one_node
+def test_forged_unsigned_and_replayed_records_are_ignored(tiny_node, tiny_llama_dir):
+    swarm = tiny_node
     with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir)) as client:
         [honest] = wait_for_servers(client, 1)
         key = servers_key(client.model.model_id)
@@ -115,6 +109,6 @@ def test_a_node_without_the_swarm_key_can_neither_serve_nor_be_routed_to(tiny_ll
                 assert set(records) == {member["node_id"], outsider["node_id"]}
                 record = records[member["node_id"]]
                 with pytest.raises(RemoteError, match="UNAUTHENTICATED: this node belongs to a private swarm"):
-                    SpanStream(Hop(record, 0, 6), "keyless", keyless.model.model_id, 16, connect_timeout=5).step(
+                    one_step(SpanStream(Hop(record, 0, 6), "keyless", keyless.model.model_id, 16, connect_timeout=5),
                         torch.zeros(1, 1, keyless.model.config.hidden_size), torch.zeros(1, 1, dtype=torch.long),
                         torch.ones(1, 1, dtype=torch.bool), 10)

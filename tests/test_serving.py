@@ -6,17 +6,16 @@ import grpc
 import pytest
 import torch
 
-from edgeswarm import SwarmClient
-from edgeswarm.model.sources import open_model
+from devtools.decoding import greedy_decode
 from devtools.launcher import LocalSwarm, start_node
-from devtools.reference import load_reference_model, reference_greedy_tokens
+from devtools.reference import reference_greedy_tokens
+from edgeswarm import SwarmClient
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
+from edgeswarm.protocol.busy import busy_retry_after
 from edgeswarm.protocol.tensors import serialize_tensor
 from edgeswarm.swarm.routing import Hop
-from edgeswarm.swarm.session import InferenceSession
-from devtools.decoding import greedy_decode
-from tests.swarm_helpers import node_channel, node_info, swarm_member, wait_until
+from tests.support import node_channel, node_info, swarm_member, wait_until
 
 pytestmark = pytest.mark.slow
 PROMPT = [5, 77, 300, 12, 9]
@@ -39,10 +38,9 @@ def _open_session(channel: grpc.Channel, model_id: str, max_length: int, steps: 
     return list(pb_grpc.BlockServiceStub(channel).InferenceSession(iter(requests), timeout=30))
 
 
-def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir):
+def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir, tiny_llama_reference):
     model = ["--model", str(tiny_llama_dir)]
-    reference = load_reference_model(open_model(tiny_llama_dir))
-    expected = reference_greedy_tokens(reference, PROMPT, 8)
+    expected = reference_greedy_tokens(tiny_llama_reference, PROMPT, 8)
     # 1 MiB holds one session of 400 tokens through 6 blocks (256 bytes per token and block), not two
     with LocalSwarm([[*model, "--blocks", "0:6", "--kv-memory", "1"]]) as swarm:
         small = swarm.nodes[0]
@@ -53,12 +51,13 @@ def test_a_full_node_answers_busy_and_the_client_goes_elsewhere(tiny_llama_dir):
             with node_channel(small) as channel, pytest.raises(grpc.RpcError) as refused:
                 _open_session(channel, client.model.model_id, 400)
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert refused.value.details().startswith("busy: KV-cache budget exhausted")
+            assert refused.value.details().startswith("KV-cache budget exhausted")
+            assert busy_retry_after(refused.value) is not None
             roomy = swarm.add_node([*model, "--blocks", "0:6"])
             wait_until(lambda: len(client.servers()) >= 2, "both nodes are announced")
             # a session routed to the full node is told "busy" and replays on the other one
             full_record = next(record for record in client.servers() if record.address == small.address)
-            with InferenceSession(client, [Hop(full_record, 0, 6)], max_length=400) as session:
+            with client.inference_session(max_length=400, route=[Hop(full_record, 0, 6)]) as session:
                 assert greedy_decode(session, PROMPT, 8) == expected
                 assert [hop.record.address for hop in session.route] == [roomy.address]
                 assert "is busy" in session.failovers[0].reason

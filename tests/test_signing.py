@@ -31,16 +31,6 @@ NOW = 1_700_000_000.0
 EXPIRES = NOW + 600
 
 
-@pytest.fixture(scope="module")
-def identity() -> NodeIdentity:
-    return NodeIdentity.generate()
-
-
-@pytest.fixture(scope="module")
-def other() -> NodeIdentity:
-    return NodeIdentity.generate()
-
-
 def record_payload(node_id: str) -> dict[str, Any]:
     record = ServerRecord(
         node_id=node_id,

@@ -2,38 +2,38 @@
 not believe a node's word about its speed.
 
 The judging rule, the difference measure and the codecs' error bounds are tested directly; the rest runs
-a real swarm of the tiny model: two honest nodes and one that corrupts its outputs
-(EDGESWARM_FAULT_INJECTION), all serving every block, so each can verify the others. Some tests add a
-fourth node that lies in another way.
+a real swarm of the tiny model: two honest nodes and one that corrupts its outputs (a lying node,
+devtools.lying_node), all serving every block, so each can verify the others. Some tests add a fourth
+node that lies in another way.
 """
 
 import threading
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from edgeswarm import SwarmClient
 from devtools.launcher import LocalSwarm, start_node
+from devtools.lying_node import Lies, parse_args
 from devtools.reference import reference_greedy_tokens
-from edgeswarm.node.service import FaultInjection
 from edgeswarm.protocol.codecs import decode_tensor, encode_tensor
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.swarm.routing import UNMEASURED_CEILING_FACTOR, Hop
 from devtools.decoding import greedy_decode
-from edgeswarm.swarm.session import DEFAULT_SPOT_CHECK, InferenceSession, SessionPolicy
+from edgeswarm.swarm.policy import DEFAULT_SPOT_CHECK, SessionPolicy
+from edgeswarm.swarm.session import InferenceSession
 from edgeswarm.swarm.spot_check import codec_error_bound, difference, judge
-from tests.swarm_helpers import until_eos, wait_until
+from tests.support import until_eos, wait_until
 
 PROMPT = [5, 77, 300, 12, 9, 401]
 TOKENS = 16
 NOISE = 0.05
-FAULT = {"EDGESWARM_FAULT_INJECTION": f"corrupt_outputs={NOISE}"}
+FAULT = Lies(corrupt_outputs=NOISE)
 POLICY = SessionPolicy(spot_check=1.0, spot_check_seed=0, replacement_wait=20, min_step_deadline=5.0)
 # lies only on replies asked for in a codec: the steps that looked unchecked when checked ones asked for raw replies
-SLY_FAULT = {"EDGESWARM_FAULT_INJECTION": f"corrupt_outputs={NOISE},when=compressed_reply"}
+SLY_FAULT = Lies(corrupt_outputs=NOISE, when="compressed_reply")
 BRAGGING_THROUGHPUT = 1e6
-BRAGGING = {"EDGESWARM_FAULT_INJECTION": f"announce_throughput={BRAGGING_THROUGHPUT}"}
+BRAGGING = Lies(announce_throughput=BRAGGING_THROUGHPUT)
 LOSSY_CODECS = ("fp16", "bf16", "int8_outlier", "int8_block", "int8_token", "int4_block")
 
 
@@ -95,10 +95,10 @@ def test_the_judging_rule():
     assert judge(hop, lie, verifier, truth, [], lambda record: None, mask, tolerance).liars == {}
 
 
-def test_codec_error_bounds_hold_and_are_nearly_reached(reference):
+def test_codec_error_bounds_hold_and_are_nearly_reached(tiny_llama_reference):
     # real hidden states (the tiny model's, at every block boundary) and SmolLM2-like ones with huge channels
     with torch.no_grad():
-        states = list(reference(torch.tensor([PROMPT * 8]), output_hidden_states=True).hidden_states[1:-1])
+        states = list(tiny_llama_reference(torch.tensor([PROMPT * 8]), output_hidden_states=True).hidden_states[1:-1])
     torch.manual_seed(0)
     massive = torch.randn(1, 32, 576)
     massive[..., :2] *= 50.0
@@ -119,17 +119,25 @@ def test_codec_error_bounds_hold_and_are_nearly_reached(reference):
     assert codec_error_bound("", 64) == codec_error_bound("lossless", 64) == 0.0
 
 
-def test_fault_injection_setting():
-    assert FaultInjection.parse("") == FaultInjection()
-    assert FaultInjection.parse("corrupt_outputs=0.05") == FaultInjection(corrupt_outputs=0.05)
-    sly = FaultInjection.parse("corrupt_outputs=0.05, when=compressed_reply")
+def lies_of(*options: str) -> Lies:
+    """The lies a lying node's command line asks for (devtools.lying_node)."""
+    lies, node_args = parse_args([*options, "join", "--blocks", "0:6"])
+    assert node_args == ["join", "--blocks", "0:6"]  # the rest goes to swarm-node untouched
+    return lies
+
+
+def test_lying_node_options():
+    assert lies_of() == Lies()
+    assert lies_of("--corrupt-outputs", "0.05") == Lies(corrupt_outputs=0.05)
+    sly = lies_of("--corrupt-outputs", "0.05", "--when", "compressed_reply")
     assert sly.corrupts("int8_block") and not sly.corrupts("") and not sly.corrupts("none")
-    assert FaultInjection.parse("corrupt_outputs=0.05").corrupts("")
-    assert FaultInjection.parse("announce_throughput=1e6").announce_throughput == 1e6
-    with pytest.raises(ValueError, match="unknown fault"):
-        FaultInjection.parse("drop_everything=1")
+    assert lies_of("--corrupt-outputs", "0.05").corrupts("")
+    assert lies_of("--announce-throughput", "1e6").announce_throughput == 1e6
+    assert all(lies_of(*lies.to_args()) == lies for lies in (FAULT, SLY_FAULT, BRAGGING))  # what the launcher passes
+    with pytest.raises(SystemExit):  # an unknown lie
+        lies_of("--drop-everything", "1")
     with pytest.raises(ValueError, match="when must be"):
-        FaultInjection.parse("corrupt_outputs=0.05,when=sometimes")
+        Lies(corrupt_outputs=0.05, when="sometimes")
 
 
 def test_spot_checks_are_on_by_default():
@@ -149,8 +157,7 @@ def swarm(tiny_llama_dir):
     """Honest nodes 0 and 1, and the liar as node 2; every one serves all 6 blocks."""
     args = ["--model", str(tiny_llama_dir), "--blocks", "0:6"]
     with LocalSwarm([args, args]) as local_swarm:
-        liar = start_node(args, local_swarm.initial_peers, env=FAULT)  # LocalSwarm passes no environment
-        local_swarm.nodes.append(liar)  # stopped with the others
+        local_swarm.add_node(args, lies=FAULT)  # stopped with the others
         yield local_swarm
 
 
@@ -162,12 +169,12 @@ def client(swarm, tiny_llama_dir):
 
 @pytest.fixture
 def extra_node(swarm, tiny_llama_dir):
-    """Starts a fourth node serving all blocks, with the given environment, joined to the swarm; it is
+    """Starts a fourth node serving all blocks, lying as the given `Lies` say, joined to the swarm; it is
     stopped (and withdraws its record) at the end of the test."""
     started = []
 
-    def start(env: dict[str, str]):
-        started.append(start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], swarm.initial_peers, env=env))
+    def start(lies: Lies):
+        started.append(start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], swarm.initial_peers, lies=lies))
         return started[-1]
 
     yield start
@@ -176,13 +183,8 @@ def extra_node(swarm, tiny_llama_dir):
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_llama_dir):
-    return AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-
-
-@pytest.fixture(scope="module")
-def expected(reference):
-    return reference_greedy_tokens(reference, PROMPT, TOKENS)
+def expected(tiny_llama_reference):
+    return reference_greedy_tokens(tiny_llama_reference, PROMPT, TOKENS)
 
 
 def node_id(node) -> str:
@@ -193,11 +195,11 @@ def session_on(client, node, **kwargs) -> InferenceSession:
     """A session whose one hop is `node`, whatever routing would choose."""
     wait_until_listed(client, node)
     records = {record.address: record for record in client.servers()}
-    return InferenceSession(client, [Hop(records[node.address], 0, 6)], max_length=64, **kwargs)
+    return client.inference_session(max_length=64, route=[Hop(records[node.address], 0, 6)], **kwargs)
 
 
 def usable_ids(client) -> set[str]:
-    return {record.node_id for record in client.usable_servers()}
+    return {record.node_id for record in client.routes.usable_servers()}
 
 
 def wait_until_listed(client, node) -> None:
@@ -212,7 +214,7 @@ def test_a_liar_on_the_route_is_outvoted_banned_and_replaced(swarm, client, expe
         [caught] = session.misbehaviours
         assert caught.node_id == node_id(liar) and caught.blocks == (0, 6) and caught.step == 0
         assert caught.reason.startswith("outvoted") and caught.difference > 20 * POLICY.spot_check_tolerance
-        assert client.misbehaviours == [caught]
+        assert client.routes.misbehaviours == [caught]
         [failover] = session.failovers
         assert failover.failed_node == node_id(liar) and failover.replayed_tokens == len(PROMPT)
         assert session.route[0].record.node_id in {node_id(node) for node in honest}
@@ -225,7 +227,7 @@ def test_a_liar_on_the_route_is_outvoted_banned_and_replaced(swarm, client, expe
 @pytest.mark.slow
 def test_with_a_single_verifier_a_lying_hop_contradicts_itself(swarm, client, expected):
     honest, other_honest, liar = swarm.nodes
-    client.ban(node_id(other_honest), 3600)  # only one node is left to verify the liar
+    client.routes.ban(node_id(other_honest), 3600)  # only one node is left to verify the liar
     with session_on(client, liar) as session:
         assert greedy_decode(session, PROMPT, TOKENS) == expected
         [caught] = session.misbehaviours
@@ -239,7 +241,7 @@ def test_with_a_single_verifier_a_lying_hop_contradicts_itself(swarm, client, ex
 @pytest.mark.slow
 def test_a_lying_verifier_is_caught_and_the_honest_hop_kept(swarm, client, expected):
     honest, other_honest, liar = swarm.nodes
-    client.ban(node_id(other_honest), 3600)  # the liar is the only possible verifier
+    client.routes.ban(node_id(other_honest), 3600)  # the liar is the only possible verifier
     with session_on(client, honest) as session:
         assert greedy_decode(session, PROMPT, TOKENS) == expected
         [caught] = session.misbehaviours
@@ -254,13 +256,13 @@ def test_generate_catches_the_liar_wherever_routing_puts_it(swarm, client, expec
     # on some step (each time with probability 1/2) and outvoted by the other honest node
     result = client.generate(PROMPT, max_new_tokens=TOKENS)
     assert result.token_ids == until_eos(expected, {2})
-    assert [m.node_id for m in client.misbehaviours] == [node_id(swarm.nodes[2])]
+    assert [m.node_id for m in client.routes.misbehaviours] == [node_id(swarm.nodes[2])]
     assert usable_ids(client) == {node_id(node) for node in swarm.nodes[:2]}
 
 
 @pytest.mark.slow
-def test_honest_nodes_are_never_flagged(swarm, client, reference, expected):
-    client.ban(node_id(swarm.nodes[2]), 3600)  # only the honest nodes remain
+def test_honest_nodes_are_never_flagged(swarm, client, tiny_llama_reference, expected):
+    client.routes.ban(node_id(swarm.nodes[2]), 3600)  # only the honest nodes remain
     sessions, outputs = [], {}
 
     def decode(name, prompt, expected_tokens):
@@ -272,7 +274,7 @@ def test_honest_nodes_are_never_flagged(swarm, client, reference, expected):
     other = [250, 8, 13, 99]
     threads = [
         threading.Thread(target=decode, args=("first", PROMPT, expected)),
-        threading.Thread(target=decode, args=("second", other, reference_greedy_tokens(reference, other, TOKENS))),
+        threading.Thread(target=decode, args=("second", other, reference_greedy_tokens(tiny_llama_reference, other, TOKENS))),
     ]
     for thread in threads:
         thread.start()
@@ -289,14 +291,14 @@ def test_honest_nodes_are_never_flagged(swarm, client, reference, expected):
         stats = session.spot_checks
         assert stats.checks == TOKENS + 1 and stats.agreed == stats.checks, stats
         assert session.misbehaviours == [] and session.failovers == []
-    assert client.misbehaviours == []
+    assert client.routes.misbehaviours == []
     assert usable_ids(client) == {node_id(node) for node in swarm.nodes[:2]}
 
 
 def two_hop_session(client, first, second) -> InferenceSession:
     """A session running blocks 0:3 on node `first` and 3:6 on node `second`."""
     records = {record.address: record for record in client.servers()}
-    return InferenceSession(client, [Hop(records[first.address], 0, 3), Hop(records[second.address], 3, 6)], max_length=64)
+    return client.inference_session(max_length=64, route=[Hop(records[first.address], 0, 3), Hop(records[second.address], 3, 6)])
 
 
 def restrict_verifiers(session, allowed) -> None:
@@ -306,7 +308,7 @@ def restrict_verifiers(session, allowed) -> None:
 
 
 @pytest.mark.slow
-def test_lies_that_passed_unverified_are_repaired_downstream(swarm, client, reference, caplog):
+def test_lies_that_passed_unverified_are_repaired_downstream(swarm, client, tiny_llama_reference, caplog):
     honest, other_honest, liar = swarm.nodes
     with two_hop_session(client, liar, honest) as session:
         # the first step of the liar's hop finds no verifier, so its lie reaches the next hop's cache;
@@ -320,7 +322,7 @@ def test_lies_that_passed_unverified_are_repaired_downstream(swarm, client, refe
         assert "rebuilding blocks 3:6" in caplog.text
         assert session.route[1].record.node_id == node_id(honest)
     # the first token came from corrupted states; everything after it from repaired caches
-    assert tokens[1:] == reference_greedy_tokens(reference, PROMPT + tokens[:1], TOKENS - 1)
+    assert tokens[1:] == reference_greedy_tokens(tiny_llama_reference, PROMPT + tokens[:1], TOKENS - 1)
 
 
 @pytest.mark.slow
@@ -343,7 +345,7 @@ def test_lossy_links_do_not_look_like_lies(swarm, tiny_llama_dir):
     # int8_block inputs differ from the exact ones by far more than the tolerance: the verifier must get
     # what the node decoded, and the checked reply, compressed as every reply, is allowed the codec's error
     with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=POLICY, link_quality="int8_block") as lossy:
-        lossy.ban(node_id(swarm.nodes[2]), 3600)
+        lossy.routes.ban(node_id(swarm.nodes[2]), 3600)
         with lossy.inference_session(max_length=64) as session:
             greedy_decode(session, PROMPT, TOKENS)
             sent = session._hops[0].sent
@@ -361,7 +363,7 @@ def test_a_liar_cannot_tell_checked_steps_on_compressed_links(swarm, extra_node,
     sly = extra_node(SLY_FAULT)
     policy = SessionPolicy(spot_check_seed=0, replacement_wait=20, min_step_deadline=5.0)
     with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=policy, link_quality="int8_block") as client:
-        client.ban(node_id(swarm.nodes[2]), 3600)  # the other liar lies on every reply: keep it out
+        client.routes.ban(node_id(swarm.nodes[2]), 3600)  # the other liar lies on every reply: keep it out
         wait_until_listed(client, sly)
         with session_on(client, swarm.nodes[0]) as honest_session:  # the honest output on these links
             expected = greedy_decode(honest_session, PROMPT, TOKENS)
@@ -373,7 +375,7 @@ def test_a_liar_cannot_tell_checked_steps_on_compressed_links(swarm, extra_node,
             assert caught.node_id == node_id(sly) and caught.step == 0 and caught.reason.startswith("outvoted")
             assert caught.tolerance > POLICY.spot_check_tolerance  # allowing for int8_block's error
             assert [event.failed_node for event in session.failovers] == [node_id(sly)]
-        assert client.misbehaviours == [caught]
+        assert client.routes.misbehaviours == [caught]
         assert node_id(sly) not in usable_ids(client)
 
 
@@ -383,27 +385,27 @@ def test_an_absurd_throughput_announcement_does_not_win_every_route(swarm, extra
     honest = swarm.nodes[0]
     with SwarmClient(swarm.initial_peers, model=str(tiny_llama_dir), policy=SessionPolicy(spot_check=0.0)) as client:
         for other in swarm.nodes[1:]:
-            client.ban(node_id(other), 3600)  # the braggart against one honest node
+            client.routes.ban(node_id(other), 3600)  # the braggart against one honest node
         wait_until_listed(client, braggart)
-        announced = {record.node_id: record.throughput for record in client.usable_servers()}
+        announced = {record.node_id: record.throughput for record in client.routes.usable_servers()}
         assert announced[node_id(braggart)] == BRAGGING_THROUGHPUT
 
         def trusted() -> dict[str, float]:
-            return {record.node_id: record.throughput for record in client.trusted_servers()}
+            return {record.node_id: record.throughput for record in client.routes.trusted_servers()}
 
         # nothing measured yet: it counts as twice the median announcement at most (here the honest
         # node's), so it is tried, as a node that may really be faster would be
         assert trusted()[node_id(braggart)] == UNMEASURED_CEILING_FACTOR * announced[node_id(honest)]
         [hop] = client.route()
         assert hop.record.node_id == node_id(braggart)
-        with InferenceSession(client, [hop], max_length=64) as session:
+        with client.inference_session(max_length=64, route=[hop]) as session:
             greedy_decode(session, PROMPT, 4)
         # measured, it counts at the speed the client saw, not at its word
-        measured = client.speeds.measured(node_id(braggart))
+        measured = client.routes.speeds.measured(node_id(braggart))
         assert trusted()[node_id(braggart)] == measured < BRAGGING_THROUGHPUT
         # so does the honest node once measured, and routes follow those measurements alone
         with session_on(client, honest) as session:
             greedy_decode(session, PROMPT, 4)
         speeds = trusted()
-        assert speeds[node_id(honest)] == min(announced[node_id(honest)], client.speeds.measured(node_id(honest)))
+        assert speeds[node_id(honest)] == min(announced[node_id(honest)], client.routes.speeds.measured(node_id(honest)))
         assert [hop.record.node_id for hop in client.route()] == [max(speeds, key=speeds.get)]

@@ -22,7 +22,7 @@ from edgeswarm.swarm.status import (
     plot_status,
     render_table,
 )
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 NUM_BLOCKS = 30
 NOW = 1000.0

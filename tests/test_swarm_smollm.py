@@ -7,19 +7,27 @@ import grpc
 import pytest
 import torch
 
-from edgeswarm import SwarmClient
-from edgeswarm.model.profiling import block_parameter_bytes
+from devtools.decoding import greedy_decode
 from devtools.launcher import LocalSwarm, start_node
 from devtools.reference import reference_greedy_tokens
+from edgeswarm import SwarmClient
+from edgeswarm.model.profiling import block_parameter_bytes
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.protocol.tensors import serialize_tensor
 from edgeswarm.swarm.errors import RemoteError
 from edgeswarm.swarm.routing import Hop
-from edgeswarm.swarm.session import InferenceSession
-from devtools.decoding import greedy_decode
 from edgeswarm.swarm.transport import SpanStream
-from tests.swarm_helpers import node_channel, node_info, swarm_member, until_eos, wait_until
+from tests.support import (
+    announced,
+    node_channel,
+    node_info,
+    one_step,
+    reference_continuation,
+    swarm_member,
+    until_eos,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 EOS = {2}
@@ -36,11 +44,6 @@ def swarm():
 def client(swarm):
     with SwarmClient(swarm.initial_peers) as swarm_client:
         yield swarm_client
-
-
-def reference_continuation(model, input_ids, attention_mask=None, max_new_tokens=24):
-    output = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False)
-    return output[:, input_ids.shape[1] :]
 
 
 def test_nodes_choose_the_least_covered_spans_in_turn(swarm, client):
@@ -135,7 +138,7 @@ def test_wrong_hidden_size_is_refused_and_the_node_keeps_serving(swarm, client):
     record = next(r for r in client.servers() if r.address == first.address)
     stream = SpanStream(Hop(record, 0, 10), "bad-hidden", client.model.model_id, 16, connect_timeout=5)
     with pytest.raises(RemoteError, match=r"INVALID_ARGUMENT: hidden_states must be \[batch, length, 576\], got \[1, 1, 100\]"):
-        stream.step(torch.zeros(1, 1, 100), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), 10)
+        one_step(stream, torch.zeros(1, 1, 100), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), 10)
     stream.close()
     assert client.generate("Hi", max_new_tokens=3).token_ids  # everyone else is still served
 
@@ -174,7 +177,7 @@ def test_session_cannot_grow_past_its_max_length(client):
     record = client.servers()[0]
     stream = SpanStream(Hop(record, 0, 10), "too-long", client.model.model_id, 4, connect_timeout=5)
     with pytest.raises(RemoteError, match="grow the session to 5 tokens, above its max_length 4"):
-        stream.step(torch.zeros(1, 5, 576), torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool), 10)
+        one_step(stream, torch.zeros(1, 5, 576), torch.arange(5)[None], torch.ones(1, 5, dtype=torch.bool), 10)
     stream.close()
 
 
@@ -182,14 +185,14 @@ def test_killing_the_middle_node_mid_generation_changes_no_token(swarm, client, 
     prompt = client.tokenizer(client.apply_chat_template(CHAT)).input_ids
     expected = reference_greedy_tokens(smollm_reference, prompt, 20)
     victim = start_node(["--blocks", "10:20"], swarm.initial_peers)
-    wait_until(lambda: victim.address in [record.address for record in client.servers()], "the new node is announced", interval=0.5)
+    wait_until(lambda: announced(client, victim), "the new node is announced", interval=0.5)
     records = {record.address: record for record in client.servers()}
     route = [
         Hop(records[swarm.nodes[0].address], 0, 10),
         Hop(records[victim.address], 10, 20),
         Hop(records[swarm.nodes[2].address], 20, 30),
     ]
-    with InferenceSession(client, route, max_length=128) as session:
+    with client.inference_session(max_length=128, route=route) as session:
         kill = lambda i: i == 7 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
         assert greedy_decode(session, prompt, 20, after_token=kill) == expected
         [event] = session.failovers

@@ -15,7 +15,7 @@ import pytest
 
 from devtools.testbed import BRIDGE, SCRIPT, Testbed, TestbedError
 from devtools.testbed import testbed_available as _testbed_available
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 PY = sys.executable
 

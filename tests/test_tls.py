@@ -18,7 +18,7 @@ from edgeswarm.protocol.channels import open_channel, register_certificate
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.swarm import dht as swarm_dht
 from edgeswarm.swarm.dht import RecordAuth
-from tests.swarm_helpers import wait_until
+from tests.support import wait_until
 
 
 def test_a_certificate_counts_only_for_the_identity_it_is_bound_to():

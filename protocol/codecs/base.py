@@ -61,7 +61,7 @@ class EncodeOptions:
 
 
 @dataclass(frozen=True)
-class _Layout:
+class WireLayout:
     """A decoded tensor's checked shape and dtype, plus the bases a semantic message may name."""
 
     shape: tuple[int, ...]
@@ -88,7 +88,7 @@ class Codec:
     name: str
     lossless: bool
     encode: Callable[[torch.Tensor, EncodeOptions], pb.Tensor] = field(repr=False)
-    decode: Callable[[pb.Tensor, _Layout], torch.Tensor] = field(repr=False)
+    decode: Callable[[pb.Tensor, WireLayout], torch.Tensor] = field(repr=False)
 
 
 # Every codec by wire name, in the order nodes announce them; the package's __init__ fills it.
@@ -175,19 +175,19 @@ def decode_tensor(
     if name in ("none", "lossless", "fp16", "bf16") and message.scales:
         raise CodecError(f"codec {name!r}: takes no scales, got {len(message.scales)} bytes")
     if name == "none":
-        return _decode_raw(message, max_bytes)
+        return decode_raw(message, max_bytes)
     dtype = _FLOAT_DTYPES.get(message.dtype)
     if dtype is None:
         raise CodecError(
             f"codec {name!r}: decoded dtype must be one of {sorted(_FLOAT_DTYPES)}, got {message.dtype!r}"
         )
-    shape = _checked_shape(name, message.shape, _itemsize(dtype), max_bytes)
-    return codec.decode(message, _Layout(shape, dtype, bases or {}))
+    shape = checked_shape(name, message.shape, dtype_itemsize(dtype), max_bytes)
+    return codec.decode(message, WireLayout(shape, dtype, bases or {}))
 
 
-def _decode_raw(message: pb.Tensor, max_bytes: int) -> torch.Tensor:
+def decode_raw(message: pb.Tensor, max_bytes: int) -> torch.Tensor:
     """The "none" codec's decoding: `deserialize_tensor` within max_bytes, any wire dtype."""
-    _checked_shape("none", message.shape, 1, max_bytes)  # keeps numpy away from absurd shapes
+    checked_shape("none", message.shape, 1, max_bytes)  # keeps numpy away from absurd shapes
     try:
         return deserialize_tensor(message, max_bytes=max_bytes)
     except TensorDecodeError as error:
@@ -198,11 +198,11 @@ def _decode_raw(message: pb.Tensor, max_bytes: int) -> torch.Tensor:
 # Shared checks and byte helpers
 
 
-def _itemsize(dtype: torch.dtype) -> int:
+def dtype_itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _checked_shape(name: str, shape, itemsize: int, max_bytes: int) -> tuple[int, ...]:
+def checked_shape(name: str, shape, itemsize: int, max_bytes: int) -> tuple[int, ...]:
     """A shape with few, non-negative dimensions whose tensor fits in max_bytes.
 
     Zero dimensions count as 1 for the size bound, so [0, 2**62] is refused too: nothing here
@@ -219,24 +219,24 @@ def _checked_shape(name: str, shape, itemsize: int, max_bytes: int) -> tuple[int
     return shape
 
 
-def _expect_length(name: str, what: str, actual: int, expected: int, shape: tuple[int, ...]) -> None:
+def expect_length(name: str, what: str, actual: int, expected: int, shape: tuple[int, ...]) -> None:
     if actual != expected:
         raise CodecError(f"codec {name!r}: {what} of shape {shape} need {expected} bytes, got {actual}")
 
 
-def _from_bytes(data: bytes, dtype: np.dtype) -> torch.Tensor:
+def tensor_from_bytes(data: bytes, dtype: np.dtype) -> torch.Tensor:
     """A writable 1-D tensor copied from bytes whose length is already checked."""
     return torch.from_numpy(np.frombuffer(data, dtype=dtype).copy())
 
 
-def _to_bytes(tensor: torch.Tensor) -> bytes:
+def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
     tensor = tensor.contiguous()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16)
     return tensor.numpy().tobytes()
 
 
-def _float_input(tensor: torch.Tensor, name: str, *, finite: bool) -> torch.Tensor:
+def float_input(tensor: torch.Tensor, name: str, *, finite: bool) -> torch.Tensor:
     """Refuses tensors a float codec cannot carry: non-wire dtypes and (if asked) NaN/Inf."""
     if tensor.dtype not in _FLOAT_NAMES:
         raise CodecError(f"codec {name!r}: encodes float32/float16/bfloat16 tensors, got {tensor.dtype}")
@@ -245,7 +245,7 @@ def _float_input(tensor: torch.Tensor, name: str, *, finite: bool) -> torch.Tens
     return tensor
 
 
-def _message(tensor: torch.Tensor, name: str, data: bytes, scales: bytes = b"", basis: str = "") -> pb.Tensor:
+def encoded_message(tensor: torch.Tensor, name: str, data: bytes, scales: bytes = b"", basis: str = "") -> pb.Tensor:
     return pb.Tensor(
         data=data,
         dtype=_FLOAT_NAMES[tensor.dtype],
@@ -256,7 +256,7 @@ def _message(tensor: torch.Tensor, name: str, data: bytes, scales: bytes = b"", 
     )
 
 
-def _rows(tensor: torch.Tensor) -> torch.Tensor:
+def as_rows(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor as float32 [rows, width] (a scalar is one row of one value)."""
     if tensor.dim() == 0:
         return tensor.float().reshape(1, 1)

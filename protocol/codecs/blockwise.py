@@ -26,13 +26,13 @@ from edgeswarm.protocol.codecs.base import (
     Codec,
     CodecError,
     EncodeOptions,
-    _expect_length,
-    _float_input,
-    _from_bytes,
-    _Layout,
-    _message,
-    _rows,
-    _to_bytes,
+    WireLayout,
+    as_rows,
+    encoded_message,
+    expect_length,
+    float_input,
+    tensor_from_bytes,
+    tensor_to_bytes,
 )
 
 INT8_BLOCK_SIZE = 64
@@ -41,7 +41,7 @@ INT8_QMAX = 127  # int8 values are -127..127 (never -128), symmetric around 0
 INT4_QMAX = 7  # int4 values are -7..7 (never -8)
 
 
-def _blocks_per_row(width: int, block: int | None) -> int:
+def blocks_per_row(width: int, block: int | None) -> int:
     """Number of scales per row: blocks of `block` values, or one per row when block is None."""
     if width == 0:
         return 0
@@ -78,7 +78,7 @@ def _fp16_scales(absmax: torch.Tensor, qmax: int, name: str) -> torch.Tensor:
     return torch.where(too_small, torch.nextafter(scales, torch.tensor(math.inf, dtype=torch.float16)), scales)
 
 
-def _quantize(rows: torch.Tensor, block: int | None, qmax: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize(rows: torch.Tensor, block: int | None, qmax: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric quantization of [rows, width] float32: (int8 values, float16 scales [rows, blocks])."""
     scales = _fp16_scales(_block_absmax(rows, block), qmax, name)
     per_value = scales.float()[:, _block_index(rows.shape[1], block)]
@@ -88,15 +88,15 @@ def _quantize(rows: torch.Tensor, block: int | None, qmax: int, name: str) -> tu
     return values, scales
 
 
-def _dequantize(values: torch.Tensor, scales: torch.Tensor, block: int | None) -> torch.Tensor:
+def dequantize(values: torch.Tensor, scales: torch.Tensor, block: int | None) -> torch.Tensor:
     """float32 [rows, width] from int8 values [rows, width] and float scales [rows, blocks]."""
     return values.float() * scales[:, _block_index(values.shape[1], block)]
 
 
-def _decode_scales(name: str, message: pb.Tensor, count: int, per_row: int, shape: tuple[int, ...]) -> torch.Tensor:
+def decode_scales(name: str, message: pb.Tensor, count: int, per_row: int, shape: tuple[int, ...]) -> torch.Tensor:
     """The float16 scales of a message as float32 [count, per_row], checked finite and non-negative."""
-    _expect_length(name, "scales", len(message.scales), count * per_row * 2, shape)
-    scales = _from_bytes(message.scales, np.float16).float().reshape(count, per_row)
+    expect_length(name, "scales", len(message.scales), count * per_row * 2, shape)
+    scales = tensor_from_bytes(message.scales, np.float16).float().reshape(count, per_row)
     if not bool(torch.isfinite(scales).all()):
         raise CodecError(f"codec {name!r}: scales hold NaN or Inf")
     if bool((scales < 0).any()):
@@ -104,7 +104,7 @@ def _decode_scales(name: str, message: pb.Tensor, count: int, per_row: int, shap
     return scales
 
 
-def _pack_int4(values: torch.Tensor) -> bytes:
+def pack_int4(values: torch.Tensor) -> bytes:
     """Values in -7..7 as nibbles q + 8, two per byte, low nibble first."""
     nibbles = (values.reshape(-1).to(torch.int16) + 8).to(torch.uint8)
     if nibbles.numel() % 2:
@@ -113,8 +113,8 @@ def _pack_int4(values: torch.Tensor) -> bytes:
     return (pairs[:, 0] | (pairs[:, 1] << 4)).numpy().tobytes()
 
 
-def _unpack_int4(data: bytes, count: int, name: str) -> torch.Tensor:
-    packed = _from_bytes(data, np.uint8)
+def unpack_int4(data: bytes, count: int, name: str) -> torch.Tensor:
+    packed = tensor_from_bytes(data, np.uint8)
     nibbles = torch.stack([packed & 0x0F, packed >> 4], dim=1).reshape(-1)
     if nibbles.numel() > count and int(nibbles[-1]) != 8:
         raise CodecError(f"codec {name!r}: the padding nibble after an odd number of values must be 8 (zero)")
@@ -128,23 +128,23 @@ def _quantized_codec(name: str, bits: int, block: int | None) -> Codec:
     qmax = INT8_QMAX if bits == 8 else INT4_QMAX
 
     def encode(tensor: torch.Tensor, options: EncodeOptions) -> pb.Tensor:
-        _float_input(tensor, name, finite=True)
-        values, scales = _quantize(_rows(tensor), block, qmax, name)
-        data = values.numpy().tobytes() if bits == 8 else _pack_int4(values)
-        return _message(tensor, name, data, _to_bytes(scales))
+        float_input(tensor, name, finite=True)
+        values, scales = quantize(as_rows(tensor), block, qmax, name)
+        data = values.numpy().tobytes() if bits == 8 else pack_int4(values)
+        return encoded_message(tensor, name, data, tensor_to_bytes(scales))
 
-    def decode(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
+    def decode(message: pb.Tensor, layout: WireLayout) -> torch.Tensor:
         count, width = layout.rows, layout.width
         expected = layout.numel if bits == 8 else -(-layout.numel // 2)
-        _expect_length(name, "data", len(message.data), expected, layout.shape)
-        scales = _decode_scales(name, message, count, _blocks_per_row(width, block), layout.shape)
+        expect_length(name, "data", len(message.data), expected, layout.shape)
+        scales = decode_scales(name, message, count, blocks_per_row(width, block), layout.shape)
         if bits == 8:
-            values = _from_bytes(message.data, np.int8)
+            values = tensor_from_bytes(message.data, np.int8)
             if bool((values == -128).any()):
                 raise CodecError(f"codec {name!r}: value -128 is outside -127..127")
         else:
-            values = _unpack_int4(message.data, layout.numel, name)
-        rows = _dequantize(values.reshape(count, width), scales, block)
+            values = unpack_int4(message.data, layout.numel, name)
+        rows = dequantize(values.reshape(count, width), scales, block)
         return rows.reshape(layout.shape).to(layout.dtype)
 
     return Codec(name, lossless=False, encode=encode, decode=decode)

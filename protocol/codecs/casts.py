@@ -21,15 +21,15 @@ from edgeswarm.protocol.codecs.base import (
     Codec,
     CodecError,
     EncodeOptions,
-    _decode_raw,
-    _expect_length,
-    _float_input,
-    _from_bytes,
-    _itemsize,
-    _Layout,
-    _message,
-    _to_bytes,
+    WireLayout,
+    decode_raw,
+    dtype_itemsize,
+    encoded_message,
+    expect_length,
     fits_fp16,
+    float_input,
+    tensor_from_bytes,
+    tensor_to_bytes,
 )
 from edgeswarm.protocol.tensors import MAX_TENSOR_BYTES, serialize_tensor
 
@@ -44,8 +44,8 @@ def _encode_none(tensor: torch.Tensor, options: EncodeOptions) -> pb.Tensor:
         raise CodecError(f"codec 'none': {error}") from error
 
 
-def _decode_none(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
-    return _decode_raw(message, MAX_TENSOR_BYTES)  # decode_tensor takes the raw path itself
+def _decode_none(message: pb.Tensor, layout: WireLayout) -> torch.Tensor:
+    return decode_raw(message, MAX_TENSOR_BYTES)  # decode_tensor takes the raw path itself
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,16 +53,16 @@ def _decode_none(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
 
 
 def _encode_lossless(tensor: torch.Tensor, options: EncodeOptions) -> pb.Tensor:
-    _float_input(tensor, "lossless", finite=False)
+    float_input(tensor, "lossless", finite=False)
     planes = tensor.reshape(-1).view(torch.uint8).reshape(-1, tensor.element_size()).T.contiguous()
-    return _message(tensor, "lossless", zlib.compress(planes.numpy().tobytes(), 1))
+    return encoded_message(tensor, "lossless", zlib.compress(planes.numpy().tobytes(), 1))
 
 
-def _decode_lossless(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
-    itemsize = _itemsize(layout.dtype)
+def _decode_lossless(message: pb.Tensor, layout: WireLayout) -> torch.Tensor:
+    itemsize = dtype_itemsize(layout.dtype)
     expected = layout.numel * itemsize
     raw = _bounded_inflate(message.data, expected)
-    planes = _from_bytes(raw, np.uint8).reshape(itemsize, layout.numel)
+    planes = tensor_from_bytes(raw, np.uint8).reshape(itemsize, layout.numel)
     values = planes.T.reshape(-1).view(layout.dtype)
     return values.reshape(layout.shape)
 
@@ -91,17 +91,17 @@ def _bounded_inflate(data: bytes, expected: int) -> bytes:
 
 def _cast_codec(name: str, wire: torch.dtype) -> Codec:
     def encode(tensor: torch.Tensor, options: EncodeOptions) -> pb.Tensor:
-        _float_input(tensor, name, finite=True)
+        float_input(tensor, name, finite=True)
         if wire == torch.float16 and not fits_fp16(tensor):
             raise CodecError(
                 f"codec {name!r}: values up to {tensor.float().abs().max().item():.4g} exceed float16's "
                 f"range (±{FP16_MAX:g}); use 'bf16' or another codec"
             )
-        return _message(tensor, name, _to_bytes(tensor.to(wire)))
+        return encoded_message(tensor, name, tensor_to_bytes(tensor.to(wire)))
 
-    def decode(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
-        _expect_length(name, "data", len(message.data), layout.numel * 2, layout.shape)
-        values = _from_bytes(message.data, np.float16 if wire == torch.float16 else np.int16)
+    def decode(message: pb.Tensor, layout: WireLayout) -> torch.Tensor:
+        expect_length(name, "data", len(message.data), layout.numel * 2, layout.shape)
+        values = tensor_from_bytes(message.data, np.float16 if wire == torch.float16 else np.int16)
         return values.view(wire).reshape(layout.shape).to(layout.dtype)
 
     return Codec(name, lossless=False, encode=encode, decode=decode)

@@ -17,22 +17,22 @@ from edgeswarm.protocol.codecs.base import (
     Codec,
     CodecError,
     EncodeOptions,
-    _expect_length,
-    _float_input,
-    _from_bytes,
-    _Layout,
-    _message,
-    _rows,
-    _to_bytes,
+    WireLayout,
+    as_rows,
+    encoded_message,
+    expect_length,
     fits_fp16,
+    float_input,
+    tensor_from_bytes,
+    tensor_to_bytes,
 )
 from edgeswarm.protocol.codecs.blockwise import (
     INT8_BLOCK_SIZE,
     INT8_QMAX,
-    _blocks_per_row,
-    _decode_scales,
-    _dequantize,
-    _quantize,
+    blocks_per_row,
+    decode_scales,
+    dequantize,
+    quantize,
 )
 
 OUTLIER_CHANNELS = 3  # int8_outlier: channels per message sent apart in float16
@@ -48,38 +48,38 @@ def _outlier_channels(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 def _encode_int8_outlier(tensor: torch.Tensor, options: EncodeOptions) -> pb.Tensor:
     name = "int8_outlier"
-    _float_input(tensor, name, finite=True)
-    rows = _rows(tensor)
+    float_input(tensor, name, finite=True)
+    rows = as_rows(tensor)
     channels = _outlier_channels(rows, OUTLIER_CHANNELS)
     outliers = rows[:, channels]
     if outliers.numel() and not fits_fp16(outliers):
         raise CodecError(f"codec {name!r}: outlier values beyond float16's range; use 'bf16' or 'lossless'")
     inliers = rows.clone()
     inliers[:, channels] = 0.0
-    values, scales = _quantize(inliers, INT8_BLOCK_SIZE, INT8_QMAX, name)
-    side = _to_bytes(channels.to(torch.int16)) + _to_bytes(outliers.to(torch.float16)) + _to_bytes(scales)
-    return _message(tensor, name, values.numpy().tobytes(), side)
+    values, scales = quantize(inliers, INT8_BLOCK_SIZE, INT8_QMAX, name)
+    side = tensor_to_bytes(channels.to(torch.int16)) + tensor_to_bytes(outliers.to(torch.float16)) + tensor_to_bytes(scales)
+    return encoded_message(tensor, name, values.numpy().tobytes(), side)
 
 
-def _decode_int8_outlier(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
+def _decode_int8_outlier(message: pb.Tensor, layout: WireLayout) -> torch.Tensor:
     name = "int8_outlier"
     count, width = layout.rows, layout.width
-    _expect_length(name, "data", len(message.data), layout.numel, layout.shape)
+    expect_length(name, "data", len(message.data), layout.numel, layout.shape)
     kept = min(OUTLIER_CHANNELS, width) if layout.numel else 0
-    blocks = _blocks_per_row(width, INT8_BLOCK_SIZE)
-    _expect_length(name, "scales", len(message.scales), 2 * kept + 2 * count * kept + 2 * count * blocks, layout.shape)
-    channels = _from_bytes(message.scales[: 2 * kept], np.int16).long()
+    blocks = blocks_per_row(width, INT8_BLOCK_SIZE)
+    expect_length(name, "scales", len(message.scales), 2 * kept + 2 * count * kept + 2 * count * blocks, layout.shape)
+    channels = tensor_from_bytes(message.scales[: 2 * kept], np.int16).long()
     if bool((channels < 0).any() or (channels >= width).any()) or channels.unique().numel() != channels.numel():
         raise CodecError(f"codec {name!r}: outlier channels {channels.tolist()} are not distinct columns of width {width}")
-    outliers = _from_bytes(message.scales[2 * kept : 2 * kept + 2 * count * kept], np.float16).float().reshape(count, kept)
+    outliers = tensor_from_bytes(message.scales[2 * kept : 2 * kept + 2 * count * kept], np.float16).float().reshape(count, kept)
     if not bool(torch.isfinite(outliers).all()):
         raise CodecError(f"codec {name!r}: outlier values hold NaN or Inf")
     scales_message = pb.Tensor(scales=message.scales[2 * kept + 2 * count * kept :])
-    scales = _decode_scales(name, scales_message, count, blocks, layout.shape)
-    values = _from_bytes(message.data, np.int8)
+    scales = decode_scales(name, scales_message, count, blocks, layout.shape)
+    values = tensor_from_bytes(message.data, np.int8)
     if bool((values == -128).any()):
         raise CodecError(f"codec {name!r}: value -128 is outside -127..127")
-    rows = _dequantize(values.reshape(count, width), scales, INT8_BLOCK_SIZE)
+    rows = dequantize(values.reshape(count, width), scales, INT8_BLOCK_SIZE)
     rows[:, channels] = outliers
     return rows.reshape(layout.shape).to(layout.dtype)
 

@@ -31,21 +31,21 @@ from edgeswarm.protocol.codecs.base import (
     Codec,
     CodecError,
     EncodeOptions,
-    _expect_length,
-    _float_input,
-    _from_bytes,
-    _Layout,
-    _message,
-    _rows,
-    _to_bytes,
+    WireLayout,
+    as_rows,
+    encoded_message,
+    expect_length,
+    float_input,
+    tensor_from_bytes,
+    tensor_to_bytes,
 )
 from edgeswarm.protocol.codecs.blockwise import (
     INT4_QMAX,
     INT8_QMAX,
-    _decode_scales,
-    _pack_int4,
-    _quantize,
-    _unpack_int4,
+    decode_scales,
+    pack_int4,
+    quantize,
+    unpack_int4,
 )
 from edgeswarm.protocol.codecs.casts import LOSSLESS
 
@@ -171,7 +171,7 @@ def semantic_quantize(
     parts, scales = [], []
     for qmax, part in ((INT8_QMAX, z[:, :k8]), (INT4_QMAX, z[:, k8:])):
         if part.shape[1]:
-            values, scale = _quantize(part, None, qmax, "semantic")
+            values, scale = quantize(part, None, qmax, "semantic")
             parts.append(values)
             scales.append(scale)
     return torch.cat(parts, dim=1), torch.cat(scales, dim=1)
@@ -206,12 +206,12 @@ def encode_semantic(
     max_relative_error: float = DEFAULT_MAX_RELATIVE_ERROR,
 ) -> SemanticEncoding:
     """KLT-codes `tensor` with the basis at `boundary`; falls back to "lossless" if any token's error is too high."""
-    tensor = _float_input(tensor.detach().cpu().contiguous(), "semantic", finite=True)
+    tensor = float_input(tensor.detach().cpu().contiguous(), "semantic", finite=True)
     if boundary not in basis.means:
         raise CodecError(
             f"codec 'semantic': basis {basis.digest} has no boundary {boundary} (it has {basis.boundaries})"
         )
-    rows = _rows(tensor)
+    rows = as_rows(tensor)
     if rows.shape[1] != basis.hidden_size:
         raise CodecError(
             f"codec 'semantic': hidden size {rows.shape[1]} does not match the basis's {basis.hidden_size}"
@@ -227,9 +227,9 @@ def encode_semantic(
     if worst > max_relative_error:
         return SemanticEncoding(LOSSLESS.encode(tensor, EncodeOptions()), worst, fell_back=True)
     eight = codes[:, :k8].numpy().view(np.uint8)
-    four = np.frombuffer(_pack_int4(codes[:, k8:]), dtype=np.uint8).reshape(len(codes), k4 // 2)
+    four = np.frombuffer(pack_int4(codes[:, k8:]), dtype=np.uint8).reshape(len(codes), k4 // 2)
     data = np.ascontiguousarray(np.concatenate([eight, four], axis=1)).tobytes()
-    message = _message(tensor, "semantic", data, _to_bytes(scales), f"{basis.digest}/{boundary}")
+    message = encoded_message(tensor, "semantic", data, tensor_to_bytes(scales), f"{basis.digest}/{boundary}")
     return SemanticEncoding(message, worst, fell_back=False)
 
 
@@ -239,7 +239,7 @@ def _encode_semantic_codec(tensor: torch.Tensor, options: EncodeOptions) -> pb.T
     return encode_semantic(tensor, options.basis, options.boundary, options.max_relative_error).message
 
 
-def _decode_semantic(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
+def _decode_semantic(message: pb.Tensor, layout: WireLayout) -> torch.Tensor:
     match = re.fullmatch(r"([0-9a-f]{16})/(\d{1,9})", message.basis)
     if match is None:
         raise CodecError(f"codec 'semantic': basis field {message.basis!r} is not '<16 hex digest>/<boundary>'")
@@ -256,13 +256,13 @@ def _decode_semantic(message: pb.Tensor, layout: _Layout) -> torch.Tensor:
         )
     count, (k8, k4) = layout.rows, basis.allocations[boundary]
     groups = (k8 > 0) + (k4 > 0)
-    _expect_length("semantic", "data", len(message.data), count * (k8 + k4 // 2), layout.shape)
-    scales = _decode_scales("semantic", message, count, groups, layout.shape)
-    raw = _from_bytes(message.data, np.uint8).reshape(count, k8 + k4 // 2)
+    expect_length("semantic", "data", len(message.data), count * (k8 + k4 // 2), layout.shape)
+    scales = decode_scales("semantic", message, count, groups, layout.shape)
+    raw = tensor_from_bytes(message.data, np.uint8).reshape(count, k8 + k4 // 2)
     eight = raw[:, :k8].contiguous().view(torch.int8)
     if bool((eight == -128).any()):
         raise CodecError("codec 'semantic': coefficient -128 is outside -127..127")
-    four = _unpack_int4(raw[:, k8:].contiguous().numpy().tobytes(), count * k4, "semantic").reshape(count, k4)
+    four = unpack_int4(raw[:, k8:].contiguous().numpy().tobytes(), count * k4, "semantic").reshape(count, k4)
     codes = torch.cat([eight, four], dim=1)
     mean, comps, std = basis.means[boundary], basis.components[boundary], basis.stds[boundary]
     decoded = semantic_reconstruct(codes, scales, mean, comps, std, k8, k4)

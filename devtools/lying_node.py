@@ -1,0 +1,131 @@
+"""A node that lies, for tests of spot checks and routing (swarm.spot_check, swarm.routing).
+
+It is `swarm-node join` with a servicer that corrupts the hidden states it returns, or announces a
+decode throughput it does not have::
+
+    python -m devtools.lying_node --corrupt-outputs 0.05 [--when compressed_reply] \\
+        [--announce-throughput 1e6] join --blocks 0:6 ...
+
+The lie options come first; everything from `join` on is the usual `swarm-node` command line. Tests and
+benchmarks start such a node with `devtools.launcher.start_node(..., lies=Lies(...))` (or
+`LocalSwarm.add_node(..., lies=...)`). The shipped node has no trace of this: the lies live in a subclass
+of `node.service.BlockServicer` that this module puts in the daemon's place before the node starts.
+
+- `--corrupt-outputs S`: add gaussian noise of relative scale S (S times each position's RMS) to the
+  hidden states it returns, from sessions and Forward alike;
+- `--when compressed_reply` (with --corrupt-outputs): only to replies asked for in a codec (a reply
+  codec other than "" or "none"), the steps that looked unchecked when checked steps asked for raw
+  replies;
+- `--announce-throughput X`: announce X blocks/s instead of its measured decode throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from edgeswarm.node.service import BlockServicer
+
+WHEN = ("always", "compressed_reply")
+
+
+@dataclass(frozen=True)
+class Lies:
+    """How a lying node lies; the default lies in no way."""
+
+    corrupt_outputs: float = 0.0  # relative scale of the noise added to returned hidden states (0: none)
+    when: str = "always"  # or "compressed_reply": corrupt only replies asked for in a codec
+    announce_throughput: float | None = None  # blocks/s to announce instead of the measured throughput
+
+    def __post_init__(self) -> None:
+        if self.when not in WHEN:
+            raise ValueError(f"when must be always or compressed_reply, got {self.when!r}")
+        if not self.corrupt_outputs >= 0:
+            raise ValueError(f"corrupt_outputs must be at least 0, got {self.corrupt_outputs}")
+        if self.announce_throughput is not None and not self.announce_throughput > 0:
+            raise ValueError(f"announce_throughput must be positive, got {self.announce_throughput}")
+
+    def corrupts(self, reply_codec: str) -> bool:
+        """Whether a reply in `reply_codec` is to be corrupted."""
+        return self.corrupt_outputs > 0 and (self.when == "always" or reply_codec not in ("", "none"))
+
+    def corrupt(self, output: torch.Tensor) -> torch.Tensor:
+        """`output` plus gaussian noise of `corrupt_outputs` times each position's RMS (computed in float32)."""
+        import torch
+
+        states = output.float()
+        noise = self.corrupt_outputs * states.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(states)
+        return (states + noise).to(output.dtype)
+
+    def to_args(self) -> list[str]:
+        """The options of this module's command line that ask for these lies."""
+        args = []
+        if self.corrupt_outputs:
+            args += ["--corrupt-outputs", repr(self.corrupt_outputs), "--when", self.when]
+        if self.announce_throughput is not None:
+            args += ["--announce-throughput", repr(self.announce_throughput)]
+        return args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m devtools.lying_node",
+        description="swarm-node join, with a node that lies (for tests of spot checks and routing).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--corrupt-outputs", type=float, default=0.0, metavar="SCALE", help="noise of this relative scale on returned hidden states")
+    parser.add_argument("--when", choices=WHEN, default="always", help="compressed_reply: corrupt only replies asked for in a codec")
+    parser.add_argument("--announce-throughput", type=float, default=None, metavar="BLOCKS_PER_SECOND", help="announce this instead of the measured throughput")
+    parser.add_argument("node_args", nargs=argparse.REMAINDER, metavar="join ...", help="the swarm-node command line")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[Lies, list[str]]:
+    """The lies asked for and the swarm-node command line after them (which must be a `join`)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.node_args[:1] != ["join"]:
+        parser.error("the lie options must be followed by `join` and its swarm-node arguments")
+    try:
+        lies = Lies(args.corrupt_outputs, args.when, args.announce_throughput)
+    except ValueError as error:
+        parser.error(str(error))
+    return lies, args.node_args
+
+
+def lying_servicer(base: type[BlockServicer], lies: Lies) -> type[BlockServicer]:
+    """A subclass of `base` that lies as `lies` says."""
+
+    class LyingServicer(base):  # type: ignore[valid-type, misc]
+        @property
+        def announced_throughput(self) -> float:
+            return lies.announce_throughput or super().announced_throughput
+
+        def _encode_reply(self, output, codec, boundary):  # every reply of Forward and sessions passes here
+            if lies.corrupts(codec):
+                output = lies.corrupt(output)
+            return super()._encode_reply(output, codec, boundary)
+
+    return LyingServicer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    lies, node_argv = parse_args(argv)
+    from edgeswarm.node import cli  # first: it sets the node's environment before torch loads
+
+    from edgeswarm.node import daemon
+
+    daemon.BlockServicer = lying_servicer(daemon.BlockServicer, lies)  # the class SwarmNode.start builds
+    if lies != Lies():
+        print(f"lying node: {lies}", file=sys.stderr, flush=True)
+    return cli.main(node_argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
