@@ -34,6 +34,15 @@ class SpanCache:
         """Whether its decode steps may join other sessions' (one sequence, no padding so far)."""
         return self.padding_mask is not None and self.padding_mask.shape[0] == 1 and bool(self.padding_mask.all())
 
+    def truncate(self, length: int) -> None:
+        """Forgets every position from `length` on (0 <= length <= self.length): speculative tokens that
+        were not accepted."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length < self.length:
+            self.kv.crop(length - self.length)
+            self.padding_mask = self.padding_mask[:, :length]
+
     def nbytes(self) -> int:
         """Bytes held by the keys and values of every layer."""
         return sum(

@@ -279,6 +279,13 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                         grpc.StatusCode.INVALID_ARGUMENT, f"step {step.step_id} is replayed: this session is past step {last_step_id}"
                     )
                 last_step_id = step.step_id
+                if step.HasField("truncate_to"):  # speculative tokens the client did not accept
+                    if not 0 <= step.truncate_to <= cache.length:
+                        context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            f"truncate_to {step.truncate_to} is outside this session's cache of {cache.length} positions",
+                        )
+                    cache.truncate(step.truncate_to)
                 try:
                     inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask, step.reply_codec)
                     batch, length = inputs.hidden_states.shape[:2]

@@ -32,6 +32,7 @@ from edgeswarm.swarm.routes import Banlist, RouteManager
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.sampling import cut_at_stop, next_tokens
 from edgeswarm.swarm.session import InferenceSession, positions_for
+from edgeswarm.swarm.speculation import SpeculationStats, speculative_greedy
 from edgeswarm.swarm.transport import forward_hop
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,21 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "eos", "stop" or "length"
     route: list[Hop] = field(default_factory=list)
+    speculation: SpeculationStats | None = None  # what speculative decoding did, when it ran
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy, or sampled with `temperature` and `top_p` (seeded by `seed`)."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @cached_property
+    def generator(self) -> torch.Generator | None:
+        return None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
 
 @dataclass
@@ -233,40 +249,48 @@ class ModelClient:
         input_ids: torch.Tensor,
         mask: torch.Tensor,
         max_new_tokens: int,
-        do_sample: bool,
-        temperature: float,
-        top_p: float,
+        sampling: Sampling,
         stop: Sequence[str],
-        seed: int | None,
+        speculate: bool,
     ) -> Iterator[tuple[torch.Tensor, list[GenerationResult | None]]]:
-        """Yields each step's [batch] tokens and the rows that finished (a result) or not (None)."""
+        """Yields each generated position's [batch] tokens and the rows that finished (a result) or not (None)."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         batch = input_ids.shape[0]
         generated: list[list[int]] = [[] for _ in range(batch)]
         results: list[GenerationResult | None] = [None] * batch
         with self.inference_session(max_length=input_ids.shape[1] + max_new_tokens) as session:
             logits = session.step(input_ids, mask)
-            for step in range(max_new_tokens):
-                tokens = next_tokens(logits, do_sample, temperature, top_p, generator)
+            stats = None
+            if speculate and not sampling.do_sample and batch == 1:  # greedy-exact: swarm.speculation
+                stats = SpeculationStats()
+                tokens = (torch.tensor([token]) for token in speculative_greedy(session, logits, input_ids[0][mask[0]].tolist(), stats))
+            else:
+                tokens = self._decoded_tokens(session, logits, sampling, results)
+            for step, step_tokens in zip(range(max_new_tokens), tokens):
                 for row in range(batch):
                     if results[row] is None:
-                        results[row] = self._row_progress(generated[row], int(tokens[row]), stop, session.route)
-                if step == max_new_tokens - 1 or all(result is not None for result in results):
+                        results[row] = self._row_progress(generated[row], int(step_tokens[row]), stop, session.route)
+                last = step == max_new_tokens - 1 or all(result is not None for result in results)
+                if last:
                     for row in range(batch):
                         if results[row] is None:
-                            results[row] = GenerationResult(
-                                self._decode(generated[row]), generated[row], "length", session.route
-                            )
-                    yield tokens, results
+                            results[row] = GenerationResult(self._decode(generated[row]), generated[row], "length", session.route)
+                        results[row].speculation = stats
+                yield step_tokens, results
+                if last:
                     return
-                yield tokens, results
-                # finished rows keep decoding padding, as transformers does; their output is ignored
-                feed = torch.tensor(
-                    [self._pad_token_id if results[row] is not None else int(tokens[row]) for row in range(batch)]
-                )
-                logits = session.step(feed[:, None])
+
+    def _decoded_tokens(
+        self, session: InferenceSession, logits: torch.Tensor, sampling: Sampling, results: list[GenerationResult | None]
+    ) -> Iterator[torch.Tensor]:
+        """Each position's [batch] tokens, one step through the swarm each; rows that finished (`results`)
+        keep decoding padding, as transformers does, and their output is ignored."""
+        while True:
+            tokens = next_tokens(logits, sampling.do_sample, sampling.temperature, sampling.top_p, sampling.generator)
+            yield tokens
+            feed = torch.tensor([self._pad_token_id if results[row] is not None else int(tokens[row]) for row in range(len(results))])
+            logits = session.step(feed[:, None])
 
     def _row_progress(self, generated: list[int], token: int, stop: Sequence[str], route: list[Hop]):
         """Appends `token` to a row; returns the row's result if it has now finished, else None."""
@@ -289,6 +313,7 @@ class ModelClient:
         stop: Sequence[str] = (),
         seed: int | None = None,
         micro_batch: int = 1,
+        speculate: bool = True,
     ) -> GenerationResult | list[GenerationResult]:
         """Continues a prompt (text or token ids) or a batch of them; greedy unless `do_sample`.
 
@@ -297,6 +322,8 @@ class ModelClient:
         micro-batches of `micro_batch` prompts (left-padded within each), all generated at once in their
         own sessions: they pipeline through the swarm, and nodes merge their decode steps (node.batching).
         `micro_batch=len(prompts)` runs one padded session instead. Micro-batch i samples with `seed + i`.
+        Greedy one-prompt sessions speculate (swarm.speculation: the same tokens, in fewer trips through
+        the swarm) unless `speculate` is False.
         """
         input_ids, mask, is_batch = self._encode(prompt)
         if micro_batch < 1:
@@ -307,10 +334,8 @@ class ModelClient:
             rows = list(groups[index])
             width = int(mask[rows].sum(dim=1).max())  # drop padding columns that no row of this group needs
             results = None
-            group_seed = None if seed is None else seed + index
-            for _, results in self._generate_rows(
-                input_ids[rows, -width:], mask[rows, -width:], max_new_tokens, do_sample, temperature, top_p, stop, group_seed
-            ):
+            sampling = Sampling(do_sample, temperature, top_p, None if seed is None else seed + index)
+            for _, results in self._generate_rows(input_ids[rows, -width:], mask[rows, -width:], max_new_tokens, sampling, stop, speculate):
                 pass
             return results
 
@@ -331,13 +356,15 @@ class ModelClient:
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        speculate: bool = True,
     ) -> Iterator[TokenEvent]:
         """Like `generate` for one prompt, yielding each token as soon as the swarm produces it."""
         input_ids, mask, is_batch = self._encode(prompt)
         if is_batch:
             raise ValueError("stream() takes one prompt; use generate() for a batch")
         emitted_text, generated = "", []
-        for tokens, results in self._generate_rows(input_ids, mask, max_new_tokens, do_sample, temperature, top_p, stop, seed):
+        sampling = Sampling(do_sample, temperature, top_p, seed)
+        for tokens, results in self._generate_rows(input_ids, mask, max_new_tokens, sampling, stop, speculate):
             token = int(tokens[0])
             finished = results[0]
             if finished is not None and finished.finish_reason == "eos":

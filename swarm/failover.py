@@ -65,12 +65,20 @@ class FailoverEvent:
     seconds: float  # from the failure being noticed to the step's output being ready again
 
 
+def cut(steps: list[SentStep], length: int) -> list[SentStep]:
+    """The first `length` positions of `steps`, as one step."""
+    whole = joined(steps)
+    seen = joined(steps, seen=True).hidden[:, :length] if any(step.seen is not None for step in steps) else None
+    return [SentStep(whole.hidden[:, :length], whole.positions[:, :length], whole.mask[:, :length], seen)]
+
+
 class HopState:
     """A hop in use: its stream, every input it was sent, and how fast it has been."""
 
     def __init__(self, stream: SpanStream):
         self.stream = stream
         self.sent: list[SentStep] = []
+        self.truncate_to: int | None = None  # a rollback its node has not been told of yet
         self._decode_seconds: float | None = None
         self._prefill_seconds_per_token: float | None = None
 
@@ -81,10 +89,16 @@ class HopState:
     def send(self, step: SentStep, codecs: StepCodecs, keep_seen: bool) -> SentStep:
         """Queues `step` on the stream; returns it with what the node will decode when `keep_seen` (spot
         checks need it) and a lossy codec carries it."""
-        encoded: pb.Tensor = self.stream.send(step.hidden, step.positions, step.mask, codecs)
+        encoded: pb.Tensor = self.stream.send(step.hidden, step.positions, step.mask, codecs, self.truncate_to)
+        self.truncate_to = None
         if not keep_seen or not codecs.compressed:
             return step
         return replace(step, seen=decode_hidden(self.hop, encoded, codecs))
+
+    def roll_back(self, length: int) -> None:
+        """Forgets the inputs from position `length` on; the node is told with the next step."""
+        self.sent = cut(self.sent, length) if self.sent else []
+        self.truncate_to = length if self.truncate_to is None else min(self.truncate_to, length)
 
     def deadline(self, tokens: int, floor: float) -> float:
         """How long a step of `tokens` tokens may take before this node counts as stalled."""

@@ -126,8 +126,9 @@ class InferenceSession:
         session_id = f"{self.session_id}.{self._streams_opened}" if fresh else self.session_id
         return SpanStream(hop, session_id, self.routes.model_id, self.max_length, self.policy.connect_timeout, self.routes.identity)
 
-    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Feeds [batch, length] token ids (0 in attention_mask marks left padding); returns [batch, vocab] logits."""
+    def step(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Feeds [batch, length] token ids (0 in attention_mask marks left padding); returns the [batch, vocab]
+        logits of the last position, or with `all_logits` the [batch, length, vocab] logits of every one."""
         input_ids = torch.as_tensor(input_ids)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -140,17 +141,31 @@ class InferenceSession:
             raise ValueError(f"this session has batch size {self._tokens_seen.shape[0]}, got {input_ids.shape[0]}")
         if self.length + input_ids.shape[1] > self.max_length:
             raise ValueError(f"session would grow to {self.length + input_ids.shape[1]} tokens, above max_length {self.max_length}")
-        hidden = None
+        outputs = []
         check = self._spot_checker is not None and self._spot_checker.wants_check(self._steps)
         for begin in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk_ids = input_ids[:, begin : begin + self.prefill_chunk]
             chunk_mask = mask[:, begin : begin + self.prefill_chunk]
             positions = positions_for(chunk_mask, self._tokens_seen)
-            hidden = self._run_hops(self.head.embed(chunk_ids), positions, chunk_mask, check)
+            outputs.append(self._run_hops(self.head.embed(chunk_ids), positions, chunk_mask, check))
             self._tokens_seen = self._tokens_seen + chunk_mask.long().sum(dim=1)
             self.length += chunk_ids.shape[1]
         self._steps += 1
-        return self.head.logits(hidden[:, -1])
+        return self.head.logits(torch.cat(outputs, dim=1)) if all_logits else self.head.logits(outputs[-1][:, -1])
+
+    def roll_back(self, length: int) -> None:
+        """Forgets every position from `length` on, as if they had never been fed (speculative tokens that
+        were not accepted); every node drops them from its KV cache with the next step."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll a session of {self.length} positions back to {length}")
+        if length == self.length:
+            return
+        dropped = joined(self._hops[0].sent).mask[:, length:] if self._hops else None
+        if dropped is not None:
+            self._tokens_seen = self._tokens_seen - dropped.long().sum(dim=1)
+        for state in self._hops:
+            state.roll_back(length)
+        self.length = length
 
     # --- running the chain -------------------------------------------------------------------------
 

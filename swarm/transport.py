@@ -167,8 +167,11 @@ class SpanStream:
         except grpc.RpcError as error:
             self._responses.put(error)
 
-    def send(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW) -> pb.Tensor:
-        """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`.
+    def send(
+        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW, truncate_to: int | None = None
+    ) -> pb.Tensor:
+        """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`;
+        with `truncate_to`, the node first forgets its cached positions from that one on.
         Returns the hidden states as encoded on the link (what the node will decode)."""
         encoded = encode_hidden(hidden, codecs, self.hop.start)
         self.bytes_sent += encoded_size(encoded)
@@ -178,6 +181,7 @@ class SpanStream:
             position_ids=serialize_tensor(positions),
             attention_mask=serialize_tensor(mask),
             reply_codec=codecs.reply,
+            truncate_to=truncate_to,
         )
         self._requests.put(pb.SessionRequest(step=step))
         self._codecs.append(codecs)

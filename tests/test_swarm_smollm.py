@@ -17,6 +17,7 @@ from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.protocol.tensors import serialize_tensor
 from edgeswarm.swarm.errors import RemoteError
 from edgeswarm.swarm.routing import Hop
+from edgeswarm.swarm.speculation import SpeculationStats, speculative_greedy
 from edgeswarm.swarm.transport import SpanStream
 from tests.support import (
     announced,
@@ -198,3 +199,35 @@ def test_killing_the_middle_node_mid_generation_changes_no_token(swarm, client, 
         [event] = session.failovers
         assert event.failed_node == victim.info["node_id"]
         assert [hop.record.address for hop in session.route] == [node.address for node in swarm.nodes]
+
+
+REPEAT = [{"role": "user", "content": "Repeat this sentence exactly: The old lighthouse keeper counted forty-two ships passing the northern cape before the storm."}]
+
+
+def test_speculation_repeats_text_in_fewer_steps_with_the_greedy_tokens(client, smollm_reference):
+    prompt = client.tokenizer(client.apply_chat_template(REPEAT)).input_ids
+    expected = until_eos(reference_greedy_tokens(smollm_reference, prompt, 40), EOS)
+    result = client.generate(prompt, max_new_tokens=40)
+    assert result.token_ids == expected
+    assert result.speculation.accepted > 0 and result.speculation.steps < len(result.token_ids)  # several tokens a trip
+
+
+def test_a_node_killed_in_the_middle_of_speculation_changes_no_token(swarm, client, smollm_reference):
+    prompt = client.tokenizer(client.apply_chat_template(REPEAT)).input_ids
+    expected = reference_greedy_tokens(smollm_reference, prompt, 24)
+    victim = start_node(["--blocks", "10:20"], swarm.initial_peers)
+    wait_until(lambda: announced(client, victim), "the new node is announced", interval=0.5)
+    records = {record.address: record for record in client.servers()}
+    route = [Hop(records[swarm.nodes[0].address], 0, 10), Hop(records[victim.address], 10, 20), Hop(records[swarm.nodes[2].address], 20, 30)]
+    stats, tokens = SpeculationStats(), []
+    with client.inference_session(max_length=len(prompt) + 24, route=route) as session:
+        for token in speculative_greedy(session, session.step(torch.tensor([prompt])), list(prompt), stats):
+            tokens.append(token)
+            if len(tokens) == 6:
+                drafted_before = stats.drafted
+                os.killpg(victim.process.pid, signal.SIGKILL)  # the next step finds it dead
+            if len(tokens) == 24:
+                break
+        assert [event.failed_node for event in session.failovers] == [victim.info["node_id"]]
+    assert tokens == expected
+    assert stats.drafted > drafted_before  # speculation went on across the failover
