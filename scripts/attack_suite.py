@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
+import hivemind
 import torch
 
 from devtools.launcher import LocalSwarm, NodeProcess, start_node
@@ -76,10 +77,12 @@ class Attack:
 
 
 class Arena:
-    """The swarm under attack, and a member client for attacks that need one."""
+    """The swarm under attack, a member client for attacks that need one, and a second DHT peer that
+    attacks sign as their strangers and intruders (started with the client, before the attacks fill this process with threads: hivemind forks
+    its DHT process, and a fork taken amid busy gRPC and torch threads can hang in the child)."""
 
-    def __init__(self, swarm: LocalSwarm, client: SwarmClient, work_dir: Path):
-        self.swarm, self.client, self.work_dir = swarm, client, work_dir
+    def __init__(self, swarm: LocalSwarm, client: SwarmClient, intruder_dht: hivemind.DHT, work_dir: Path):
+        self.swarm, self.client, self.intruder_dht, self.work_dir = swarm, client, intruder_dht, work_dir
 
     @property
     def node(self) -> NodeProcess:
@@ -169,15 +172,11 @@ def pin_displacement(arena: Arena) -> Outcome:
     record = next(record for record in client.servers() if record.node_id == arena.node_id())
     stranger = NodeIdentity.generate()
     forged_record = replace(record, node_id=stranger.fingerprint, tls_cert=stranger.tls_certificate(["127.0.0.1"])[0].decode())
-    attacker_dht = swarm_dht.start_dht(arena.swarm.initial_peers, client_mode=True)
-    try:
-        swarm_dht.use_auth(attacker_dht, RecordAuth(stranger))
-        swarm_dht.announce(attacker_dht, forged_record, ttl=30)
-        seen = poll(lambda: stranger.fingerprint in {r.node_id for r in client.servers()}, WAIT_TIMEOUT)
-        with open_channel(victim.address, arena.node_id()) as channel:
-            code = _code(lambda: _node_info(channel))
-    finally:
-        attacker_dht.shutdown()
+    swarm_dht.use_auth(arena.intruder_dht, RecordAuth(stranger))
+    swarm_dht.announce(arena.intruder_dht, forged_record, ttl=30)
+    seen = poll(lambda: stranger.fingerprint in {r.node_id for r in client.servers()}, WAIT_TIMEOUT)
+    with open_channel(victim.address, arena.node_id()) as channel:
+        code = _code(lambda: _node_info(channel))
     return Outcome(f"forged record {'read' if seen else 'not read'}; victim answers {code}", code == "OK")
 
 
@@ -251,6 +250,21 @@ def huge_first_batch(arena: Arena) -> Outcome:
         code = _code(lambda: pb_grpc.BlockServiceStub(channel).InferenceSession(iter(requests), timeout=CALL_TIMEOUT))
     after = _info(arena).kv_reserved_bytes
     return Outcome(f"{code}; KV reserved {before} -> {after} bytes", code.startswith("RESOURCE_EXHAUSTED") and after == before)
+
+
+def rollback_out_of_range(arena: Arena) -> Outcome:
+    """Speculative rollbacks (SessionStep.truncate_to) past the end of the cache, and negative ones."""
+    hidden_size = arena.client.model.config.hidden_size
+    codes = []
+    with open_channel(arena.node.address, arena.node_id()) as channel:
+        for index, position in enumerate((-5, 1 << 30)):
+            rollback = _step(1, 1, hidden_size)
+            rollback.step.step_id, rollback.step.truncate_to = 1, position
+            requests = [_opening(arena, f"rollback-{index}", 16), _step(1, 3, hidden_size), rollback]
+            codes.append(_code(lambda: pb_grpc.BlockServiceStub(channel).InferenceSession(iter(requests), timeout=CALL_TIMEOUT)))
+    served = _code(lambda: _info(arena))
+    refused = all(code.startswith("INVALID_ARGUMENT") for code in codes)
+    return Outcome(f"{'; '.join(code.split(':')[0] for code in codes)}; NodeInfo then {served}", refused and served == "OK")
 
 
 def idle_session_flood(arena: Arena) -> Outcome:
@@ -437,10 +451,10 @@ def another_clients_memory(arena: Arena) -> Outcome:
     owner, client = arena.client.identity.fingerprint, arena.client
     holders = client.remember(MEMORY_NAMESPACE, MEMORY_FACT, record_id="vault")
     intruder = NodeIdentity.generate()
-    dht = swarm_dht.start_dht(arena.swarm.initial_peers, client_mode=True)
+    dht = arena.intruder_dht
+    swarm_dht.use_auth(dht, RecordAuth(intruder))
+    member = MemberAnnouncer(dht, intruder.fingerprint, "client")
     try:
-        swarm_dht.use_auth(dht, RecordAuth(intruder))
-        member = MemberAnnouncer(dht, intruder.fingerprint, "client")
         store = client.agents.scheduler.storage_id(owner, MEMORY_NAMESPACE)
         forged = issue_access(intruder, owner, store, (READ, WRITE), 600)
         outcomes = []
@@ -449,9 +463,8 @@ def another_clients_memory(arena: Arena) -> Outcome:
                 base = {"owner": owner, "namespace": MEMORY_NAMESPACE, **({"access": access} if access else {})}
                 outcomes.append(_memory_step(intruder, holder, "memory.search", {**base, "query": "vault", "k": 3}))
                 outcomes.append(_memory_step(intruder, holder, "memory.write", {**base, "text": "The vault is open.", "record_id": "vault"}))
-        member.close()
     finally:
-        dht.shutdown()
+        member.close()
     intact = [hit["text"] for hit in client.recall(MEMORY_NAMESPACE, "vault combination", k=1)] == [MEMORY_FACT]
     codes = sorted({outcome.split(":")[0] for outcome in outcomes})
     return Outcome(f"{len(outcomes)} reads and writes: {', '.join(codes)}; owner's fact intact: {intact}", codes == ["PERMISSION_DENIED"] and intact)
@@ -499,6 +512,7 @@ ATTACKS = [
     Attack("read and overwrite another client's memory namespace", "PERMISSION_DENIED; fact intact", another_clients_memory),
     Attack("namespace names in the DHT's capability records", "only keyed hashes", namespace_names_in_the_dht),
     Attack("first step with 48x the batch the session reserved", "RESOURCE_EXHAUSTED, nothing reserved", huge_first_batch),
+    Attack("speculative rollback before the start or past the end of the cache", "INVALID_ARGUMENT; node serves", rollback_out_of_range),
     Attack(f"{IDLE_FLOOD_SESSIONS} idle sessions from one member", "cap per client; NodeInfo and Forward answer", idle_session_flood),
 ]
 
@@ -538,8 +552,12 @@ def main() -> int:
     nodes = [["--blocks", "0:15", "--tls"], ["--blocks", "15:30", "--tls", "--allow-tools", "python", *secret_node]]
     patient = SessionPolicy(connect_timeout=CALL_TIMEOUT)  # the attacks load the machine; the arena's own calls must not time out
     with LocalSwarm(nodes) as swarm, SwarmClient(swarm.initial_peers, mdns=False, policy=patient) as client:
-        poll(lambda: len(client.servers()) == len(nodes), WAIT_TIMEOUT)
-        rows = run_attacks(Arena(swarm, client, work_dir), ATTACKS)
+        intruder_dht = swarm_dht.start_dht(swarm.initial_peers, client_mode=True)
+        try:
+            poll(lambda: len(client.servers()) == len(nodes), WAIT_TIMEOUT)
+            rows = run_attacks(Arena(swarm, client, intruder_dht, work_dir), ATTACKS)
+        finally:
+            intruder_dht.shutdown()
     print_table(rows)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
