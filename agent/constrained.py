@@ -19,12 +19,21 @@ greedily, among the tokens that keep the output valid:
 
 Everything else (punctuation, keys, ``<tool_call>``) is *forced*: appended as text without asking the
 model. Forced text is buffered and tokenised as a whole when the model is next asked, so runs of forced
-text are tokenised canonically and reach the stepper in a single multi-token step together with the
-token chosen just before them. Chosen tokens keep their own ids, so at the seams between chosen and
+text are tokenised canonically. Chosen tokens keep their own ids, so at the seams between chosen and
 forced text the tokenisation may be non-canonical; it always spells exactly the output text, which is
 what the model needs. When a string ends with a token that carries text past its quote (``"}``, ``",``),
 that tail is kept only if it is the start of the text forced next, which then skips it; otherwise the
 token is replaced by its content and a lone quote.
+
+Jump-forward (on by default): everything unfed when the model is next asked (the token chosen last and
+the forced run after it, such as ``", "arguments": {"city": "``, a name's rest once it is the only
+option left, or ``}}</tool_call>``) reaches the stepper in ONE multi-token step, whose logits are those
+after its last token; in a swarm each step costs a round trip per hop. With ``jump_forward=False`` the
+very same ids go one per step (the prompt still in one), as a decoder without jump-forward would feed
+them: which ids are fed never depends on how they are stepped, so the model sees the same tokens and
+the output is the same (up to the floating-point difference between a chunked and a token-by-token
+forward pass, which changed no decision on the 68 cases of scripts/bench_jump_forward.py); only
+`Decision.steps` differs.
 
 Masks over the vocabulary (string content, digits, tokens starting with a given character, ...) are
 built once per tokenizer from the tokens' bytes and cached, so a decision costs a few array operations.
@@ -130,7 +139,7 @@ class Decision:
     answer: str | None
     text: str  # everything generated after the prompt
     tokens: int  # generated tokens, forced ones included
-    steps: int  # stepper calls, the prompt's included
+    steps: int  # stepper calls, the prompt's included (its first call)
     token_ids: list[int] = field(default_factory=list)  # the generated tokens
     fed_tokens: int = 0  # how many of `token_ids` the stepper has seen (trailing forced text may be unfed)
 
@@ -271,13 +280,15 @@ def vocab_for(tokenizer: PreTrainedTokenizerBase) -> Vocab:
 class _Writer:
     """Builds the output: buffers forced text, appends chosen tokens, and steps the model only when asked."""
 
-    def __init__(self, stepper: TokenStepper, vocab: Vocab, prompt_ids: list[int]):
+    def __init__(self, stepper: TokenStepper, vocab: Vocab, prompt_ids: list[int], jump_forward: bool):
         self.stepper = stepper
         self.vocab = vocab
+        self.jump_forward = jump_forward
         self.out = bytearray()  # the output text so far, forced and chosen
         self.ids: list[int] = []  # generated ids (forced text tokenised when it is flushed)
         self.steps = 0
         self._unfed = list(prompt_ids)
+        self._unfed_prompt = len(prompt_ids)  # how many of `_unfed` are prompt ids
         self._fed_generated = 0
         self._text = ""  # forced text not tokenised yet
         self._skip = b""  # text already emitted by a string-closing token, to drop from the next forced text
@@ -303,16 +314,26 @@ class _Writer:
         self._skip = skip
 
     def logits(self) -> np.ndarray:
-        """The model's logits after everything written so far (one step for all of it)."""
+        """The model's logits after everything written so far (one step for all of it with jump-forward)."""
         self._tokenize_text()
         if self._unfed:
-            logits = self.stepper.step(torch.tensor([self._unfed], dtype=torch.long))
+            for chunk in self._chunks():
+                logits = self.stepper.step(torch.tensor([chunk], dtype=torch.long))
+                self.steps += 1
             self._logits = self._fit(logits[0].detach().float().cpu().numpy(), self.vocab.size)
             self._fed_generated = len(self.ids)
             self._unfed = []
-            self.steps += 1
+            self._unfed_prompt = 0
         assert self._logits is not None, "logits were asked for before anything was fed"
         return self._logits
+
+    def _chunks(self) -> list[list[int]]:
+        """The unfed ids as stepper calls: all at once with jump-forward; else the prompt in one call
+        and then one call per generated token."""
+        if self.jump_forward:
+            return [self._unfed]
+        prompt, generated = self._unfed[: self._unfed_prompt], self._unfed[self._unfed_prompt :]
+        return ([prompt] if prompt else []) + [[token] for token in generated]
 
     def pick(self, allowed: np.ndarray | None = None) -> int:
         """The id of the best token among `allowed` (all tokens when None)."""
@@ -686,6 +707,7 @@ def decode_tool_calls(
     max_string_tokens: int = 48,
     max_answer_tokens: int = DEFAULT_ANSWER_TOKENS,
     call_bias: float = 0.0,
+    jump_forward: bool = True,
 ) -> Decision:
     """Feeds `prompt_ids` (e.g. from `tool_prompt`) to a fresh `stepper` and decodes calls or an answer.
     (Servers decide through agent.tool_decoding, which adds stop strings and the session room for calls.)
@@ -693,11 +715,12 @@ def decode_tool_calls(
     `tools` are OpenAI-style function definitions. Every returned call names one of them and has
     arguments valid for its `parameters` schema. With `allow_answer=False` at least one call is made.
     `call_bias` (logits) favours calling over answering at the first decision; 0 follows the model.
+    `jump_forward=False` feeds the generated tokens one per stepper call (for measurement; see above).
     """
     functions = {tool["function"]["name"]: tool["function"] for tool in tools}
     if not functions and not allow_answer:
         raise ValueError("no tools to call, and answering is not allowed")
-    writer = _Writer(stepper, vocab_for(tokenizer), prompt_ids)
+    writer = _Writer(stepper, vocab_for(tokenizer), prompt_ids, jump_forward)
     limits = _Limits(max_string_tokens=max_string_tokens)
     answer, starts = None, []
     if functions and (not allow_answer or _prefers_call(writer, call_bias)):

@@ -90,13 +90,14 @@ class ToolTurn:
     max_answer_tokens: int = DEFAULT_ANSWER_TOKENS
     call_bias: float = SMOLLM2_CALL_BIAS  # logits favouring a call over an answer (see `call_bias_for`)
     stop: tuple[str, ...] = ()  # a text answer ends where one of these starts
+    jump_forward: bool = True  # forced runs in one stepper call (False: one call per token, to measure it)
 
 
 @dataclass(frozen=True)
 class ToolOutcome:
     """A decision: `calls`, or a text `answer` cut at the first stop string (`stopped` says one was found)."""
 
-    decision: Decision  # the decoder's own record: generated text and token ids, steps
+    decision: Decision  # the decoder's own record: generated text and token ids, stepper calls (`steps`)
     answer: str | None
     stopped: bool
 
@@ -119,6 +120,7 @@ def decide(stepper: TokenStepper, tokenizer: PreTrainedTokenizerBase, fed_ids: l
         max_calls=turn.max_calls,
         max_answer_tokens=turn.max_answer_tokens,
         call_bias=turn.call_bias,
+        jump_forward=turn.jump_forward,
     )
     if decision.answer is None:
         return ToolOutcome(decision, None, False)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Edge testbed: N emulated hosts as Linux network namespaces on one bridge, with optional per-host
-# bandwidth caps (tc tbf). Run as root. See `testbed.sh help`.
+# bandwidth caps (tc tbf) and one-way delays (applied by devtools/delay_relay.py). Run as root. See
+# `testbed.sh help`.
 set -euo pipefail
 
 # ---------------------------------------------------------------------------------------------------
@@ -19,6 +20,8 @@ readonly MIN_BURST=32768                # bytes; tbf bucket is 20 ms at the rate
 readonly MAX_BURST=8388608
 readonly IPT_COMMENT="edgeswarm-testbed"
 readonly LOCK_FILE="/run/edgeswarm-testbed.lock"
+readonly DELAY_DIR="/run/edgeswarm-testbed/delay"  # one file per delayed host: its address, holding ms
+readonly MAX_DELAY_MS=10000
 
 PROG="$(basename "$0")"
 
@@ -33,13 +36,13 @@ multicast (mDNS, 224.0.0.251:5353) works between hosts. The bridge floods multic
 Must run as root.
 
 Commands:
-  up N [--rate RATE] [--force]
+  up N [--rate RATE] [--delay DELAY] [--force]
                   Create the bridge and hosts 1..N (1 <= N <= $MAX_HOSTS) and print a table of them.
                   --rate caps every host's link in BOTH directions (upload: tbf on eth0 inside the
                   host; download: tbf on the host's bridge-side veth). RATE is a tc rate up to 100gbit:
-                  20mbit, 512kbit, 1gbit (bit units) or 2mbps (bytes/s). If a testbed already exists,
-                  'up' fails with a message; --force tears it down first. A failed 'up' removes
-                  whatever it had created.
+                  20mbit, 512kbit, 1gbit (bit units) or 2mbps (bytes/s). --delay gives every host the
+                  one-way delay DELAY (see 'delay'). If a testbed already exists, 'up' fails with a
+                  message; --force tears it down first. A failed 'up' removes whatever it had created.
   down            Remove every ${NS_PREFIX}* namespace, ${VETH_PREFIX}* link and the bridge $BRIDGE
                   (processes still running inside a testbed namespace get SIGTERM, then SIGKILL after
                   2 s). Succeeds when nothing exists.
@@ -49,12 +52,21 @@ Commands:
   cut HOST        Take HOST's link down (its bridge-side veth), simulating a cut cable.
   restore HOST    Bring HOST's link back up.
   rate HOST RATE  Change HOST's cap (both directions); RATE 'none' (or off, 0) removes the cap.
+  delay HOST DELAY
+                  Delay everything HOST sends by DELAY (one way, as netem on its eth0 would), so a
+                  round trip between hosts A and B gains delay(A) + delay(B). DELAY is a number with
+                  unit us, ms or s, up to ${MAX_DELAY_MS}ms; 0ms (or none, off, 0) removes it. Applied by
+                  delay relays (devtools/delay_relay.py) in front of relayed ports only (see Notes).
+                  They read $DELAY_DIR/<host address>
+                  at least every second, so a change reaches running connections.
   help, --help    Show this text.
 
 Notes:
-  * netem delay is NOT available on these machines: only bandwidth caps (tc tbf) are emulated, not
-    latency or loss. tbf queues at most $TBF_LATENCY per direction; that bounds queueing delay, it
-    adds none on an idle link.
+  * netem delay is NOT available on these machines, so the kernel adds no delay and no loss: tbf
+    queues at most $TBF_LATENCY per direction (that bounds queueing delay, it adds none on an idle
+    link), and 'delay' only takes effect on ports served through a delay relay (as a node started by
+    devtools/testbed.py's Testbed.start_node(HOST, ARGS) is): a node's gRPC data plane, not its DHT
+    (libp2p) traffic, nor anything else.
   * Hosts reach each other and the bridge address only: IP forwarding in the root namespace is left
     untouched and there is no NAT, so testbed traffic never leaves the bridge.
   * Bridge netfilter: when br_netfilter is loaded (net.bridge.bridge-nf-call-iptables=1) bridged
@@ -66,7 +78,8 @@ Notes:
   * Commands are serialized with flock on $LOCK_FILE.
 
 Examples:
-  $PROG up 3 --rate 20mbit
+  $PROG up 3 --rate 20mbit --delay 10ms
+  $PROG delay host2 40ms
   $PROG exec host2 python3 -c 'print("hi")'
   $PROG cut 2; sleep 5; $PROG restore 2
   $PROG down
@@ -183,6 +196,49 @@ clear_rate() {
   tc qdisc del dev "$(veth_name "$i")" root 2>/dev/null || true
 }
 
+# --- delays ----------------------------------------------------------------------------------------
+
+is_no_delay() { case "${1,,}" in none|off|0) return 0 ;; *) return 1 ;; esac; }
+
+# Milliseconds of a delay string (500us, 20ms, 1.5s), printed as a decimal; fails if bad or too long.
+delay_ms() {
+  local d="${1,,}"
+  [[ "$d" =~ ^([0-9]+(\.[0-9]+)?)(us|ms|s)$ ]] || return 1
+  awk -v n="${BASH_REMATCH[1]}" -v u="${BASH_REMATCH[3]}" -v max="$MAX_DELAY_MS" \
+    'BEGIN { ms = (u == "us") ? n / 1000 : (u == "s") ? n * 1000 : n; if (ms > max) exit 1; printf "%g\n", ms }'
+}
+
+validate_delay() {
+  is_no_delay "$1" || delay_ms "$1" >/dev/null || die "bad delay '$1' (examples: 20ms, 500us, 0.1s, none; at most ${MAX_DELAY_MS}ms)"
+}
+
+delay_file() { echo "$DELAY_DIR/$(host_ip "$1")"; }
+
+# Set host i's one-way delay (0 or none removes it); the file is replaced atomically for the relays.
+apply_delay() {
+  local i="$1" ms=0
+  is_no_delay "$2" || ms="$(delay_ms "$2")"
+  if [ "$(awk -v ms="$ms" 'BEGIN { print (ms > 0) }')" = 1 ]; then
+    mkdir -p "$DELAY_DIR"
+    echo "$ms" >"$(delay_file "$i").tmp"
+    mv -f "$(delay_file "$i").tmp" "$(delay_file "$i")"
+  else
+    rm -f "$(delay_file "$i")"
+  fi
+}
+
+# "20ms", or "-" without a delay.
+delay_summary() {
+  local f
+  f="$(delay_file "$1")"
+  if [ -r "$f" ]; then echo "$(cat "$f")ms"; else echo "-"; fi
+}
+
+clear_delays() {
+  rm -rf "$DELAY_DIR"
+  rmdir "$(dirname "$DELAY_DIR")" 2>/dev/null || true
+}
+
 # --- netfilter -------------------------------------------------------------------------------------
 
 br_netfilter_on() {
@@ -251,19 +307,24 @@ testbed_exists() {
 }
 
 cmd_up() {
-  local n="" rate="" force=0
+  local n="" rate="" delay="" force=0
   while [ $# -gt 0 ]; do
     case "$1" in
       --rate) [ $# -ge 2 ] || die "--rate needs a value"; rate="$2"; shift 2 ;;
       --rate=*) rate="${1#--rate=}"; shift ;;
+      --delay) [ $# -ge 2 ] || die "--delay needs a value"; delay="$2"; shift 2 ;;
+      --delay=*) delay="${1#--delay=}"; shift ;;
       --force|-f) force=1; shift ;;
       -*) die "up: unknown option '$1'" ;;
       *) [ -z "$n" ] || die "up: unexpected argument '$1'"; n="$1"; shift ;;
     esac
   done
-  [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le "$MAX_HOSTS" ] || die "up: N must be 1..$MAX_HOSTS (usage: $PROG up N [--rate RATE] [--force])"
+  [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le "$MAX_HOSTS" ] || die "up: N must be 1..$MAX_HOSTS (usage: $PROG up N [--rate RATE] [--delay DELAY] [--force])"
   if [ -n "$rate" ]; then
     if is_no_rate "$rate"; then rate=""; else validate_rate "$rate"; fi
+  fi
+  if [ -n "$delay" ]; then
+    validate_delay "$delay"
   fi
 
   if testbed_exists; then
@@ -277,20 +338,22 @@ cmd_up() {
 
   # Roll back a half-built testbed if any step fails.
   trap 'rc=$?; if [ $rc -ne 0 ]; then log "up failed; removing what was created"; do_down >/dev/null 2>&1 || true; fi' EXIT
+  clear_delays  # a stale state directory (no testbed owns it now)
   create_bridge
   open_forward
   local i
   for ((i = 1; i <= n; i++)); do
     create_host "$i"
     if [ -n "$rate" ]; then apply_rate "$i" "$rate"; fi
+    if [ -n "$delay" ]; then apply_delay "$i" "$delay"; fi
   done
   trap - EXIT
 
-  printf '%-6s %-10s %-14s %-10s %s\n' HOST NAMESPACE ADDRESS PORT RATE
+  printf '%-6s %-10s %-14s %-10s %-10s %s\n' HOST NAMESPACE ADDRESS PORT RATE DELAY
   for ((i = 1; i <= n; i++)); do
-    printf '%-6s %-10s %-14s %-10s %s\n' "host$i" "$(ns_name "$i")" "$(host_ip "$i")/24" "$(veth_name "$i")" "${rate:-uncapped}"
+    printf '%-6s %-10s %-14s %-10s %-10s %s\n' "host$i" "$(ns_name "$i")" "$(host_ip "$i")/24" "$(veth_name "$i")" "${rate:-uncapped}" "$(delay_summary "$i")"
   done
-  echo "bridge $BRIDGE ${GATEWAY}/24; netem delay is unavailable here: links are bandwidth-capped only"
+  echo "bridge $BRIDGE ${GATEWAY}/24; delays apply to relayed ports only (devtools/delay_relay.py), there is no netem here"
 }
 
 # Terminate processes left inside a namespace: SIGTERM, then SIGKILL after 2 s.
@@ -327,6 +390,7 @@ do_down() {
     ip link del dev "$BRIDGE" || true
   fi
   close_forward
+  clear_delays
 }
 
 cmd_down() {
@@ -362,7 +426,7 @@ cmd_status() {
   else
     echo "br_netfilter: off"
   fi
-  printf '%-6s %-10s %-16s %-6s %-26s %s\n' HOST NAMESPACE ADDRESS LINK "UPLOAD (eth0 in host)" "DOWNLOAD (bridge port)"
+  printf '%-6s %-10s %-16s %-6s %-8s %-26s %s\n' HOST NAMESPACE ADDRESS LINK DELAY "UPLOAD (eth0 in host)" "DOWNLOAD (bridge port)"
   local i ns veth addr state up down up_re='[<,]UP[,>]'
   for i in $(existing_hosts); do
     ns="$(ns_name "$i")"
@@ -376,7 +440,7 @@ cmd_status() {
       down="-"
     fi
     up="$(ip netns exec "$ns" tc qdisc show dev eth0 root 2>/dev/null | head -n1)"
-    printf '%-6s %-10s %-16s %-6s %-26s %s\n' "host$i" "$ns" "${addr:--}" "$state" "$(qdisc_summary "$up")" "$(qdisc_summary "$down")"
+    printf '%-6s %-10s %-16s %-6s %-8s %-26s %s\n' "host$i" "$ns" "${addr:--}" "$state" "$(delay_summary "$i")" "$(qdisc_summary "$up")" "$(qdisc_summary "$down")"
   done
 }
 
@@ -417,6 +481,15 @@ cmd_rate() {
   fi
 }
 
+cmd_delay() {
+  [ $# -eq 2 ] || die "usage: $PROG delay HOST DELAY|none"
+  local i
+  i="$(resolve_host "$1")"
+  validate_delay "$2"
+  apply_delay "$i" "$2"
+  echo "host$i: one-way delay $(delay_summary "$i" | sed 's/^-$/none/')"
+}
+
 main() {
   local cmd="${1:-help}"
   [ $# -eq 0 ] || shift
@@ -432,6 +505,7 @@ main() {
     cut) take_lock; cmd_cut "$@" ;;
     restore) take_lock; cmd_restore "$@" ;;
     rate) take_lock; cmd_rate "$@" ;;
+    delay) take_lock; cmd_delay "$@" ;;
     *) usage >&2; die "unknown command '$cmd'" ;;
   esac
 }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 
@@ -225,6 +226,45 @@ class SpyStepper:
         return self.inner.step(input_ids)
 
 
+class HistoryStepper:
+    """Random logits that depend only on every token fed so far, not on how they were split into steps:
+    a model whose answers cannot tell jump-forward from token-by-token feeding."""
+
+    def __init__(self, vocab_size: int, seed: int):
+        self.vocab_size, self.seed = vocab_size, seed
+        self.fed: list[int] = []
+
+    def step(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.fed += input_ids[0].tolist()
+        generator = torch.Generator().manual_seed(hash((self.seed, *self.fed)) & 0xFFFFFFFF)
+        return torch.randn(1, self.vocab_size, generator=generator) * 4
+
+
+def with_and_without_jump_forward(make_stepper, tokenizer, prompt: list[int], turn: ToolTurn):
+    """`turn` decided with jump-forward and without it (each on a fresh stepper, spied on)."""
+    spies = [SpyStepper(make_stepper()) for _ in range(2)]
+    jumped = tool_decoding.decide(spies[0], tokenizer, prompt, turn)
+    stepped = tool_decoding.decide(spies[1], tokenizer, prompt, dataclasses.replace(turn, jump_forward=False))
+    return (jumped, spies[0].fed), (stepped, spies[1].fed)
+
+
+def assert_same_output_in_fewer_steps(jumped, stepped, prompt: list[int]) -> None:
+    """Jump-forward fed the very tokens that token-by-token feeding did and decided the same, in fewer
+    stepper calls when it wrote a call (an answer has no forced text: as many calls)."""
+    (jumped, jumped_fed), (stepped, stepped_fed) = jumped, stepped
+    assert (jumped.calls, jumped.answer, jumped.decision.text) == (stepped.calls, stepped.answer, stepped.decision.text)
+    assert jumped.decision.token_ids == stepped.decision.token_ids
+    assert jumped.decision.fed_tokens == stepped.decision.fed_tokens
+    assert sum(jumped_fed, []) == sum(stepped_fed, [])  # the same tokens reached the model, in the same order
+    assert stepped_fed[0] == prompt and all(len(ids) == 1 for ids in stepped_fed[1:])  # one token per step
+    assert len(stepped_fed) == stepped.decision.steps == 1 + stepped.decision.fed_tokens
+    assert len(jumped_fed) == jumped.decision.steps
+    if jumped.calls:
+        assert jumped.decision.steps < stepped.decision.steps
+    else:
+        assert jumped.decision.steps == stepped.decision.steps
+
+
 # --- with SmolLM2 ----------------------------------------------------------------------------------------
 
 
@@ -282,6 +322,16 @@ def test_forced_text_is_fed_several_tokens_per_step(model, tokenizer):
     assert max(len(ids) for ids in spy.fed[1:]) >= 5  # e.g. `weather", "arguments": {"city": "` at once
     assert len(spy.fed) == decision.steps < decision.tokens / 2
     assert tokenizer.decode(decision.token_ids) == decision.text
+
+
+def test_jump_forward_decides_the_same_as_token_by_token_in_fewer_steps(model, tokenizer):
+    kinds = set()
+    for request, _ in PROMPTS:
+        prompt = prompt_ids(tokenizer, [{"role": "user", "content": request}], TOOLS)
+        jumped, stepped = with_and_without_jump_forward(lambda: LocalStepper(model), tokenizer, prompt, ToolTurn(TOOLS, max_answer_tokens=16))
+        assert_same_output_in_fewer_steps(jumped, stepped, prompt)
+        kinds.add(bool(jumped[0].calls))
+    assert kinds == {True, False}  # calls, and answers too
 
 
 def test_local_stepper_chunks_after_the_cache_match_one_forward_pass(model):
@@ -343,6 +393,16 @@ def test_random_logits_may_answer_when_allowed(tokenizer):
         assert_calls_valid(decision, TOOLS)
         kinds.add(decision.is_call)
     assert kinds == {True, False}
+
+
+def test_jump_forward_changes_only_the_number_of_steps_whatever_the_schema(tokenizer):
+    rng = random.Random(11)
+    prompt = tokenizer.encode("Call a tool.", add_special_tokens=False)
+    for seed in range(30):
+        turn = ToolTurn(random_tools(rng, 2), allow_answer=seed % 3 == 0, call_bias=0.0, max_answer_tokens=6)
+        jumped, stepped = with_and_without_jump_forward(lambda: HistoryStepper(len(tokenizer), seed), tokenizer, prompt, turn)
+        assert_same_output_in_fewer_steps(jumped, stepped, prompt)
+        assert_calls_valid(jumped[0].decision, turn.tools)
 
 
 def test_unsupported_schemas_are_refused(tokenizer):

@@ -1,4 +1,4 @@
-"""The network-namespace edge testbed (scripts/testbed.sh, swarm/testbed.py).
+"""The network-namespace edge testbed (scripts/testbed.sh, devtools/testbed.py); delays: test_testbed_latency.py.
 
 Needs root and working network namespaces; skipped otherwise. All traffic stays on the testbed's own
 subnet 10.213.0.0/24 (and loopback). Tests must run one at a time: the testbed has fixed names.
@@ -191,7 +191,7 @@ def testbed_ok():
 def test_help_documents_commands_and_no_netem():
     out = _script("--help")
     assert out.returncode == 0
-    for word in ("up N", "--rate", "down", "exec HOST", "status", "cut HOST", "restore HOST", "rate HOST RATE"):
+    for word in ("up N", "--rate", "--delay", "down", "exec HOST", "status", "cut HOST", "restore HOST", "rate HOST RATE", "delay HOST DELAY"):
         assert word in out.stdout
     assert "netem delay is NOT available" in out.stdout
     assert _script("help").stdout == out.stdout
