@@ -7,6 +7,7 @@ stops anything on its own: these are helpers for tests that run real node proces
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, TypeVar
@@ -94,3 +95,20 @@ def one_step(stream: SpanStream, hidden, positions, mask, timeout: float = 10.0)
     """Sends one step on a hop's stream and returns the node's output (or raises its error)."""
     stream.send(hidden, positions, mask)
     return stream.receive(timeout)
+
+
+class GatedWorker:
+    """A node's worker whose steps wait for `release`; counts the steps it started."""
+
+    def __init__(self, node_id):
+        self.node_id, self.running_steps, self.started = node_id, 0, 0
+        self.release, self.entered = threading.Event(), threading.Event()
+
+    def authorize(self, kind, args, caller):
+        """Lets every step in (tool steps need no owner)."""
+
+    def execute(self, run_id, kind, args, on_text=None):
+        self.started += 1
+        self.entered.set()
+        self.release.wait(timeout=30)
+        return {"ran_on": self.node_id}

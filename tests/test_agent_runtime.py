@@ -14,6 +14,7 @@ from edgeswarm.agent.runtime import RunSpec
 from edgeswarm.agent.scheduler import StepScheduler
 from edgeswarm.agent.steps import Step, StepOutcome
 from edgeswarm.node.task_service import TaskServicer, add_task_service
+from tests.support import GatedWorker
 
 TOOL = {"description": "a tool", "parameters": {"type": "object", "properties": {}}, "idempotent": True}
 
@@ -78,23 +79,6 @@ def test_run_specs_are_checked():
 
 
 # --- retries over real gRPC ------------------------------------------------------------------------
-
-
-class GatedWorker:
-    """A node's worker whose steps wait for `release`; counts the steps it started."""
-
-    def __init__(self, node_id):
-        self.node_id, self.running_steps, self.started = node_id, 0, 0
-        self.release, self.entered = threading.Event(), threading.Event()
-
-    def authorize(self, kind, args, caller):
-        """Lets every step in (this test's steps are tool steps, which need no owner)."""
-
-    def execute(self, run_id, kind, args, on_text=None):
-        self.started += 1
-        self.entered.set()
-        self.release.wait(timeout=30)
-        return {"ran_on": self.node_id}
 
 
 @pytest.fixture

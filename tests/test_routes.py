@@ -18,6 +18,7 @@ from edgeswarm.swarm.errors import NodeBusyError, NodeUnavailableError
 from edgeswarm.swarm.routes import Banlist, RouteManager
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.transport import remote_error
+from tests.support import GatedWorker
 
 TOOL = {"description": "a tool", "parameters": {"type": "object", "properties": {}}, "idempotent": True}
 LONG_BAN = 3600.0
@@ -54,22 +55,6 @@ def test_a_busy_node_is_skipped_for_as_long_as_it_asks_and_a_failed_one_for_the_
     assert routes.banlist.banned() == {"busy-node", "dead-node"}
     clock.now += 8
     assert routes.banlist.banned() == {"dead-node"}
-
-
-class GatedWorker:
-    """A node's worker whose steps wait for `release`."""
-
-    def __init__(self, node_id: str):
-        self.node_id, self.running_steps = node_id, 0
-        self.release, self.entered = threading.Event(), threading.Event()
-
-    def authorize(self, kind, args, caller):
-        """Lets every step in."""
-
-    def execute(self, run_id, kind, args, on_text=None):
-        self.entered.set()
-        self.release.wait(timeout=60)
-        return {"ran_on": self.node_id}
 
 
 @pytest.fixture

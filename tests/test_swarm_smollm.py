@@ -182,17 +182,19 @@ def test_session_cannot_grow_past_its_max_length(client):
     stream.close()
 
 
-def test_killing_the_middle_node_mid_generation_changes_no_token(swarm, client, smollm_reference):
-    prompt = client.tokenizer(client.apply_chat_template(CHAT)).input_ids
-    expected = reference_greedy_tokens(smollm_reference, prompt, 20)
+def route_through_a_victim(swarm, client) -> tuple:
+    """A new node serving blocks 10:20, and a route through it between the swarm's first and last nodes."""
     victim = start_node(["--blocks", "10:20"], swarm.initial_peers)
     wait_until(lambda: announced(client, victim), "the new node is announced", interval=0.5)
     records = {record.address: record for record in client.servers()}
-    route = [
-        Hop(records[swarm.nodes[0].address], 0, 10),
-        Hop(records[victim.address], 10, 20),
-        Hop(records[swarm.nodes[2].address], 20, 30),
-    ]
+    route = [Hop(records[swarm.nodes[0].address], 0, 10), Hop(records[victim.address], 10, 20), Hop(records[swarm.nodes[2].address], 20, 30)]
+    return victim, route
+
+
+def test_killing_the_middle_node_mid_generation_changes_no_token(swarm, client, smollm_reference):
+    prompt = client.tokenizer(client.apply_chat_template(CHAT)).input_ids
+    expected = reference_greedy_tokens(smollm_reference, prompt, 20)
+    victim, route = route_through_a_victim(swarm, client)
     with client.inference_session(max_length=128, route=route) as session:
         kill = lambda i: i == 7 and os.killpg(victim.process.pid, signal.SIGKILL)  # noqa: E731
         assert greedy_decode(session, prompt, 20, after_token=kill) == expected
@@ -215,10 +217,7 @@ def test_speculation_repeats_text_in_fewer_steps_with_the_greedy_tokens(client, 
 def test_a_node_killed_in_the_middle_of_speculation_changes_no_token(swarm, client, smollm_reference):
     prompt = client.tokenizer(client.apply_chat_template(REPEAT)).input_ids
     expected = reference_greedy_tokens(smollm_reference, prompt, 24)
-    victim = start_node(["--blocks", "10:20"], swarm.initial_peers)
-    wait_until(lambda: announced(client, victim), "the new node is announced", interval=0.5)
-    records = {record.address: record for record in client.servers()}
-    route = [Hop(records[swarm.nodes[0].address], 0, 10), Hop(records[victim.address], 10, 20), Hop(records[swarm.nodes[2].address], 20, 30)]
+    victim, route = route_through_a_victim(swarm, client)
     stats, tokens = SpeculationStats(), []
     with client.inference_session(max_length=len(prompt) + 24, route=route) as session:
         for token in speculative_greedy(session, session.step(torch.tensor([prompt])), list(prompt), stats):
