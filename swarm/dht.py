@@ -85,6 +85,7 @@ def auth_of(dht: hivemind.DHT) -> RecordAuth:
 
 DHT_START_TIMEOUT = 60.0  # seconds a DHT process may take to become ready (generous: a loaded 2-core machine)
 DHT_START_ATTEMPTS = 3
+FETCH_TIMEOUT = 30.0  # seconds a DHT read may take (generous: a loaded 2-core machine)
 EXPIRY_SLACK = 5.0  # seconds a DHT expiration may exceed the signed one (clock steps between signing and storing)
 
 
@@ -185,7 +186,13 @@ def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value: dict, ttl: flo
 
 def fetch_subkeys(dht: hivemind.DHT, key: str) -> dict[str, object]:
     """The authentic unexpired values stored under `key`, by subkey (each signed by the node it names)."""
-    found = dht.get(key, latest=True)
+    future = dht.get(key, latest=True, return_future=True)
+    try:
+        found = future.result(timeout=FETCH_TIMEOUT)
+    except TimeoutError:  # a DHT process that stopped answering: read as nothing found, callers look again
+        future.cancel()
+        logger.warning("reading %s from the DHT took over %.0f s", key, FETCH_TIMEOUT)
+        return {}
     if found is None or not isinstance(found.value, dict):
         return {}
     auth, values = auth_of(dht), {}
@@ -239,7 +246,13 @@ def store_value(dht: hivemind.DHT, key: str, value: dict, ttl: float, timeout: f
 
 def fetch_value(dht: hivemind.DHT, key: str) -> tuple[dict, str] | None:
     """The latest unexpired authentic value under `key` and the id of the node that signed it, or None."""
-    found = dht.get(key, latest=True)
+    future = dht.get(key, latest=True, return_future=True)
+    try:
+        found = future.result(timeout=FETCH_TIMEOUT)
+    except TimeoutError:  # a DHT process that stopped answering: read as nothing found, callers look again
+        future.cancel()
+        logger.warning("reading %s from the DHT took over %.0f s", key, FETCH_TIMEOUT)
+        return None
     if found is None:
         return None
     try:
