@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,13 +23,17 @@ from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.link_policy import LinkQuality
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.swarm import dht as swarm_dht
-from edgeswarm.swarm.errors import NodeUnavailableError, SwarmConnectionError
+from edgeswarm.swarm.errors import (
+    NodeUnavailableError,
+    NoRouteError,
+    SwarmConnectionError,
+)
 from edgeswarm.swarm.head import ClientHead
 from edgeswarm.swarm.links import LinkCodecs
 from edgeswarm.swarm.mdns import DEFAULT_SWARM_ID, discover_peers
 from edgeswarm.swarm.membership import join_as_client
 from edgeswarm.swarm.policy import SessionPolicy
-from edgeswarm.swarm.routes import Banlist, RouteManager
+from edgeswarm.swarm.routes import REPLACEMENT_POLL_SECONDS, Banlist, RouteManager
 from edgeswarm.swarm.routing import Hop
 from edgeswarm.swarm.sampling import cut_at_stop, next_tokens
 from edgeswarm.swarm.session import InferenceSession, positions_for
@@ -178,11 +183,17 @@ class ModelClient:
         self, max_length: int = 2048, prefill_chunk: int = PREFILL_CHUNK_TOKENS, route: list[Hop] | None = None, policy: SessionPolicy | None = None
     ) -> InferenceSession:
         """Opens a session through the swarm (along `route`, or the best one; with `policy`, or the
-        client's); nodes that do not answer are banned and routed around."""
-        attempt = 1
+        client's); nodes that do not answer are banned and routed around. While blocks have no node (one
+        may be moving to another span), it waits for them up to the policy's `replacement_wait`."""
+        policy = policy or self.policy
+        attempt, deadline = 1, time.monotonic() + policy.replacement_wait
         while True:
             try:
-                return InferenceSession(self.routes, self.head, self.links, policy or self.policy, max_length, route, prefill_chunk)
+                return InferenceSession(self.routes, self.head, self.links, policy, max_length, route, prefill_chunk)
+            except NoRouteError:
+                if route is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(REPLACEMENT_POLL_SECONDS)
             except NodeUnavailableError as error:
                 if error.node_id is None or attempt >= self.max_route_attempts or route is not None:
                     raise
