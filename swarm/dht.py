@@ -14,7 +14,7 @@ from weakref import WeakKeyDictionary
 import hivemind
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from edgeswarm.protocol.channels import register_certificate
@@ -184,15 +184,21 @@ def store_subkey(dht: hivemind.DHT, key: str, subkey: str, value: dict, ttl: flo
         return False
 
 
-def fetch_subkeys(dht: hivemind.DHT, key: str) -> dict[str, object]:
-    """The authentic unexpired values stored under `key`, by subkey (each signed by the node it names)."""
+def read_latest(dht: hivemind.DHT, key: str) -> ValueWithExpiration | None:
+    """The DHT's latest entry under `key`, or None; None too after FETCH_TIMEOUT (a DHT process that
+    stopped answering reads as nothing found, and callers look again)."""
     future = dht.get(key, latest=True, return_future=True)
     try:
-        found = future.result(timeout=FETCH_TIMEOUT)
-    except TimeoutError:  # a DHT process that stopped answering: read as nothing found, callers look again
+        return future.result(timeout=FETCH_TIMEOUT)
+    except TimeoutError:
         future.cancel()
         logger.warning("reading %s from the DHT took over %.0f s", key, FETCH_TIMEOUT)
-        return {}
+        return None
+
+
+def fetch_subkeys(dht: hivemind.DHT, key: str) -> dict[str, object]:
+    """The authentic unexpired values stored under `key`, by subkey (each signed by the node it names)."""
+    found = read_latest(dht, key)
     if found is None or not isinstance(found.value, dict):
         return {}
     auth, values = auth_of(dht), {}
@@ -246,13 +252,7 @@ def store_value(dht: hivemind.DHT, key: str, value: dict, ttl: float, timeout: f
 
 def fetch_value(dht: hivemind.DHT, key: str) -> tuple[dict, str] | None:
     """The latest unexpired authentic value under `key` and the id of the node that signed it, or None."""
-    future = dht.get(key, latest=True, return_future=True)
-    try:
-        found = future.result(timeout=FETCH_TIMEOUT)
-    except TimeoutError:  # a DHT process that stopped answering: read as nothing found, callers look again
-        future.cancel()
-        logger.warning("reading %s from the DHT took over %.0f s", key, FETCH_TIMEOUT)
-        return None
+    found = read_latest(dht, key)
     if found is None:
         return None
     try:

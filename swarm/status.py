@@ -22,7 +22,7 @@ from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.protocol.channels import open_channel
 from edgeswarm.protocol.constants import ANNOUNCE_TTL
 from edgeswarm.protocol.records import ONLINE, ServerRecord, servers_key
-from edgeswarm.swarm.dht import fetch_servers
+from edgeswarm.swarm.dht import fetch_servers, read_latest
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def fetch_node_infos(records: Sequence[ServerRecord], timeout: float = NODE_INFO
 
 def fetch_expirations(dht: hivemind.DHT, model_id: str) -> dict[str, float]:
     """DHT expiration time of each node's record for `model_id` (node id -> DHT time)."""
-    found = dht.get(servers_key(model_id), latest=True)
+    found = read_latest(dht, servers_key(model_id))
     if found is None or not isinstance(found.value, dict):
         return {}
     return {str(subkey): float(entry.expiration_time) for subkey, entry in found.value.items()}

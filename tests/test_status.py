@@ -4,6 +4,7 @@ import socket
 import threading
 import time
 from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -171,9 +172,11 @@ def test_collect_status_reads_records_and_expirations_from_the_dht(live_address)
     entries = {live.node_id: SimpleNamespace(value=signed, expiration_time=time.time() + TTL - 2.0)}
 
     class FakeDHT:
-        def get(self, key, latest):
-            assert key == servers_key("m") and latest
-            return SimpleNamespace(value=entries)
+        def get(self, key, latest, return_future):
+            assert key == servers_key("m") and latest and return_future
+            answered = Future()
+            answered.set_result(SimpleNamespace(value=entries))
+            return answered
 
     status = collect_status(FakeDHT(), "m", NUM_BLOCKS, ttl=TTL)
     (node,) = status.nodes
