@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import hmac
+import ipaddress
 import logging
+import os
+import signal
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -14,7 +19,7 @@ from weakref import WeakKeyDictionary
 import hivemind
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
-from hivemind.utils import ValueWithExpiration, get_dht_time
+from hivemind.utils import MPFuture, ValueWithExpiration, get_dht_time
 from hivemind.utils.serializer import MSGPackSerializer
 
 from edgeswarm.protocol.channels import register_certificate
@@ -27,6 +32,7 @@ from edgeswarm.protocol.signing import (
     sign_record,
 )
 from edgeswarm.swarm.errors import SwarmConnectionError
+from edgeswarm.swarm.mdns import LOOPBACK_HOST, WILDCARD_HOST
 
 logger = logging.getLogger(__name__)
 
@@ -111,12 +117,28 @@ class SignedRecordValidator(RecordValidatorBase):
             return False
 
 
+def _free_port(host: str) -> int:
+    """A TCP port free on `host` now (the kernel's pick; free until someone else binds it)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _maddr_host(host: str) -> str:
+    """The multiaddr prefix naming `host`: /ip4/A, /ip6/A, or /dns/NAME."""
+    try:
+        return f"/ip{ipaddress.ip_address(host).version}/{host}"
+    except ValueError:
+        return f"/dns/{host}"
+
+
 def start_dht(
     initial_peers: Sequence[str],
-    host: str = "127.0.0.1",
+    host: str = LOOPBACK_HOST,
     port: int = 0,
     client_mode: bool = False,
     swarm_key: bytes | None = None,
+    announce_host: str | None = None,
     **p2p_options,
 ) -> hivemind.DHT:
     """Starts a DHT peer (a child process of hivemind's) and joins it to `initial_peers`, if any.
@@ -126,10 +148,19 @@ def start_dht(
 
     `p2p_options` go to hivemind's libp2p daemon: for nodes behind NAT, `announce_maddrs` (the public
     addresses to announce), `use_relay` and `use_auto_relay` (reach and be reached through relays).
+    A peer listening on every interface (`host` 0.0.0.0) without `announce_maddrs` announces
+    `announce_host` alone: libp2p would otherwise announce every interface's address, loopback
+    included, and peers (and mDNS) would be handed addresses that lead nowhere or to themselves. libp2p
+    needs a real port to announce, so one is picked here when `port` is 0.
     """
-    options = dict(p2p_options) if client_mode else {"host_maddrs": [f"/ip4/{host}/tcp/{port}"], **p2p_options}
+    options = dict(p2p_options)
+    if not client_mode:
+        if host == WILDCARD_HOST and announce_host and not options.get("announce_maddrs"):
+            port = port or _free_port(host)
+            options["announce_maddrs"] = [f"{_maddr_host(announce_host)}/tcp/{port}"]
+        options["host_maddrs"] = [f"/ip4/{host}/tcp/{port}"]
     for attempt in range(1, DHT_START_ATTEMPTS + 1):
-        dht = hivemind.DHT(
+        dht = _DHTProcess(
             initial_peers=list(initial_peers),
             client_mode=client_mode,
             start=False,
@@ -144,11 +175,49 @@ def start_dht(
             reason = str(error).split(": ", 1)[-1]
             raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: {reason}") from error
         except TimeoutError:
-            # hivemind forks its DHT process; a fork taken while another thread holds a lock can hang
-            # in the child for good, so a start that is not ready in time is killed and tried afresh
             logger.warning("the DHT process was not ready in %.0f s (attempt %d of %d)", DHT_START_TIMEOUT, attempt, DHT_START_ATTEMPTS)
+            _report_hang(dht)
             _stop(dht)
+            _unblock_result_pipe()
     raise SwarmConnectionError(f"cannot join the swarm through {list(initial_peers)}: the DHT did not start in {DHT_START_ATTEMPTS} attempts")
+
+
+class _DHTProcess(hivemind.DHT):
+    """hivemind's DHT process, which prints every thread's stack on HANG_REPORT_SIGNAL.
+
+    hivemind forks its DHT process. A fork taken while another thread holds a lock can hang in the
+    child for good, and so can a child whose result pipe is held by a process that died writing to it;
+    a start that is not ready in time reports where it hangs, then is killed and tried afresh."""
+
+    def run(self) -> None:
+        faulthandler.register(HANG_REPORT_SIGNAL, all_threads=True)
+        super().run()
+
+
+HANG_REPORT_SIGNAL = signal.SIGUSR1
+HANG_REPORT_WAIT = 2.0  # seconds a hung DHT process gets to print its stacks before it is killed
+RESULT_LOCK_WAIT = 10.0  # seconds the lock of hivemind's result pipe may stay taken before it counts as lost
+
+
+def _report_hang(dht: hivemind.DHT) -> None:
+    """Makes a DHT process that did not become ready print its threads' stacks (to standard error)."""
+    if dht.is_alive():
+        os.kill(dht.pid, HANG_REPORT_SIGNAL)
+        time.sleep(HANG_REPORT_WAIT)
+
+
+def _unblock_result_pipe() -> None:
+    """Resets hivemind's result pipe when its cross-process lock stays taken.
+
+    DHT processes send every result to their parent through one pipe, under one lock shared by all of
+    them; a DHT process killed while holding it (hivemind terminates one that does not shut down in 3 s)
+    leaves it taken for good, and every later DHT process hangs before it can report ready. hivemind's
+    `MPFuture.reset_backend` makes a fresh pipe and lock for the futures made from now on."""
+    if MPFuture._update_lock.acquire(timeout=RESULT_LOCK_WAIT):
+        MPFuture._update_lock.release()
+        return
+    logger.warning("hivemind's result pipe lock stays taken: resetting its backend")
+    MPFuture.reset_backend()
 
 
 def _stop(dht: hivemind.DHT) -> None:
