@@ -27,7 +27,7 @@ from edgeswarm.node.api_access import (
 from edgeswarm.node.service import ServiceLimits
 from edgeswarm.node.session_slots import CROWDED_FRACTION
 from edgeswarm.protocol.constants import ANNOUNCE_TTL
-from edgeswarm.swarm.mdns import DEFAULT_SWARM_ID
+from edgeswarm.swarm.mdns import DEFAULT_SWARM_ID, LOOPBACK_HOST, WILDCARD_HOST
 from edgeswarm.swarm.policy import DEFAULT_SPOT_CHECK
 
 MIB = 2**20
@@ -173,7 +173,11 @@ class PlacementConfig:
 class NetworkConfig:
     """Where this node listens, how it finds and is found by its peers, and who it is to them."""
 
-    host: str = option("127.0.0.1", "--host", "address the gRPC data plane and the DHT listen on")
+    host: str | None = option(
+        None, "--host",
+        "address the gRPC data plane, the DHT and the APIs listen on (default: every interface, 0.0.0.0, announcing"
+        " this device's LAN address; 127.0.0.1 with --no-mdns)",
+    )
     port: int = option(0, "--port", "gRPC port (0 picks a free one)")
     dht_port: int = option(0, "--dht-port", "DHT port (0 picks a free one)")
     announce_host: str | None = option(None, "--announce-host", "address announced to peers, if not --host")
@@ -212,6 +216,13 @@ class NetworkConfig:
         False, "--tls",
         "serve gRPC (and the HTTP API as HTTPS) over TLS, with a certificate bound to this node's identity and announced in its signed record",
     )
+
+    @property
+    def listen_host(self) -> str:
+        """Where the node listens: --host, else every interface when mDNS makes it a LAN node, else loopback."""
+        if self.host is not None:
+            return self.host
+        return WILDCARD_HOST if self.mdns else LOOPBACK_HOST
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 
 import grpc
 import psutil
+from hivemind.utils import get_dht_time
 
 from edgeswarm.agent.sandbox import SandboxUnavailableError
 from edgeswarm.agent.tools import check_allowed_tools
@@ -30,12 +32,17 @@ from edgeswarm.model.span import TransformerSpan
 from edgeswarm.node.agent_services import AgentServices
 from edgeswarm.node.api_access import ApiAccess, ClientLimits, api_access
 from edgeswarm.node.api_service import SwarmApiServicer, start_api_server
-from edgeswarm.node.config import AgentConfig, NodeSettings
+from edgeswarm.node.config import AgentConfig, NetworkConfig, NodeSettings
 from edgeswarm.node.openai_http import OpenAIServer
 from edgeswarm.node.plan_coordination import planned_span
 from edgeswarm.node.service import BlockServicer, start_grpc_server
 from edgeswarm.partition.rebalancing import choose_move
-from edgeswarm.partition.span_selection import choose_least_covered_span
+from edgeswarm.partition.span_selection import (
+    SpanClaim,
+    choose_least_covered_span,
+    claims_key,
+    settle_claim,
+)
 from edgeswarm.protocol.call_auth import CallAuthenticator
 from edgeswarm.protocol.channels import use_identity, use_swarm_key
 from edgeswarm.protocol.constants import REFRESHES_PER_TTL
@@ -45,7 +52,7 @@ from edgeswarm.protocol.swarm_key import read_swarm_key
 from edgeswarm.swarm import dht as swarm_dht
 from edgeswarm.swarm.dht import RecordAuth
 from edgeswarm.swarm.links import measure_link
-from edgeswarm.swarm.mdns import LanPresence, discover_peers
+from edgeswarm.swarm.mdns import WILDCARD_HOST, LanPresence, discover_peers, lan_address
 from edgeswarm.swarm.membership import MemberAnnouncer, MemberDirectory
 from edgeswarm.swarm.policy import SessionPolicy
 
@@ -53,18 +60,31 @@ logger = logging.getLogger(__name__)
 
 READY_PREFIX = "EDGESWARM_READY "
 
+# Claiming a span before loading it (partition.span_selection): nodes started at the same moment would
+# otherwise all take the first blocks. A node advertises itself over mDNS as soon as its DHT is up. Then,
+# in each round, once the LAN peers it has seen are joined (LAN_JOIN_WAIT at most: nodes that found no
+# one when they started each bootstrap a DHT of their own, merged through mDNS), it waits up to
+# CLAIM_JITTER seconds at random (so that simultaneous starts read and claim one after another), reads
+# the records and claims, and claims the least-covered window; CLAIM_SETTLE seconds later the next round
+# re-reads them. Two nodes whose DHTs are joined cannot both miss each other's claim as long as
+# CLAIM_SETTLE outlasts a read and a store (milliseconds; a second leaves room for a loaded device and
+# for a LAN peer's mDNS announcement to arrive). A claim that an earlier one displaced is made again
+# elsewhere, up to CLAIM_ROUNDS claims in all. This costs a node CLAIM_SETTLE seconds and about a
+# CLAIM_JITTER of start-up, and saves a rebalancing period (a minute by default) after simultaneous starts.
+CLAIM_JITTER = 1.0
+CLAIM_SETTLE = 1.0
+CLAIM_ROUNDS = 4
+CLAIM_TTL = 60.0  # seconds a claim keeps others off while its node loads (its announcement replaces it)
+LAN_JOIN_WAIT = 15.0
 
-def reachable_host(host: str, announce_host: str | None) -> str:
-    """The address peers should dial: the announce host, the bind host, or for 0.0.0.0 the first LAN IPv4."""
-    if announce_host:
-        return announce_host
-    if host not in ("0.0.0.0", ""):
-        return host
-    for addresses in psutil.net_if_addrs().values():
-        for address in addresses:
-            if address.family.name == "AF_INET" and not address.address.startswith("127."):
-                return address.address
-    return "127.0.0.1"
+
+def reachable_host(network: NetworkConfig, initial_peers: Sequence[str]) -> str:
+    """The address peers should dial: --announce-host, else the listen host, or for a node listening on
+    every interface this device's address towards its peers (swarm.mdns.lan_address)."""
+    if network.announce_host:
+        return network.announce_host
+    host = network.listen_host
+    return lan_address(initial_peers) if host == WILDCARD_HOST else host
 
 
 _PR_SET_PDEATHSIG = 1
@@ -109,6 +129,7 @@ class SwarmNode:
             ClientLimits.per_second(api.api_rate, api.api_tokens_per_minute),
         )
         self.tls: tuple[bytes, bytes] | None = None  # (certificate PEM, key PEM) with --tls
+        self.host = ""  # the address peers dial (reachable_host), set in start() once the initial peers are known
         self.swarm_key = read_swarm_key(network.swarm_key) if network.swarm_key else None
         use_swarm_key(self.swarm_key)  # this node's own calls to its peers carry the swarm's token
         use_identity(self.identity)  # and are signed by its identity
@@ -131,12 +152,42 @@ class SwarmNode:
         placement = self.settings.placement
         return placement.num_blocks or blocks_that_fit(self.model.config, quant=placement.quant)
 
-    def _choose_span(self) -> tuple[int, int]:
+    def _choose_span(self, alone: bool) -> tuple[int, int]:
+        """--blocks, else the least-covered window, claimed first (see CLAIM_JITTER) unless this node is
+        `alone`: it has no peer and looks for none, so nobody can take the same blocks at the same moment."""
         if self.settings.placement.blocks is not None:
             return self.settings.placement.blocks
-        length = self._max_blocks()
-        records = swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks)
-        return choose_least_covered_span(records, self.model.num_blocks, length)
+        length, num_blocks = self._max_blocks(), self.model.num_blocks
+        if alone:
+            return choose_least_covered_span([], num_blocks, length)
+        node_id, key = self.identity.fingerprint, claims_key(self.model.model_id)
+        mine: SpanClaim | None = None
+        for _ in range(CLAIM_ROUNDS):
+            if self.lan_presence is not None and not self.lan_presence.wait_joined(LAN_JOIN_WAIT):
+                logger.warning("claiming blocks before every LAN peer is joined")
+            time.sleep(random.uniform(0, CLAIM_JITTER))  # after the joins, which end at the same moment for peers that merge
+            records = swarm_dht.fetch_servers(self.dht, self.model.model_id, num_blocks)
+            span = settle_claim(records, self._read_claims(), node_id, mine, num_blocks, length)
+            if span is None:
+                break
+            mine = SpanClaim(node_id, *span, claimed_at=get_dht_time())
+            swarm_dht.store_subkey(self.dht, key, node_id, mine.to_dict(), CLAIM_TTL)  # unstored, it just holds nobody off
+            time.sleep(CLAIM_SETTLE)
+        logger.info("claimed blocks %d:%d", *mine.span)
+        return mine.span
+
+    def _read_claims(self) -> list[SpanClaim]:
+        """The well-formed claims in the DHT, each stored by the node it names."""
+        claims = []
+        for subkey, value in swarm_dht.fetch_subkeys(self.dht, claims_key(self.model.model_id)).items():
+            try:
+                claim = SpanClaim.from_dict(value, self.model.num_blocks)
+            except ValueError as error:
+                logger.warning("ignoring the claim of %s: %s", subkey, error)
+                continue
+            if claim.node_id == subkey:
+                claims.append(claim)
+        return claims
 
     def start(self) -> None:
         placement, network = self.settings.placement, self.settings.network
@@ -146,10 +197,12 @@ class SwarmNode:
         if not initial_peers and network.mdns:
             initial_peers = discover_peers(network.swarm_id)
             logger.info("mDNS found %d peers of swarm %r", len(initial_peers), network.swarm_id)
+        self.host = reachable_host(network, initial_peers)
         self.dht = swarm_dht.start_dht(
             initial_peers,
-            host=network.host,
+            host=network.listen_host,
             port=network.dht_port,
+            announce_host=self.host,
             announce_maddrs=list(network.announce_maddrs) or None,
             use_relay=network.use_relay,
             use_auto_relay=network.use_auto_relay,
@@ -158,7 +211,9 @@ class SwarmNode:
         swarm_dht.use_auth(self.dht, RecordAuth(self.identity, self.swarm_key))
         self.member_announcer = MemberAnnouncer(self.dht, self.identity.fingerprint, "node")
         node_id = self.identity.fingerprint
-        start, end = self._choose_span()
+        if network.mdns:  # at once, so that LAN peers starting now merge DHTs before anyone claims blocks
+            self._advertise_on_lan()
+        start, end = self._choose_span(alone=not initial_peers and not network.mdns)
         rss_before = psutil.Process().memory_info().rss
         span = self._load_span(start, end)
         load_rss_growth = psutil.Process().memory_info().rss - rss_before
@@ -166,15 +221,14 @@ class SwarmNode:
         prefill_throughput = measure_prefill_throughput(span)
         limits = self.settings.limits.service_limits()
         self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
-        host = reachable_host(network.host, network.announce_host)
-        self.tls = self.identity.tls_certificate([host]) if network.tls else None
-        add_services = (lambda server, port: self._add_agent_services(server, f"{host}:{port}")) if self.settings.agents.enabled else None
+        self.tls = self.identity.tls_certificate([self.host]) if network.tls else None
+        add_services = (lambda server, port: self._add_agent_services(server, f"{self.host}:{port}")) if self.settings.agents.enabled else None
         self.members = MemberDirectory(self.dht)
         authenticator = CallAuthenticator(node_id, self.members.is_member, self.swarm_key)
-        self.server, port = start_grpc_server(self.servicer, network.host, network.port, authenticator, add_services, self.tls)
+        self.server, port = start_grpc_server(self.servicer, network.listen_host, network.port, authenticator, add_services, self.tls)
         self.record = ServerRecord(
             node_id=node_id,
-            address=f"{host}:{port}",
+            address=f"{self.host}:{port}",
             model_id=self.model.model_id,
             start_block=start,
             end_block=end,
@@ -195,15 +249,18 @@ class SwarmNode:
             self.agents.announce(network.announce_ttl)
             self._start_apis()
         threading.Thread(target=self._refresh_announcement, name="announce", daemon=True).start()
-        if network.mdns:
-            try:
-                self.lan_presence = LanPresence(node_id, network.swarm_id, self.initial_peers, self._join_lan_peers)
-            except ValueError as error:  # e.g. a node on loopback only: there is no LAN to advertise on
-                logger.info("not advertising over mDNS: %s", error)
         if placement.blocks is None and placement.rebalance_period > 0:
             threading.Thread(target=self._rebalance, name="rebalance", daemon=True).start()
         if network.semantic_basis != "off":
             threading.Thread(target=self._prepare_semantic_basis, name="semantic-basis", daemon=True).start()
+
+    def _advertise_on_lan(self) -> None:
+        """Advertises this node's DHT addresses over mDNS, and joins the LAN peers that appear."""
+        network = self.settings.network
+        try:
+            self.lan_presence = LanPresence(self.identity.fingerprint, network.swarm_id, self.initial_peers, self._join_lan_peers)
+        except ValueError as error:  # e.g. a node on loopback only: there is no LAN to advertise on
+            logger.info("not advertising over mDNS: %s", error)
 
     def _add_agent_services(self, server: grpc.Server, address: str) -> None:
         node_id, config = self.identity.fingerprint, self.settings.agents
@@ -223,20 +280,19 @@ class SwarmNode:
     def _start_apis(self) -> None:
         """The SwarmAPI (gRPC) and the OpenAI-compatible HTTP endpoint, as configured."""
         network, api, agents = self.settings.network, self.settings.api, self.agents
-        host = reachable_host(network.host, network.announce_host)
         if api.api_port is not None:
             self.api_servicer = SwarmApiServicer(agents.new_swarm_client, self.model, self.dht, agents.directory)
-            self.api_server, port = start_api_server(self.api_servicer, network.host, api.api_port, self.api_access, self.tls)
-            self.api_address = f"{host}:{port}"
+            self.api_server, port = start_api_server(self.api_servicer, network.listen_host, api.api_port, self.api_access, self.tls)
+            self.api_address = f"{self.host}:{port}"
         if api.http_port is not None:
             self.http_server = OpenAIServer(
                 agents.new_swarm_client,
-                network.host,
+                network.listen_host,
                 api.http_port,
                 access=self.api_access,
                 tls=self.tls,
             )
-            self.http_address = f"{host}:{self.http_server.start()}"
+            self.http_address = f"{self.host}:{self.http_server.start()}"
 
     def _prepare_semantic_basis(self) -> None:
         """Loads (or fits and caches) the semantic codec's basis, then offers the codec to clients."""

@@ -6,7 +6,11 @@ B. Prefill (128 tokens) and decode (32 tokens) speed through 3 hosts (10 blocks 
    capped at 100, 20 and 5 Mbit/s (tbf, both directions), and uncapped. The client runs in the root
    namespace and reaches the hosts over the bridge. netem is not available here: links are capped in
    bandwidth only, with no added latency.
-Writes bench/results/bench_testbed.json and bench/results/bench_testbed.png. Needs root.
+C. With --convergence-runs R (instead of A and B): R times over, 3 hosts started at the same moment
+   (--host given, 10 blocks each, found by one another over mDNS, default rebalancing period), timed
+   from the launch until a client sees every block covered; a table of the runs with min/median/max.
+Writes bench/results/bench_testbed.json and bench/results/bench_testbed.png (A and B), or
+bench/results/bench_testbed_convergence.json and .png (C). Needs root.
 """
 
 from __future__ import annotations
@@ -14,24 +18,30 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
 
+from devtools.launcher import NodeProcess, start_node
+from devtools.testbed import Testbed, testbed_available
 from edgeswarm import SwarmClient
 from edgeswarm.model.sources import open_model
-from devtools.launcher import start_node
 from edgeswarm.partition.coverage import coverage_gaps
-from devtools.testbed import Testbed, testbed_available
 
 RESULTS = Path(__file__).resolve().parent.parent / "bench" / "results"
+MODEL_BLOCKS = 30  # SmolLM2-135M's transformer blocks
+CONVERGENCE_HOSTS = 3
+CONVERGENCE_TARGET_S = 30.0  # what the convergence runs should stay under (the issue's bound)
+FULL_SWARM_TIMEOUT_S = 300.0
+POLL_S = 0.5
 
 
 def time_to_full_swarm(hosts: int) -> dict:
-    blocks = math.ceil(30 / hosts)
+    blocks = math.ceil(MODEL_BLOCKS / hosts)
     with Testbed(hosts, force=True) as testbed:
         began = time.monotonic()
 
@@ -50,15 +60,93 @@ def time_to_full_swarm(hosts: int) -> dict:
                     records = client.servers()
                     if len(records) == hosts and not coverage_gaps(records, client.model.num_blocks):
                         break
-                    if time.monotonic() - began > 300:
-                        raise RuntimeError(f"no full swarm after 300 s: {[(r.start_block, r.end_block) for r in records]}")
-                    time.sleep(0.5)
+                    if time.monotonic() - began > FULL_SWARM_TIMEOUT_S:
+                        raise RuntimeError(f"no full swarm after {FULL_SWARM_TIMEOUT_S:.0f} s: {[(r.start_block, r.end_block) for r in records]}")
+                    time.sleep(POLL_S)
                 full = time.monotonic() - began
                 spans = sorted((r.start_block, r.end_block) for r in records)
         finally:
             for node in nodes:
                 node.stop()
     return {"hosts": hosts, "blocks_per_host": blocks, "all_nodes_ready_s": all_ready, "full_swarm_s": full, "spans": spans}
+
+
+def time_to_full_coverage(testbed: Testbed) -> dict:
+    """Starts a node on every host of `testbed` at once and times, from the launch, until a client (in
+    the root namespace, joined through the first node ready) sees every block served; also when the
+    last node was ready, and how many rebalancing moves that took."""
+    blocks = math.ceil(MODEL_BLOCKS / testbed.n)
+    began = time.monotonic()
+
+    def launch(host: int) -> tuple[NodeProcess, float]:
+        node = start_node(
+            ["--num-blocks", str(blocks)], prefix=testbed.exec_args(host, []), host=testbed.host_ip(host), mdns=True, timeout=FULL_SWARM_TIMEOUT_S
+        )
+        return node, time.monotonic() - began
+
+    with ThreadPoolExecutor(testbed.n) as pool:
+        launches = [pool.submit(launch, host) for host in testbed.hosts()]
+        try:
+            first, _ = next(as_completed(launches)).result()
+            with SwarmClient(first.initial_peers, mdns=False) as client:
+                while True:
+                    records = client.servers()
+                    if not coverage_gaps(records, client.model.num_blocks):
+                        break
+                    if time.monotonic() - began > FULL_SWARM_TIMEOUT_S:
+                        raise RuntimeError(f"no full coverage after {FULL_SWARM_TIMEOUT_S:.0f} s: {[(r.start_block, r.end_block) for r in records]}")
+                    time.sleep(POLL_S)
+                full = time.monotonic() - began
+            nodes, ready = zip(*(launch.result() for launch in launches))
+        finally:
+            for launch in launches:
+                if launch.exception() is None:  # (waits for the launch to end)
+                    launch.result()[0].stop()
+    moves = sum(line.startswith("moved from blocks") for node in nodes for line in node.output)
+    return {"ready_s": max(ready), "full_coverage_s": full, "spans": sorted((r.start_block, r.end_block) for r in records), "moves": moves}
+
+
+def convergence(runs: int) -> dict:
+    """`runs` simultaneous starts of CONVERGENCE_HOSTS hosts, each on a fresh swarm (one testbed for all)."""
+    rows = []
+    load_before = os.getloadavg()[1]  # the machine's 5-minute load: other work slows the nodes' start-up
+    with Testbed(CONVERGENCE_HOSTS) as testbed:
+        for run in range(1, runs + 1):
+            rows.append({"run": run, **time_to_full_coverage(testbed)})
+            print(f"run {run}: full coverage after {rows[-1]['full_coverage_s']:.1f} s, spans {rows[-1]['spans']}", flush=True)
+    times = [row["full_coverage_s"] for row in rows]
+    return {
+        "hosts": CONVERGENCE_HOSTS,
+        "blocks_per_host": math.ceil(MODEL_BLOCKS / CONVERGENCE_HOSTS),
+        "runs": rows,
+        "min_s": min(times),
+        "median_s": statistics.median(times),
+        "max_s": max(times),
+        "load_average": [load_before, os.getloadavg()[1]],
+    }
+
+
+def plot_convergence(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4))
+    runs = report["runs"]
+    positions = range(len(runs))
+    width = 0.4
+    axis.bar([x - width / 2 for x in positions], [row["ready_s"] for row in runs], width, color="tab:gray", label="last node ready")
+    axis.bar([x + width / 2 for x in positions], [row["full_coverage_s"] for row in runs], width, color="tab:blue", label="full coverage")
+    axis.set_xticks(list(positions), [str(row["run"]) for row in runs])
+    axis.axhline(report["median_s"], color="tab:green", linestyle="--", label=f"median full coverage {report['median_s']:.1f} s")
+    axis.axhline(CONVERGENCE_TARGET_S, color="tab:red", linestyle=":", label=f"target {CONVERGENCE_TARGET_S:.0f} s")
+    axis.set_xlabel("run")
+    axis.set_ylabel("seconds from the launch")
+    axis.set_title(f"{report['hosts']} hosts started at once ({report['blocks_per_host']} blocks each, SmolLM2-135M)")
+    axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
 
 
 def speed_with_cap(rate: str | None, tokens: int) -> dict:
@@ -120,11 +208,24 @@ def main() -> None:
     parser.add_argument("--hosts", type=int, nargs="*", default=[2, 4, 6])
     parser.add_argument("--rates", nargs="*", default=["none", "100mbit", "20mbit", "5mbit"])
     parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--convergence-runs", type=int, metavar="R", help="only time R simultaneous starts of 3 hosts (C)")
     args = parser.parse_args()
     available, reason = testbed_available()
     if not available:
         raise SystemExit(f"no testbed here: {reason}")
     open_model("default")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.convergence_runs:
+        report = convergence(args.convergence_runs)
+        print(f"\n{'run':>3} {'all ready':>10} {'full coverage':>14} {'moves':>5}  spans")
+        for row in report["runs"]:
+            print(f"{row['run']:>3} {row['ready_s']:>9.1f}s {row['full_coverage_s']:>13.1f}s {row['moves']:>5}  {row['spans']}")
+        print(f"min {report['min_s']:.1f} s, median {report['median_s']:.1f} s, max {report['max_s']:.1f} s"
+              f" (5-minute load average {report['load_average'][0]:.1f} before, {report['load_average'][1]:.1f} after, {os.cpu_count()} CPUs)")
+        (RESULTS / "bench_testbed_convergence.json").write_text(json.dumps(report, indent=2))
+        plot_convergence(report, RESULTS / "bench_testbed_convergence.png")
+        print(f"wrote {RESULTS / 'bench_testbed_convergence.json'} and bench_testbed_convergence.png")
+        return
 
     join = [time_to_full_swarm(hosts) for hosts in args.hosts]
     print(f"\n{'hosts':>5} {'blocks each':>11} {'all ready':>10} {'full swarm':>11}  spans")
@@ -134,7 +235,6 @@ def main() -> None:
     print(f"\n{'link':>9} {'prefill 128':>12} {'prefill tok/s':>14} {'decode tok/s':>13}")
     for row in links:
         print(f"{row['link']:>9} {row['prefill_128_s']:>11.2f}s {row['prefill_tokens_per_s']:>14.1f} {row['decode_tokens_per_s']:>13.2f}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
     report = {"join": join, "links": links, "tokens": args.tokens}
     (RESULTS / "bench_testbed.json").write_text(json.dumps(report, indent=2))
     plot(report, RESULTS / "bench_testbed.png")

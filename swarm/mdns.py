@@ -6,10 +6,14 @@ peers browses for a few seconds, keeps the services of its own swarm id, and dro
 not accept a TCP connection (a host that vanished leaves its advertisement in caches for a while).
 A running node keeps browsing and hands every new peer of its swarm to a callback: nodes that started
 at the same moment, each bootstrapping a DHT of its own, are joined that way.
+
+A node that listens on every interface (0.0.0.0) announces one address, `lan_address`: the source
+address the kernel picks for the route towards its peers (see there).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import socket
@@ -17,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import psutil
 from zeroconf import (
     IPVersion,
     ServiceBrowser,
@@ -30,6 +35,10 @@ logger = logging.getLogger(__name__)
 SERVICE_TYPE = "_edgeswarm._tcp.local."
 DEFAULT_SWARM_ID = "edgeswarm"
 _MAX_MADDRS = 8
+MDNS_GROUP, MDNS_PORT = "224.0.0.251", 5353  # where mDNS queries and answers go (RFC 6762)
+WILDCARD_HOST = "0.0.0.0"  # listen on every IPv4 interface
+LOOPBACK_HOST = "127.0.0.1"
+REGISTER_TIMEOUT = 10.0  # seconds probing the LAN for a node's service name may take (a loaded device)
 
 
 def _tcp_endpoint(maddr: str) -> tuple[str, int] | None:
@@ -39,6 +48,38 @@ def _tcp_endpoint(maddr: str) -> tuple[str, int] | None:
         return socket.inet_ntoa(socket.inet_aton(parts[parts.index("ip4") + 1])), int(parts[parts.index("tcp") + 1])
     except (ValueError, IndexError, OSError):
         return None
+
+
+def route_source(destination: str) -> str | None:
+    """The source address the kernel picks to reach the IPv4 address `destination`, or None without a route.
+
+    Connecting a UDP socket only looks the route up: nothing is sent."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((destination, MDNS_PORT))
+        except OSError:  # no route to it (ENETUNREACH)
+            return None
+        return probe.getsockname()[0]
+
+
+def lan_address(initial_peers: Sequence[str] = ()) -> str:
+    """The address of this device that its peers can dial, for a node listening on every interface.
+
+    In order: the source address of the route to the first initial peer that has one (the interface the
+    swarm is actually reached through; a loopback peer gives loopback, which is right for a swarm on
+    one machine); else of the route to the mDNS multicast group (the interface mDNS advertises on by
+    default: a multicast route if the LAN has one, else the default route's); else the first
+    non-loopback IPv4 address of any interface (a LAN without a gateway); else loopback.
+    """
+    destinations = [endpoint[0] for endpoint in map(_tcp_endpoint, initial_peers) if endpoint]
+    for destination in [*destinations, MDNS_GROUP]:
+        if (source := route_source(destination)) is not None:
+            return source
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return LOOPBACK_HOST
 
 
 def answers_tcp(maddr: str, timeout: float = 0.5) -> bool:
@@ -67,7 +108,8 @@ def _advertised_maddrs(zeroconf: Zeroconf, name: str, swarm_id: str) -> list[str
 class LanPresence:
     """Advertises one node's DHT multiaddrs on the LAN, and reports peers of its swarm that appear later.
 
-    `on_peer(maddrs)` runs on a worker thread for each new live peer. `close()` sends a goodbye.
+    `on_peer(maddrs)` runs on a worker thread for each new live peer; `wait_joined` waits for the peers
+    seen so far to have been handed to it. `close()` sends a goodbye.
     """
 
     def __init__(self, node_id: str, swarm_id: str, maddrs: Sequence[str], on_peer: Callable[[list[str]], None]):
@@ -87,25 +129,43 @@ class LanPresence:
         self._own = set(maddrs)
         self._seen: set[str] = set()
         self._names: queue.Queue = queue.Queue()
+        self._pending = 0  # services seen and not yet resolved and handed to on_peer
+        self._handled = threading.Condition()
         self._zeroconf = Zeroconf(ip_version=IPVersion.V4Only)
-        self._zeroconf.register_service(self.info)
+        # Browse first, so that peers already on the LAN are found while this node probes for its name;
+        # then wait for the probing only: from then on the node answers queries, and its announcements go
+        # out in the background (waiting for them too adds half a second or more to a node's start-up).
         self._browser = ServiceBrowser(self._zeroconf, SERVICE_TYPE, handlers=[self._on_change])
         threading.Thread(target=self._resolve_names, name="mdns-peers", daemon=True).start()
+        registering = asyncio.run_coroutine_threadsafe(self._zeroconf.async_register_service(self.info), self._zeroconf.loop)
+        registering.result(timeout=REGISTER_TIMEOUT)
 
     def _on_change(self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
         if state_change is ServiceStateChange.Added and name != self.info.name:
+            with self._handled:
+                self._pending += 1
             self._names.put(name)  # resolving blocks: not on zeroconf's own thread
 
     def _resolve_names(self) -> None:
         while (name := self._names.get()) is not None:
-            maddrs = [m for m in _advertised_maddrs(self._zeroconf, name, self.swarm_id) if m not in self._own]
-            new = [maddr for maddr in maddrs if maddr not in self._seen and answers_tcp(maddr)]
-            if new:
-                self._seen.update(new)
-                try:
+            try:
+                maddrs = [m for m in _advertised_maddrs(self._zeroconf, name, self.swarm_id) if m not in self._own]
+                new = [maddr for maddr in maddrs if maddr not in self._seen and answers_tcp(maddr)]
+                if new:
+                    self._seen.update(new)
                     self.on_peer(new)
-                except Exception:
-                    logger.exception("handling new LAN peers %s failed", new)
+            except Exception:
+                logger.exception("handling the LAN peer %s failed", name)
+            finally:
+                with self._handled:
+                    self._pending -= 1
+                    self._handled.notify_all()
+
+    def wait_joined(self, timeout: float) -> bool:
+        """Waits until every peer seen so far has been handed to `on_peer` (or found dead or foreign);
+        False if some still is not after `timeout` seconds."""
+        with self._handled:
+            return self._handled.wait_for(lambda: self._pending == 0, timeout)
 
     def close(self) -> None:
         self._names.put(None)
