@@ -16,7 +16,10 @@ of `node.service.BlockServicer` that this module puts in the daemon's place befo
 - `--when compressed_reply` (with --corrupt-outputs): only to replies asked for in a codec (a reply
   codec other than "" or "none"), the steps that looked unchecked when checked steps asked for raw
   replies;
-- `--announce-throughput X`: announce X blocks/s instead of its measured decode throughput.
+- `--announce-throughput X`: announce X blocks/s instead of its measured decode throughput;
+- `--push refuse`: in forwarded sessions, report every push to the next hop as failed without pushing;
+  `--push corrupt`: push corrupted hidden states (noise of --corrupt-outputs' scale, 0.05 if not given)
+  while replying the true ones to the client.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ if TYPE_CHECKING:
     from edgeswarm.node.service import BlockServicer
 
 WHEN = ("always", "compressed_reply")
+PUSH = ("honest", "refuse", "corrupt")
+PUSHED_NOISE = 0.05  # relative noise of corrupted pushes when --corrupt-outputs does not say
 
 
 @dataclass(frozen=True)
@@ -42,10 +47,13 @@ class Lies:
     corrupt_outputs: float = 0.0  # relative scale of the noise added to returned hidden states (0: none)
     when: str = "always"  # or "compressed_reply": corrupt only replies asked for in a codec
     announce_throughput: float | None = None  # blocks/s to announce instead of the measured throughput
+    push: str = "honest"  # or "refuse" / "corrupt": how it pushes outputs to the next hop
 
     def __post_init__(self) -> None:
         if self.when not in WHEN:
             raise ValueError(f"when must be always or compressed_reply, got {self.when!r}")
+        if self.push not in PUSH:
+            raise ValueError(f"push must be one of {PUSH}, got {self.push!r}")
         if not self.corrupt_outputs >= 0:
             raise ValueError(f"corrupt_outputs must be at least 0, got {self.corrupt_outputs}")
         if self.announce_throughput is not None and not self.announce_throughput > 0:
@@ -55,12 +63,13 @@ class Lies:
         """Whether a reply in `reply_codec` is to be corrupted."""
         return self.corrupt_outputs > 0 and (self.when == "always" or reply_codec not in ("", "none"))
 
-    def corrupt(self, output: torch.Tensor) -> torch.Tensor:
-        """`output` plus gaussian noise of `corrupt_outputs` times each position's RMS (computed in float32)."""
+    def corrupt(self, output: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+        """`output` plus gaussian noise of `scale` (default `corrupt_outputs`) times each position's RMS
+        (computed in float32)."""
         import torch
 
         states = output.float()
-        noise = self.corrupt_outputs * states.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(states)
+        noise = (self.corrupt_outputs if scale is None else scale) * states.pow(2).mean(-1, keepdim=True).sqrt() * torch.randn_like(states)
         return (states + noise).to(output.dtype)
 
     def to_args(self) -> list[str]:
@@ -70,6 +79,8 @@ class Lies:
             args += ["--corrupt-outputs", repr(self.corrupt_outputs), "--when", self.when]
         if self.announce_throughput is not None:
             args += ["--announce-throughput", repr(self.announce_throughput)]
+        if self.push != "honest":
+            args += ["--push", self.push]
         return args
 
 
@@ -82,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corrupt-outputs", type=float, default=0.0, metavar="SCALE", help="noise of this relative scale on returned hidden states")
     parser.add_argument("--when", choices=WHEN, default="always", help="compressed_reply: corrupt only replies asked for in a codec")
     parser.add_argument("--announce-throughput", type=float, default=None, metavar="BLOCKS_PER_SECOND", help="announce this instead of the measured throughput")
+    parser.add_argument("--push", choices=PUSH, default="honest", help="refuse: report pushes as failed; corrupt: push corrupted states")
     parser.add_argument("node_args", nargs=argparse.REMAINDER, metavar="join ...", help="the swarm-node command line")
     return parser
 
@@ -93,7 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Lies, list[str]]:
     if args.node_args[:1] != ["join"]:
         parser.error("the lie options must be followed by `join` and its swarm-node arguments")
     try:
-        lies = Lies(args.corrupt_outputs, args.when, args.announce_throughput)
+        lies = Lies(args.corrupt_outputs, args.when, args.announce_throughput, args.push)
     except ValueError as error:
         parser.error(str(error))
     return lies, args.node_args
@@ -111,6 +123,16 @@ def lying_servicer(base: type[BlockServicer], lies: Lies) -> type[BlockServicer]
             if lies.corrupts(codec):
                 output = lies.corrupt(output)
             return super()._encode_reply(output, codec, boundary)
+
+        def _push(self, target, output):  # every push to a next hop passes here
+            if lies.push == "refuse":
+                return "refusing to push (a lying node)"
+            if lies.push == "corrupt":
+                from edgeswarm.protocol.codecs import decode_tensor
+
+                states = lies.corrupt(decode_tensor(output, bases=self.bases), lies.corrupt_outputs or PUSHED_NOISE)
+                output = base._encode_reply(self, states, output.codec, target.start_block)
+            return super()._push(target, output)
 
     return LyingServicer
 

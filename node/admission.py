@@ -46,7 +46,7 @@ def pool_of(method: str) -> str:
     """The pool a call of `method` (its full name, "/package.Service/Method") is admitted to."""
     if method == _BLOCK_SERVICE + "InferenceSession":
         return SESSIONS
-    if method == _BLOCK_SERVICE + "Forward":
+    if method in (_BLOCK_SERVICE + "Forward", _BLOCK_SERVICE + "PushStep"):
         return FORWARDS
     if method.startswith(_TASK_SERVICE):
         return TASKS

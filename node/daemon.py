@@ -33,6 +33,7 @@ from edgeswarm.node.agent_services import AgentServices
 from edgeswarm.node.api_access import ApiAccess, ClientLimits, api_access
 from edgeswarm.node.api_service import SwarmApiServicer, start_api_server
 from edgeswarm.node.config import AgentConfig, NetworkConfig, NodeSettings
+from edgeswarm.node.forwarding import PeerDirectory, Pusher
 from edgeswarm.node.openai_http import OpenAIServer
 from edgeswarm.node.plan_coordination import planned_span
 from edgeswarm.node.service import BlockServicer, start_grpc_server
@@ -220,7 +221,8 @@ class SwarmNode:
         throughput = measure_decode_throughput(span)
         prefill_throughput = measure_prefill_throughput(span)
         limits = self.settings.limits.service_limits()
-        self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth)
+        peers = PeerDirectory(lambda: swarm_dht.fetch_servers(self.dht, self.model.model_id, self.model.num_blocks))
+        self.servicer = BlockServicer(span, self.model.model_id, node_id, throughput, limits, load_rss_growth, pusher=Pusher(peers))
         self.tls = self.identity.tls_certificate([self.host]) if network.tls else None
         add_services = (lambda server, port: self._add_agent_services(server, f"{self.host}:{port}")) if self.settings.agents.enabled else None
         self.members = MemberDirectory(self.dht)
@@ -427,6 +429,7 @@ class SwarmNode:
             self.server.stop(grace).wait(timeout=grace + 5)  # grpcio can leave a finished call that never lets stop() end
         if self.servicer is not None:
             self.servicer.batcher.stop()
+            self.servicer.pusher.close()
         if self.agents is not None:
             self.agents.close()
         if self.dht is not None:

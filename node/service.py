@@ -31,6 +31,13 @@ from edgeswarm.node.admission import (
     CallSlots,
 )
 from edgeswarm.node.batching import MAX_BATCH, StepBatcher
+from edgeswarm.node.forwarding import (
+    UPSTREAM_WAIT,
+    Mailbox,
+    MailboxFull,
+    Pusher,
+    PushRefused,
+)
 from edgeswarm.node.kv_budget import MAX_SESSION_BATCH, BusyError, KVBudget
 from edgeswarm.node.session_slots import CROWDED_IDLE_TIMEOUT, SessionSlots
 from edgeswarm.node.validation import (
@@ -45,10 +52,12 @@ from edgeswarm.protocol.busy import abort_busy
 from edgeswarm.protocol.call_auth import CallAuthenticator, CallAuthInterceptor
 from edgeswarm.protocol.codecs import CODECS, CodecError, SemanticBasis, encode_tensor
 from edgeswarm.protocol.constants import PREFILL_CHUNK_TOKENS
+from edgeswarm.protocol.principals import principal_of
 from edgeswarm.protocol.request_parsing import add_servicer
 from edgeswarm.protocol.tensors import (
     MAX_MESSAGE_BYTES,
     serialize_tensor,
+    tensor_digest,
 )
 
 logger = logging.getLogger(__name__)
@@ -107,8 +116,10 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         limits: ServiceLimits,
         load_rss_growth: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        pusher: Pusher | None = None,
     ):
         self.span, self.model_id, self.node_id = span, model_id, node_id
+        self.pusher = pusher  # pushes outputs to the next hops of forwarded sessions (None: this node does not)
         self.throughput = throughput
         self.load_rss_growth = load_rss_growth
         self.limits = limits
@@ -119,6 +130,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             limits.session_slots, limits.sessions_per_client, limits.session_idle_timeout, limits.crowded_idle_timeout, clock
         )
         self._sessions: dict[str, SpanCache] = {}
+        self._mailboxes: dict[str, Mailbox] = {}  # pushed inputs of each open session (node.forwarding)
         self._sessions_lock = threading.Lock()
         self.accepting = True
         self.semantic_basis: SemanticBasis | None = None  # set once fitted or loaded (see model.calibration)
@@ -242,8 +254,11 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         if not 0 < opening.max_length <= self.limits.max_session_length:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_length must be in [1, {self.limits.max_session_length}]")
         # one client session may pass through this node twice (e.g. after a move), once per span
-        session_id = f"{opening.session_id or id(context)}:{opening.start_block}:{opening.end_block}"
+        session_id = _session_key(opening.session_id or str(id(context)), opening.start_block, opening.end_block)
         cache = SpanCache()
+        caller = principal_of(context)
+        mailbox = Mailbox(caller.id if caller is not None else None)
+        context.add_callback(mailbox.close)  # a step waiting for its pushed input ends with the stream
         with self._sessions_lock:
             if session_id in self._sessions:
                 context.abort(grpc.StatusCode.ALREADY_EXISTS, f"session {session_id!r} is already open here")
@@ -252,11 +267,14 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
             except BusyError as error:
                 abort_busy(context, error)
             self._sessions[session_id] = cache
+            self._mailboxes[session_id] = mailbox
         try:
-            yield from self._serve_session(request_iterator, context, opening, span, cache, session_id)
+            yield from self._serve_session(request_iterator, context, opening, span, cache, session_id, mailbox)
         finally:
+            mailbox.close()
             with self._sessions_lock:
                 self._sessions.pop(session_id, None)
+                self._mailboxes.pop(session_id, None)
                 self.kv_budget.release(session_id)
 
     def _serve_session(
@@ -267,6 +285,7 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         span: TransformerSpan,
         cache: SpanCache,
         session_id: str,
+        mailbox: Mailbox,
     ) -> Iterator[pb.SessionResponse]:
         last_step_id = -1
         for request in request_iterator:
@@ -286,8 +305,14 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                             f"truncate_to {step.truncate_to} is outside this session's cache of {cache.length} positions",
                         )
                     cache.truncate(step.truncate_to)
+                hidden, input_digest = self._step_input(step, mailbox, context)
                 try:
-                    inputs = self._decode(span, step.hidden_states, step.position_ids, step.attention_mask, step.reply_codec)
+                    inputs = self._decode(span, hidden, step.position_ids, step.attention_mask, step.reply_codec)
+                except InvalidRequest as error:
+                    # a pushed input that does not fit is not (only) the caller's fault: DATA_LOSS tells it apart
+                    code = grpc.StatusCode.DATA_LOSS if step.upstream else grpc.StatusCode.INVALID_ARGUMENT
+                    context.abort(code, f"the pushed input of step {step.step_id} does not fit: {error}" if step.upstream else str(error))
+                try:
                     batch, length = inputs.hidden_states.shape[:2]
                     if cache.batch_size is not None and batch != cache.batch_size:
                         raise InvalidRequest(f"session has batch size {cache.batch_size}, step has {batch}")
@@ -303,7 +328,34 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
                 except BusyError as error:
                     abort_busy(context, error)
                 output = self._run(span, inputs, opening.start_block, opening.end_block, cache, step.reply_codec)
-            yield pb.SessionResponse(step_id=step.step_id, hidden_states=output, cache_length=cache.length)
+                push_error = self._push(step.push_to, output) if step.HasField("push_to") else ""
+            yield pb.SessionResponse(
+                step_id=step.step_id, hidden_states=output, cache_length=cache.length, input_digest=input_digest, push_error=push_error
+            )
+
+    def _step_input(self, step: pb.SessionStep, mailbox: Mailbox, context: grpc.ServicerContext) -> tuple[pb.Tensor, bytes]:
+        """A step's input hidden states: in the step, or for a forwarded step (`upstream`) pushed into the
+        session (node.forwarding), with the digest of what was pushed."""
+        if not step.upstream:
+            mailbox.skip_through(step.step_id)
+            return step.hidden_states, b""
+        if step.HasField("hidden_states"):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "a step that names its upstream carries no hidden states")
+        pushed = mailbox.take(step.step_id, step.upstream, UPSTREAM_WAIT)
+        if pushed is None:
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the input of step {step.step_id} did not come from node {step.upstream} within {UPSTREAM_WAIT:.0f}s",
+            )
+        return pushed, tensor_digest(pushed)
+
+    def _push(self, target: pb.PushTarget, output: pb.Tensor) -> str:
+        """Pushes a step's output to the next hop; why it could not, or ""."""
+        if self.pusher is None:
+            return "this node does not push to other nodes"
+        if not target.node_id or target.node_id == self.node_id:
+            return "the next hop must be another node"
+        return self.pusher.push(target, output)
 
     def NodeInfo(self, request: pb.NodeInfoRequest, context: grpc.ServicerContext) -> pb.NodeInfoResponse:
         return pb.NodeInfoResponse(
@@ -331,10 +383,31 @@ class BlockServicer(pb_grpc.BlockServiceServicer):
         """The activation codecs this node reads and writes now (semantic only once it holds a basis)."""
         return [name for name in CODECS if name != "semantic" or self.semantic_basis is not None]
 
+    def PushStep(self, request: pb.PushRequest, context: grpc.ServicerContext) -> pb.PushReply:
+        """Takes a step's input for a forwarded session open here, from its previous hop or its client."""
+        key = _session_key(request.session_id, request.start_block, request.end_block)
+        with self._sessions_lock:
+            mailbox = self._mailboxes.get(key)
+        if mailbox is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"no session {request.session_id!r} on blocks {request.start_block}:{request.end_block} is open here")
+        caller = principal_of(context)
+        try:
+            mailbox.put(request.step_id, caller.id if caller is not None else context.peer(), request.hidden_states)
+        except MailboxFull as full:
+            abort_busy(context, full)
+        except PushRefused as refused:
+            context.abort(refused.code, str(refused))
+        return pb.PushReply()
+
     def Echo(self, request: pb.EchoRequest, context: grpc.ServicerContext) -> pb.EchoResponse:
         if not 0 <= request.reply_bytes <= MAX_ECHO_BYTES:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"reply_bytes must be in [0, {MAX_ECHO_BYTES}]")
         return pb.EchoResponse(payload=bytes(request.reply_bytes))
+
+
+def _session_key(session_id: str, start: int, end: int) -> str:
+    """How a node names a session: a client's session may pass through one node twice, once per span."""
+    return f"{session_id}:{start}:{end}"
 
 
 def start_grpc_server(

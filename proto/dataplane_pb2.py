@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64geswarm/proto/dataplane.proto\x12\x0c\x65\x64geswarm.v1\"b\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\r\n\x05\x62\x61sis\x18\x06 \x01(\t\"\xe6\x01\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12+\n\rhidden_states\x18\x04 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12*\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12\x13\n\x0breply_codec\x18\x07 \x01(\t\">\n\x0f\x46orwardResponse\x12+\n\rhidden_states\x18\x01 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\"o\n\x0bSessionOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\"\xe4\x01\n\x0bSessionStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12+\n\rhidden_states\x18\x02 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12*\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12\x13\n\x0breply_codec\x18\x05 \x01(\t\x12\x18\n\x0btruncate_to\x18\x06 \x01(\x05H\x00\x88\x01\x01\x42\x0e\n\x0c_truncate_to\"n\n\x0eSessionRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.edgeswarm.v1.SessionOpenH\x00\x12)\n\x04step\x18\x02 \x01(\x0b\x32\x19.edgeswarm.v1.SessionStepH\x00\x42\x06\n\x04kind\"e\n\x0fSessionResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12+\n\rhidden_states\x18\x02 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x05\"\x11\n\x0fNodeInfoRequest\"\x93\x03\n\x10NodeInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x03\x12\x11\n\trss_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x03\x12\x12\n\nthroughput\x18\t \x01(\x01\x12\x1d\n\x15load_rss_growth_bytes\x18\n \x01(\x03\x12\x0e\n\x06\x63odecs\x18\x0b \x03(\t\x12\x16\n\x0esemantic_basis\x18\x0c \x01(\t\x12\x14\n\x0cweight_quant\x18\r \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0e \x01(\x03\x12\x1c\n\x14\x62\x61tched_decode_steps\x18\x0f \x01(\x03\x12\x19\n\x11kv_reserved_bytes\x18\x10 \x01(\x03\x12\x18\n\x10\x65victed_sessions\x18\x11 \x01(\x03\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x05\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xb5\x02\n\x0c\x42lockService\x12\x46\n\x07\x46orward\x12\x1c.edgeswarm.v1.ForwardRequest\x1a\x1d.edgeswarm.v1.ForwardResponse\x12S\n\x10InferenceSession\x12\x1c.edgeswarm.v1.SessionRequest\x1a\x1d.edgeswarm.v1.SessionResponse(\x01\x30\x01\x12I\n\x08NodeInfo\x12\x1d.edgeswarm.v1.NodeInfoRequest\x1a\x1e.edgeswarm.v1.NodeInfoResponse\x12=\n\x04\x45\x63ho\x12\x19.edgeswarm.v1.EchoRequest\x1a\x1a.edgeswarm.v1.EchoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x64geswarm/proto/dataplane.proto\x12\x0c\x65\x64geswarm.v1\"b\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05\x63odec\x18\x04 \x01(\t\x12\x0e\n\x06scales\x18\x05 \x01(\x0c\x12\r\n\x05\x62\x61sis\x18\x06 \x01(\t\"\xe6\x01\n\x0e\x46orwardRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12+\n\rhidden_states\x18\x04 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12*\n\x0cposition_ids\x18\x05 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x06 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12\x13\n\x0breply_codec\x18\x07 \x01(\t\">\n\x0f\x46orwardResponse\x12+\n\rhidden_states\x18\x01 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\"o\n\x0bSessionOpen\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x12\n\nmax_length\x18\x05 \x01(\x05\"\xa1\x02\n\x0bSessionStep\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12+\n\rhidden_states\x18\x02 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12*\n\x0cposition_ids\x18\x03 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12,\n\x0e\x61ttention_mask\x18\x04 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12\x13\n\x0breply_codec\x18\x05 \x01(\t\x12\x18\n\x0btruncate_to\x18\x06 \x01(\x05H\x00\x88\x01\x01\x12)\n\x07push_to\x18\x07 \x01(\x0b\x32\x18.edgeswarm.v1.PushTarget\x12\x10\n\x08upstream\x18\x08 \x01(\tB\x0e\n\x0c_truncate_to\"j\n\nPushTarget\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x0f\n\x07step_id\x18\x05 \x01(\x04\"\x87\x01\n\x0bPushRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_block\x18\x02 \x01(\x05\x12\x11\n\tend_block\x18\x03 \x01(\x05\x12\x0f\n\x07step_id\x18\x04 \x01(\x04\x12+\n\rhidden_states\x18\x05 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\"\x0b\n\tPushReply\"n\n\x0eSessionRequest\x12)\n\x04open\x18\x01 \x01(\x0b\x32\x19.edgeswarm.v1.SessionOpenH\x00\x12)\n\x04step\x18\x02 \x01(\x0b\x32\x19.edgeswarm.v1.SessionStepH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x0fSessionResponse\x12\x0f\n\x07step_id\x18\x01 \x01(\x04\x12+\n\rhidden_states\x18\x02 \x01(\x0b\x32\x14.edgeswarm.v1.Tensor\x12\x14\n\x0c\x63\x61\x63he_length\x18\x03 \x01(\x05\x12\x14\n\x0cinput_digest\x18\x04 \x01(\x0c\x12\x12\n\npush_error\x18\x05 \x01(\t\"\x11\n\x0fNodeInfoRequest\"\x93\x03\n\x10NodeInfoResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08model_id\x18\x02 \x01(\t\x12\x13\n\x0bstart_block\x18\x03 \x01(\x05\x12\x11\n\tend_block\x18\x04 \x01(\x05\x12\x16\n\x0enum_parameters\x18\x05 \x01(\x03\x12\x11\n\trss_bytes\x18\x06 \x01(\x03\x12\x17\n\x0f\x61\x63tive_sessions\x18\x07 \x01(\x05\x12\x16\n\x0ekv_cache_bytes\x18\x08 \x01(\x03\x12\x12\n\nthroughput\x18\t \x01(\x01\x12\x1d\n\x15load_rss_growth_bytes\x18\n \x01(\x03\x12\x0e\n\x06\x63odecs\x18\x0b \x03(\t\x12\x16\n\x0esemantic_basis\x18\x0c \x01(\t\x12\x14\n\x0cweight_quant\x18\r \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0e \x01(\x03\x12\x1c\n\x14\x62\x61tched_decode_steps\x18\x0f \x01(\x03\x12\x19\n\x11kv_reserved_bytes\x18\x10 \x01(\x03\x12\x18\n\x10\x65victed_sessions\x18\x11 \x01(\x03\"3\n\x0b\x45\x63hoRequest\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x12\x13\n\x0breply_bytes\x18\x02 \x01(\x05\"\x1f\n\x0c\x45\x63hoResponse\x12\x0f\n\x07payload\x18\x01 \x01(\x0c\x32\xf5\x02\n\x0c\x42lockService\x12\x46\n\x07\x46orward\x12\x1c.edgeswarm.v1.ForwardRequest\x1a\x1d.edgeswarm.v1.ForwardResponse\x12S\n\x10InferenceSession\x12\x1c.edgeswarm.v1.SessionRequest\x1a\x1d.edgeswarm.v1.SessionResponse(\x01\x30\x01\x12I\n\x08NodeInfo\x12\x1d.edgeswarm.v1.NodeInfoRequest\x1a\x1e.edgeswarm.v1.NodeInfoResponse\x12=\n\x04\x45\x63ho\x12\x19.edgeswarm.v1.EchoRequest\x1a\x1a.edgeswarm.v1.EchoResponse\x12>\n\x08PushStep\x12\x19.edgeswarm.v1.PushRequest\x1a\x17.edgeswarm.v1.PushReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,19 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SESSIONOPEN']._serialized_start=446
   _globals['_SESSIONOPEN']._serialized_end=557
   _globals['_SESSIONSTEP']._serialized_start=560
-  _globals['_SESSIONSTEP']._serialized_end=788
-  _globals['_SESSIONREQUEST']._serialized_start=790
-  _globals['_SESSIONREQUEST']._serialized_end=900
-  _globals['_SESSIONRESPONSE']._serialized_start=902
-  _globals['_SESSIONRESPONSE']._serialized_end=1003
-  _globals['_NODEINFOREQUEST']._serialized_start=1005
-  _globals['_NODEINFOREQUEST']._serialized_end=1022
-  _globals['_NODEINFORESPONSE']._serialized_start=1025
-  _globals['_NODEINFORESPONSE']._serialized_end=1428
-  _globals['_ECHOREQUEST']._serialized_start=1430
-  _globals['_ECHOREQUEST']._serialized_end=1481
-  _globals['_ECHORESPONSE']._serialized_start=1483
-  _globals['_ECHORESPONSE']._serialized_end=1514
-  _globals['_BLOCKSERVICE']._serialized_start=1517
-  _globals['_BLOCKSERVICE']._serialized_end=1826
+  _globals['_SESSIONSTEP']._serialized_end=849
+  _globals['_PUSHTARGET']._serialized_start=851
+  _globals['_PUSHTARGET']._serialized_end=957
+  _globals['_PUSHREQUEST']._serialized_start=960
+  _globals['_PUSHREQUEST']._serialized_end=1095
+  _globals['_PUSHREPLY']._serialized_start=1097
+  _globals['_PUSHREPLY']._serialized_end=1108
+  _globals['_SESSIONREQUEST']._serialized_start=1110
+  _globals['_SESSIONREQUEST']._serialized_end=1220
+  _globals['_SESSIONRESPONSE']._serialized_start=1223
+  _globals['_SESSIONRESPONSE']._serialized_end=1366
+  _globals['_NODEINFOREQUEST']._serialized_start=1368
+  _globals['_NODEINFOREQUEST']._serialized_end=1385
+  _globals['_NODEINFORESPONSE']._serialized_start=1388
+  _globals['_NODEINFORESPONSE']._serialized_end=1791
+  _globals['_ECHOREQUEST']._serialized_start=1793
+  _globals['_ECHOREQUEST']._serialized_end=1844
+  _globals['_ECHORESPONSE']._serialized_start=1846
+  _globals['_ECHORESPONSE']._serialized_end=1877
+  _globals['_BLOCKSERVICE']._serialized_start=1880
+  _globals['_BLOCKSERVICE']._serialized_end=2253
 # @@protoc_insertion_point(module_scope)

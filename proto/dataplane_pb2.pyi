@@ -61,20 +61,56 @@ class SessionOpen(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., model_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., max_length: _Optional[int] = ...) -> None: ...
 
 class SessionStep(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "position_ids", "attention_mask", "reply_codec", "truncate_to")
+    __slots__ = ("step_id", "hidden_states", "position_ids", "attention_mask", "reply_codec", "truncate_to", "push_to", "upstream")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     POSITION_IDS_FIELD_NUMBER: _ClassVar[int]
     ATTENTION_MASK_FIELD_NUMBER: _ClassVar[int]
     REPLY_CODEC_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_TO_FIELD_NUMBER: _ClassVar[int]
+    PUSH_TO_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     position_ids: Tensor
     attention_mask: Tensor
     reply_codec: str
     truncate_to: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., reply_codec: _Optional[str] = ..., truncate_to: _Optional[int] = ...) -> None: ...
+    push_to: PushTarget
+    upstream: str
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., position_ids: _Optional[_Union[Tensor, _Mapping]] = ..., attention_mask: _Optional[_Union[Tensor, _Mapping]] = ..., reply_codec: _Optional[str] = ..., truncate_to: _Optional[int] = ..., push_to: _Optional[_Union[PushTarget, _Mapping]] = ..., upstream: _Optional[str] = ...) -> None: ...
+
+class PushTarget(_message.Message):
+    __slots__ = ("node_id", "session_id", "start_block", "end_block", "step_id")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    session_id: str
+    start_block: int
+    end_block: int
+    step_id: int
+    def __init__(self, node_id: _Optional[str] = ..., session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., step_id: _Optional[int] = ...) -> None: ...
+
+class PushRequest(_message.Message):
+    __slots__ = ("session_id", "start_block", "end_block", "step_id", "hidden_states")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    START_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    END_BLOCK_FIELD_NUMBER: _ClassVar[int]
+    STEP_ID_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    start_block: int
+    end_block: int
+    step_id: int
+    hidden_states: Tensor
+    def __init__(self, session_id: _Optional[str] = ..., start_block: _Optional[int] = ..., end_block: _Optional[int] = ..., step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class SessionRequest(_message.Message):
     __slots__ = ("open", "step")
@@ -85,14 +121,18 @@ class SessionRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[SessionOpen, _Mapping]] = ..., step: _Optional[_Union[SessionStep, _Mapping]] = ...) -> None: ...
 
 class SessionResponse(_message.Message):
-    __slots__ = ("step_id", "hidden_states", "cache_length")
+    __slots__ = ("step_id", "hidden_states", "cache_length", "input_digest", "push_error")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_STATES_FIELD_NUMBER: _ClassVar[int]
     CACHE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DIGEST_FIELD_NUMBER: _ClassVar[int]
+    PUSH_ERROR_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     hidden_states: Tensor
     cache_length: int
-    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ...) -> None: ...
+    input_digest: bytes
+    push_error: str
+    def __init__(self, step_id: _Optional[int] = ..., hidden_states: _Optional[_Union[Tensor, _Mapping]] = ..., cache_length: _Optional[int] = ..., input_digest: _Optional[bytes] = ..., push_error: _Optional[str] = ...) -> None: ...
 
 class NodeInfoRequest(_message.Message):
     __slots__ = ()

@@ -54,6 +54,11 @@ class BlockServiceStub:
                 request_serializer=edgeswarm_dot_proto_dot_dataplane__pb2.EchoRequest.SerializeToString,
                 response_deserializer=edgeswarm_dot_proto_dot_dataplane__pb2.EchoResponse.FromString,
                 _registered_method=True)
+        self.PushStep = channel.unary_unary(
+                '/edgeswarm.v1.BlockService/PushStep',
+                request_serializer=edgeswarm_dot_proto_dot_dataplane__pb2.PushRequest.SerializeToString,
+                response_deserializer=edgeswarm_dot_proto_dot_dataplane__pb2.PushReply.FromString,
+                _registered_method=True)
 
 
 class BlockServiceServicer:
@@ -83,6 +88,12 @@ class BlockServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BlockServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +116,11 @@ def add_BlockServiceServicer_to_server(servicer, server):
                     servicer.Echo,
                     request_deserializer=edgeswarm_dot_proto_dot_dataplane__pb2.EchoRequest.FromString,
                     response_serializer=edgeswarm_dot_proto_dot_dataplane__pb2.EchoResponse.SerializeToString,
+            ),
+            'PushStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.PushStep,
+                    request_deserializer=edgeswarm_dot_proto_dot_dataplane__pb2.PushRequest.FromString,
+                    response_serializer=edgeswarm_dot_proto_dot_dataplane__pb2.PushReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +231,33 @@ class BlockService:
             '/edgeswarm.v1.BlockService/Echo',
             edgeswarm_dot_proto_dot_dataplane__pb2.EchoRequest.SerializeToString,
             edgeswarm_dot_proto_dot_dataplane__pb2.EchoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgeswarm.v1.BlockService/PushStep',
+            edgeswarm_dot_proto_dot_dataplane__pb2.PushRequest.SerializeToString,
+            edgeswarm_dot_proto_dot_dataplane__pb2.PushReply.FromString,
             options,
             channel_credentials,
             insecure,

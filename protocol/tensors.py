@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -29,6 +30,12 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _WIRE_DTYPES.items()}
 
 class TensorDecodeError(ValueError):
     """A tensor message that cannot be turned back into a tensor: its text says why."""
+
+
+def tensor_digest(message: pb.Tensor) -> bytes:
+    """The SHA-256 of a tensor message as serialized (deterministically): two parties holding the same
+    message get the same digest."""
+    return hashlib.sha256(message.SerializeToString(deterministic=True)).digest()
 
 
 def serialize_tensor(tensor: torch.Tensor) -> pb.Tensor:

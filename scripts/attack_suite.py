@@ -33,6 +33,7 @@ from devtools.waiting import poll
 from edgeswarm import SwarmClient
 from edgeswarm.agent.capabilities import tasks_key
 from edgeswarm.node.admission import SESSIONS_PER_CLIENT
+from edgeswarm.node.forwarding import MAX_WAITING_PUSHES
 from edgeswarm.node.openai_http import MAX_CONNECTIONS
 from edgeswarm.partition.coordination import participants, plan_from_record
 from edgeswarm.proto import (
@@ -47,7 +48,7 @@ from edgeswarm.protocol.channels import open_channel, process_identity
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.memory_access import READ, WRITE, issue_access
 from edgeswarm.protocol.records import ONLINE, servers_key
-from edgeswarm.protocol.tensors import serialize_tensor
+from edgeswarm.protocol.tensors import serialize_tensor, tensor_digest
 from edgeswarm.swarm import dht as swarm_dht
 from edgeswarm.swarm.dht import RecordAuth
 from edgeswarm.swarm.membership import MemberAnnouncer
@@ -291,6 +292,54 @@ def idle_session_flood(arena: Arena) -> Outcome:
     return Outcome(f"{len(opened)} opened, {len(refused)} refused busy; NodeInfo {info_code}, Forward {forward_code}", held)
 
 
+def pushes_into_a_forwarded_session(arena: Arena) -> Outcome:
+    """Another member pushes a wrong input into a forwarded session whose step waits for its upstream
+    node, floods the session with inputs for later steps, and pushes into a session that does not exist;
+    the session must compute on its own client's input."""
+    hidden_size = arena.client.model.config.hidden_size
+    genuine, wrong = torch.zeros(1, 2, hidden_size), torch.full((1, 2, hidden_size), 1000.0)
+    requests, replies_done = [_opening(arena, "forwarded", 16)], threading.Event()
+    waiting = _step(1, 2, hidden_size)
+    waiting.step.ClearField("hidden_states")
+    waiting.step.upstream = arena.node_id(arena.swarm.nodes[1])
+    requests.append(waiting)
+    intruder, member = _intruder(arena)
+    try:
+        with open_channel(arena.node.address, arena.node_id()) as channel:
+            replies = pb_grpc.BlockServiceStub(channel).InferenceSession(_HeldOpen(requests, replies_done), timeout=WAIT_TIMEOUT)
+            start, end = arena.node.blocks
+
+            def push(step: int, hidden: torch.Tensor, session_id: str = "forwarded") -> pb.PushRequest:
+                return pb.PushRequest(session_id=session_id, start_block=start, end_block=end, step_id=step, hidden_states=serialize_tensor(hidden))
+
+            poll(lambda: _push(intruder, arena.node, push(0, wrong)) == "OK", CALL_TIMEOUT)  # once the session is open
+            flood = [_push(intruder, arena.node, push(step, wrong)) for step in range(1, 3 * MAX_WAITING_PUSHES)]
+            missing = _push(intruder, arena.node, push(0, wrong, "no-such-session"))
+            own = push(0, genuine)
+            own_code = _code(lambda: pb_grpc.BlockServiceStub(channel).PushStep(own, timeout=CALL_TIMEOUT))
+            reply = next(replies)
+            replies_done.set()
+            replies.cancel()
+    finally:
+        member.close()
+    took_own = reply.input_digest == tensor_digest(serialize_tensor(genuine))
+    busy = sum(code.startswith("RESOURCE_EXHAUSTED") for code in flood)
+    held = took_own and own_code == "OK" and missing.startswith("NOT_FOUND") and busy == len(flood) - (MAX_WAITING_PUSHES - 1)
+    return Outcome(f"computed on the client's input: {took_own}; flood {busy}/{len(flood)} busy; unknown session {missing.split(':')[0]}", held)
+
+
+def push_to_a_stranger(arena: Arena) -> Outcome:
+    """A step asking the node to push its output to a node id that is not announced in the swarm."""
+    hidden_size = arena.client.model.config.hidden_size
+    step = _step(1, 2, hidden_size)
+    step.step.push_to.CopyFrom(pb.PushTarget(node_id="attacker-chosen", session_id="x", start_block=0, end_block=1, step_id=0))
+    with open_channel(arena.node.address, arena.node_id()) as channel:
+        replies = list(pb_grpc.BlockServiceStub(channel).InferenceSession(iter([_opening(arena, "push-to-stranger", 16), step]), timeout=CALL_TIMEOUT))
+    served = _code(lambda: _info(arena))
+    error = replies[0].push_error if replies else "no reply"
+    return Outcome(f"push_error: {error[:60]!r}; NodeInfo then {served}", "not announced" in error and served == "OK")
+
+
 def _step_result(replies) -> tasks_pb2.StepResult:
     return next(update.result for update in replies if update.WhichOneof("update") == "result")
 
@@ -445,15 +494,25 @@ def _memory_step(identity: NodeIdentity, node: NodeProcess, kind: str, args: dic
     return code
 
 
+def _intruder(arena: Arena) -> tuple[NodeIdentity, MemberAnnouncer]:
+    """A second member of the swarm, with a key of its own (close the announcer when done)."""
+    intruder = NodeIdentity.generate()
+    swarm_dht.use_auth(arena.intruder_dht, RecordAuth(intruder))
+    return intruder, MemberAnnouncer(arena.intruder_dht, intruder.fingerprint, "client")
+
+
+def _push(identity: NodeIdentity, node: NodeProcess, request: pb.PushRequest) -> str:
+    channel = grpc.intercept_channel(_unsigned_channel(node), SignedCalls(identity, node.info["node_id"]))
+    with channel:
+        return _code(lambda: pb_grpc.BlockServiceStub(channel).PushStep(request, timeout=CALL_TIMEOUT))
+
+
 def another_clients_memory(arena: Arena) -> Outcome:
     """A second member reads and overwrites the first one's namespace: with no token, and with a token it
     signed itself claiming the owner's rights."""
     owner, client = arena.client.identity.fingerprint, arena.client
     holders = client.remember(MEMORY_NAMESPACE, MEMORY_FACT, record_id="vault")
-    intruder = NodeIdentity.generate()
-    dht = arena.intruder_dht
-    swarm_dht.use_auth(dht, RecordAuth(intruder))
-    member = MemberAnnouncer(dht, intruder.fingerprint, "client")
+    intruder, member = _intruder(arena)
     try:
         store = client.agents.scheduler.storage_id(owner, MEMORY_NAMESPACE)
         forged = issue_access(intruder, owner, store, (READ, WRITE), 600)
@@ -514,6 +573,8 @@ ATTACKS = [
     Attack("first step with 48x the batch the session reserved", "RESOURCE_EXHAUSTED, nothing reserved", huge_first_batch),
     Attack("speculative rollback before the start or past the end of the cache", "INVALID_ARGUMENT; node serves", rollback_out_of_range),
     Attack(f"{IDLE_FLOOD_SESSIONS} idle sessions from one member", "cap per client; NodeInfo and Forward answer", idle_session_flood),
+    Attack("another member pushes a wrong input and a flood into a forwarded session", "client's input used; flood busy; NOT_FOUND", pushes_into_a_forwarded_session),
+    Attack("a step asking the node to push to a node id not in the swarm", "push refused; node serves", push_to_a_stranger),
 ]
 
 

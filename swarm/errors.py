@@ -27,6 +27,11 @@ class NodeBusyError(NodeUnavailableError):
         self.retry_after = retry_after
 
 
+class PushedInputError(NodeUnavailableError):
+    """A node refused the input another node pushed to it (hop-to-hop forwarding): the pusher or the
+    node itself lies, and which one cannot be told."""
+
+
 class NoRouteError(SwarmError):
     """The online nodes do not cover every block of the model."""
 

@@ -95,6 +95,19 @@ class HopState:
             return step
         return replace(step, seen=decode_hidden(self.hop, encoded, codecs))
 
+    def send_forwarded(self, step: SentStep, codecs: StepCodecs, keep_seen: bool, upstream: str, push_to: pb.PushTarget | None) -> SentStep:
+        """Queues `step` for hop-to-hop forwarding: its hidden states go with it when `upstream` is empty
+        (the first hop), else they come as a push from node `upstream`; with `push_to`, the node pushes
+        its output on. Returns the step as `send` does."""
+        if not upstream:
+            encoded = self.stream.send(step.hidden, step.positions, step.mask, codecs, self.truncate_to, push_to)
+        else:
+            encoded = self.stream.send(None, step.positions, step.mask, codecs, self.truncate_to, push_to, upstream)
+        self.truncate_to = None
+        if encoded is None or not keep_seen or not codecs.compressed:
+            return step
+        return replace(step, seen=decode_hidden(self.hop, encoded, codecs))
+
     def roll_back(self, length: int) -> None:
         """Forgets the inputs from position `length` on; the node is told with the next step."""
         self.sent = cut(self.sent, length) if self.sent else []
@@ -177,6 +190,22 @@ class Failover:
             return output
         busy = " (busy)" if isinstance(last_error, NodeBusyError) else ""
         raise NodeUnavailableError(f"blocks {failed.hop.start}:{failed.hop.end} could not be replaced{busy}: {reason}") from error
+
+    def rebuild(self, hops: list[HopState], index: int) -> None:
+        """Gives `hops[index]` a fresh stream on the same node with every input it had been sent (its old
+        stream had steps queued that will not be completed as queued); replaces it if that fails."""
+        stale = hops[index]
+        stale.stream.close()
+        rebuilt = None
+        try:
+            rebuilt = HopState(self.open_stream(stale.hop, True))
+            if stale.sent:
+                self.replay(rebuilt, joined(stale.sent))
+            hops[index] = rebuilt
+        except NodeUnavailableError as error:
+            if rebuilt is not None:
+                rebuilt.stream.close()
+            self.replace(hops, index, None, error)
 
     def replay(self, state: HopState, inputs: SentStep) -> torch.Tensor:
         """Sends a hop everything its predecessor had been sent, in prefill-sized chunks; returns all outputs."""

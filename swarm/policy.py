@@ -14,7 +14,10 @@ DEFAULT_SPOT_CHECK = 0.02
 
 @dataclass(frozen=True)
 class SessionPolicy:
-    """How patient a session is with nodes, and how it replaces them.
+    """How a session's steps travel, how patient it is with nodes, and how it replaces them.
+
+    `forwarding`: each node pushes its output straight to the next hop (swarm.session), instead of the
+    client relaying every hop's output.
 
     A step that takes longer than `min_step_deadline` seconds, or several times the node's measured step
     time, counts as a stall when another node could take over; otherwise the session waits up to
@@ -28,6 +31,7 @@ class SessionPolicy:
     and verifiers are chosen. See swarm.spot_check for what is compared and who is judged lying.
     """
 
+    forwarding: bool = True
     connect_timeout: float = CONNECT_TIMEOUT
     step_timeout: float = 60.0
     min_step_deadline: float = 0.5

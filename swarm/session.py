@@ -1,7 +1,13 @@
 """A client inference session: the chain of hops that holds one conversation's KV caches.
 
-Each step runs through the route's hops in order; the client relays every hop's output to the next.
-A hop whose node dies (a stream error), stalls (no answer within a deadline derived from its measured
+Each step runs through the route's hops in order. With hop-to-hop forwarding (`SessionPolicy.forwarding`,
+the default) the client sends the hidden states to the first hop only and each node pushes its output
+straight to the next (node.forwarding), so a token pays hops + 1 one-way trips instead of 2 x hops; every
+chunk of a long input is queued on every hop at once, so chunk k+1 enters the first node while chunk k
+is on the second. Every node still replies to the client with its output, off the critical path: the
+client keeps each hop's inputs for failover and spot checks exactly as when it relays, and checks that
+each node got what the one before it reported (a digest), or falls back to relaying. Without forwarding
+the client relays every hop's output to the next. A hop whose node dies (a stream error), stalls (no answer within a deadline derived from its measured
 speed) or is caught lying is replaced as swarm.failover describes: no token is lost or repeated, and
 greedy output stays that of a run without the failure.
 
@@ -13,13 +19,16 @@ the route manager's measured speeds, which routing trusts over what nodes announ
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from dataclasses import dataclass
 
 import torch
 
 from edgeswarm.protocol.constants import DECODE_STEP_TOKENS, PREFILL_CHUNK_TOKENS
-from edgeswarm.swarm.errors import NodeUnavailableError
+from edgeswarm.protocol.tensors import tensor_digest
+from edgeswarm.swarm.errors import NodeUnavailableError, PushedInputError
 from edgeswarm.swarm.failover import (
     Failover,
     FailoverEvent,
@@ -28,7 +37,7 @@ from edgeswarm.swarm.failover import (
     joined,
 )
 from edgeswarm.swarm.head import ClientHead
-from edgeswarm.swarm.links import LinkCodecs
+from edgeswarm.swarm.links import LinkCodecs, StepCodecs
 from edgeswarm.swarm.policy import SessionPolicy
 from edgeswarm.swarm.routes import Misbehaviour, RouteManager
 from edgeswarm.swarm.routing import Hop
@@ -38,7 +47,24 @@ from edgeswarm.swarm.spot_check import (
     SpotChecker,
     SpotCheckStats,
 )
-from edgeswarm.swarm.transport import SpanStream, StepTimeout
+from edgeswarm.swarm.transport import SpanStream, StepReply, StepTimeout
+
+
+class ForwardingMismatch(Exception):
+    """A node took as input other hidden states than the hop before it replied with: one of the two lies
+    (which one cannot be told), so the session rebuilds the later hop from its own copy and relays."""
+
+
+@dataclass
+class QueuedStep:
+    """A chunk queued on a hop for forwarding: what was sent, how, and whose push it waits for."""
+
+    sent: SentStep  # the first hop's carries its hidden states; the others' are filled in on arrival
+    codecs: StepCodecs
+    step_id: int
+    upstream: HopState | None  # the hop that pushes this step's input (None: the first hop)
+
+logger = logging.getLogger(__name__)
 
 
 def positions_for(padding_mask: torch.Tensor, tokens_before: torch.Tensor) -> torch.Tensor:
@@ -81,6 +107,8 @@ class InferenceSession:
             SpotChecker(routes, policy, self.session_id, self.spot_checks, self.misbehaviours) if policy.spot_check > 0 else None
         )
         self._failover = Failover(routes, links, policy, self._open_stream, prefill_chunk, keep_seen=self._spot_checker is not None)
+        self.forwarding_mismatches = 0  # steps a node took other inputs than its predecessor replied with
+        self._forwarding = policy.forwarding  # off for good after a mismatch
         self._steps = 0  # step() calls so far
         self._streams_opened = 0
         self._tokens_seen: torch.Tensor | None = None  # [batch] real tokens so far
@@ -102,6 +130,11 @@ class InferenceSession:
     def route(self) -> list[Hop]:
         """The hops this session runs through now (it changes when a node is replaced)."""
         return [state.hop for state in self._hops]
+
+    @property
+    def route_streams(self) -> list[SpanStream]:
+        """The open stream of each hop, in route order."""
+        return [state.stream for state in self._hops]
 
     @property
     def failovers(self) -> list[FailoverEvent]:
@@ -141,15 +174,18 @@ class InferenceSession:
             raise ValueError(f"this session has batch size {self._tokens_seen.shape[0]}, got {input_ids.shape[0]}")
         if self.length + input_ids.shape[1] > self.max_length:
             raise ValueError(f"session would grow to {self.length + input_ids.shape[1]} tokens, above max_length {self.max_length}")
-        outputs = []
         check = self._spot_checker is not None and self._spot_checker.wants_check(self._steps)
+        chunks, tokens_seen = [], self._tokens_seen
         for begin in range(0, input_ids.shape[1], self.prefill_chunk):
             chunk_ids = input_ids[:, begin : begin + self.prefill_chunk]
             chunk_mask = mask[:, begin : begin + self.prefill_chunk]
-            positions = positions_for(chunk_mask, self._tokens_seen)
-            outputs.append(self._run_hops(self.head.embed(chunk_ids), positions, chunk_mask, check))
-            self._tokens_seen = self._tokens_seen + chunk_mask.long().sum(dim=1)
-            self.length += chunk_ids.shape[1]
+            chunks.append(SentStep(self.head.embed(chunk_ids), positions_for(chunk_mask, tokens_seen), chunk_mask))
+            tokens_seen = tokens_seen + chunk_mask.long().sum(dim=1)
+        forwarded = self._forwarding and len(self._hops) > 1
+        queues = [self._queue_forwarded(chunk) if forwarded else {} for chunk in chunks]  # all at once: pipelined
+        outputs = [self._run_hops(chunk, check, queue) for chunk, queue in zip(chunks, queues)]
+        self._tokens_seen = tokens_seen
+        self.length += input_ids.shape[1]
         self._steps += 1
         return self.head.logits(torch.cat(outputs, dim=1)) if all_logits else self.head.logits(outputs[-1][:, -1])
 
@@ -169,16 +205,48 @@ class InferenceSession:
 
     # --- running the chain -------------------------------------------------------------------------
 
-    def _run_hops(self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, check: bool = False) -> torch.Tensor:
-        index = 0
+    def _queue_forwarded(self, chunk: SentStep) -> dict[HopState, QueuedStep]:
+        """Queues `chunk` on every hop for forwarding: the first gets its hidden states, each pushes its
+        output to the next. Returns what was queued on each hop."""
+        queue: dict[HopState, QueuedStep] = {}
+        keep_seen = self._spot_checker is not None
+        for index, state in enumerate(self._hops):
+            upstream = self._hops[index - 1] if index > 0 else None
+            push_to = self._hops[index + 1].stream.push_target() if index + 1 < len(self._hops) else None
+            codecs = self.links.for_step(state.hop, *chunk.hidden.shape[:2])
+            step_id = state.stream.next_step_id
+            upstream_id = upstream.hop.record.node_id if upstream is not None else ""
+            sent = state.send_forwarded(chunk, codecs, keep_seen, upstream_id, push_to)
+            queue[state] = QueuedStep(sent, codecs, step_id, upstream)
+        return queue
+
+    def _run_hops(self, chunk: SentStep, check: bool = False, queue: dict[HopState, QueuedStep] | None = None) -> torch.Tensor:
+        """Runs one chunk through every hop; returns the last hop's output. Hops in `queue` have the
+        chunk queued for forwarding already; the others are sent it by the client."""
+        queue = {} if queue is None else queue
+        hidden, positions, mask = chunk.hidden, chunk.positions, chunk.mask
+        index, previous = 0, None
         while index < len(self._hops):
+            state = self._hops[index]
             step = SentStep(hidden, positions, mask)
             try:
-                hidden = self._step_hop(self._hops[index], step, check)
+                if state in queue:
+                    reply = self._finish_queued(state, queue.pop(state), step, check, previous)
+                else:
+                    reply = self._step_hop(state, step, check)
+                hidden, previous = reply.hidden, (state, reply)
                 index += 1
+            except ForwardingMismatch as mismatch:
+                logger.warning("%s; relaying this session's steps from now on", mismatch)
+                self.forwarding_mismatches += 1
+                self._forwarding = False
+                self._failover.rebuild(self._hops, index)  # its cache holds the step on other inputs
+                self._unqueue(queue, index + 1)
             except NodeUnavailableError as error:
+                self._unqueue(queue, index + 1)
                 replaced, replayed = self._replace(index, step, error)
                 index += replaced
+                previous = None
                 length = step.hidden.shape[1]
                 hidden = replayed[:, replayed.shape[1] - length :]
                 if isinstance(error, NodeMisbehaved):  # its past outputs may have been lies too
@@ -199,6 +267,18 @@ class InferenceSession:
                 hidden = rebuilt[:, rebuilt.shape[1] - length :]
         return hidden
 
+    def _unqueue(self, queue: dict[HopState, QueuedStep], start: int) -> None:
+        """The hops from `start` on that have this chunk queued wait for pushes that will not come as
+        queued (a hop before them failed): each gets a fresh stream with its past inputs, and is sent
+        this chunk by the client instead."""
+        index = start
+        while index < len(self._hops):
+            if queue.pop(self._hops[index], None) is not None:
+                before = len(self._hops)
+                self._failover.rebuild(self._hops, index)
+                index += len(self._hops) - before
+            index += 1
+
     def _replace(self, index: int, current: SentStep | None, error: NodeUnavailableError) -> tuple[int, torch.Tensor]:
         """Replaces hop `index` (swarm.failover); returns how many hops took its place and their outputs."""
         before = len(self._hops)
@@ -214,13 +294,43 @@ class InferenceSession:
                 return index, recent[state.hop.record.node_id]
         return None
 
-    def _step_hop(self, state: HopState, step: SentStep, check: bool = False) -> torch.Tensor:
-        tokens = step.hidden.shape[0] * step.hidden.shape[1]
+    def _step_hop(self, state: HopState, step: SentStep, check: bool = False) -> StepReply:
+        """Sends `step` to `state`'s node and waits for its output."""
         # a checked step goes out exactly as an unchecked one would (same codecs), so a node cannot tell
         # which steps are checked; the check allows for the reply codec's error instead
         codecs = self.links.for_step(state.hop, *step.hidden.shape[:2])
         began = time.monotonic()
         step = state.send(step, codecs, keep_seen=self._spot_checker is not None)
+        return self._complete(state, step, codecs, check, began)
+
+    def _finish_queued(
+        self, state: HopState, queued: QueuedStep, step: SentStep, check: bool, previous: tuple[HopState, StepReply] | None
+    ) -> StepReply:
+        """Waits for the output of a chunk queued on `state` for forwarding. `step` holds its input as the
+        hop before replied it (`previous`); the client pushes it itself if that hop could not, or is not
+        the one the chunk was queued to come from (it was replaced)."""
+        began = time.monotonic()
+        if queued.upstream is None:
+            return self._complete(state, queued.sent, queued.codecs, check, began)
+        upstream, upstream_reply = previous
+        if upstream is not queued.upstream or upstream_reply.push_error:
+            if upstream_reply.push_error:
+                logger.info("pushing for node %s: %s", upstream.hop.record.node_id, upstream_reply.push_error)
+            state.stream.push(queued.step_id, upstream_reply.message, self.policy.connect_timeout)
+        try:
+            reply = self._complete(state, step, queued.codecs, check, began)
+        except PushedInputError as error:
+            raise ForwardingMismatch(str(error)) from error
+        if reply.input_digest != tensor_digest(upstream_reply.message):
+            state.sent.pop()  # its cache holds this step on other inputs: it is rebuilt without it
+            raise ForwardingMismatch(
+                f"node {state.hop.record.node_id} took other hidden states than node {upstream.hop.record.node_id} replied with"
+            )
+        return reply
+
+    def _complete(self, state: HopState, step: SentStep, codecs: StepCodecs, check: bool, began: float) -> StepReply:
+        """Waits for the output of `step`, sent to `state`'s node: spot-checked if `check`, timed, kept."""
+        tokens = step.hidden.shape[0] * step.hidden.shape[1]
         pending = inputs = None
         if check:
             history = joined([*state.sent, step], seen=True)
@@ -230,17 +340,17 @@ class InferenceSession:
             )
             pending = self._spot_checker.start(inputs)
         try:
-            output = state.stream.receive(state.deadline(tokens, self.policy.min_step_deadline))
+            reply = state.stream.receive_reply(state.deadline(tokens, self.policy.min_step_deadline))
         except StepTimeout:
             if self.routes.replacement(state.hop, exclude={state.hop.record.node_id}) is not None:
                 raise
             # nobody else could take over: a slow node is better than none
-            output = state.stream.receive(self.policy.step_timeout)
+            reply = state.stream.receive_reply(self.policy.step_timeout)
         seconds = time.monotonic() - began
         state.observe(seconds, tokens)
         if tokens <= DECODE_STEP_TOKENS:
             self.routes.observe_step(state.hop.record.node_id, state.hop.end - state.hop.start, seconds)
         if pending is not None:
-            self._spot_checker.finish(inputs, output, pending)  # raises NodeMisbehaved if the node lied
+            self._spot_checker.finish(inputs, reply.hidden, pending)  # raises NodeMisbehaved if the node lied
         state.sent.append(step)
-        return output
+        return reply

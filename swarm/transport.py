@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 
 import grpc
 import torch
@@ -20,7 +21,12 @@ from edgeswarm.protocol.tensors import (
     TensorDecodeError,
     serialize_tensor,
 )
-from edgeswarm.swarm.errors import NodeBusyError, NodeUnavailableError, RemoteError
+from edgeswarm.swarm.errors import (
+    NodeBusyError,
+    NodeUnavailableError,
+    PushedInputError,
+    RemoteError,
+)
 from edgeswarm.swarm.links import RAW, StepCodecs
 from edgeswarm.swarm.routing import Hop
 
@@ -63,6 +69,8 @@ def remote_error(hop: Hop, error: grpc.RpcError) -> Exception:
     code = error.code() if hasattr(error, "code") else None
     details = error.details() if hasattr(error, "details") else str(error)
     name = code.name if code is not None else "error"
+    if code == grpc.StatusCode.DATA_LOSS:
+        return PushedInputError(f"{where} refused its pushed input: {details}", hop.record.node_id)
     if code in _CALLER_ERRORS:
         return RemoteError(f"{where} refused the request: {name}: {details}", hop.record.node_id)
     retry_after = busy_retry_after(error)
@@ -132,6 +140,16 @@ class StepTimeout(NodeUnavailableError):
     """A node has not answered a step within its deadline; it may still answer later."""
 
 
+@dataclass
+class StepReply:
+    """A node's answer to one session step."""
+
+    hidden: torch.Tensor  # its output, decoded
+    message: pb.Tensor  # its output as it came on the link (and as the node pushed it to the next hop)
+    input_digest: bytes  # for a step whose input was pushed: the digest of that input as the node got it
+    push_error: str  # for a step with a push target: why the push failed, if it did
+
+
 class SpanStream:
     """One hop of an inference session: a bidirectional stream whose server keeps this hop's KV cache.
 
@@ -142,7 +160,7 @@ class SpanStream:
     def __init__(
         self, hop: Hop, session_id: str, model_id: str, max_length: int, connect_timeout: float, identity: NodeIdentity | None = None
     ):
-        self.hop = hop
+        self.hop, self.session_id = hop, session_id
         self._channel = open_channel(hop.record, connect_timeout, identity)
         self._requests: queue.Queue = queue.Queue()
         self._responses: queue.Queue = queue.Queue()
@@ -167,14 +185,29 @@ class SpanStream:
         except grpc.RpcError as error:
             self._responses.put(error)
 
+    @property
+    def next_step_id(self) -> int:
+        """The id the next step sent on this stream will carry."""
+        return self._next_step_id
+
     def send(
-        self, hidden: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, codecs: StepCodecs = RAW, truncate_to: int | None = None
-    ) -> pb.Tensor:
+        self,
+        hidden: torch.Tensor | None,
+        positions: torch.Tensor,
+        mask: torch.Tensor,
+        codecs: StepCodecs = RAW,
+        truncate_to: int | None = None,
+        push_to: pb.PushTarget | None = None,
+        upstream: str = "",
+    ) -> pb.Tensor | None:
         """Queues one step for the node, its hidden states in `codecs.request`, its reply asked in `codecs.reply`;
-        with `truncate_to`, the node first forgets its cached positions from that one on.
-        Returns the hidden states as encoded on the link (what the node will decode)."""
-        encoded = encode_hidden(hidden, codecs, self.hop.start)
-        self.bytes_sent += encoded_size(encoded)
+        with `truncate_to`, the node first forgets its cached positions from that one on. With `push_to`,
+        the node also pushes its output to that next hop. With `upstream` (and no `hidden`), the hidden
+        states come as a push from that node (or from `push`). Returns the hidden states as encoded on the
+        link (what the node will decode), if the step carries them."""
+        encoded = None if hidden is None else encode_hidden(hidden, codecs, self.hop.start)
+        if encoded is not None:
+            self.bytes_sent += encoded_size(encoded)
         step = pb.SessionStep(
             step_id=self._next_step_id,
             hidden_states=encoded,
@@ -182,15 +215,40 @@ class SpanStream:
             attention_mask=serialize_tensor(mask),
             reply_codec=codecs.reply,
             truncate_to=truncate_to,
+            push_to=push_to,
+            upstream=upstream,
         )
         self._requests.put(pb.SessionRequest(step=step))
         self._codecs.append(codecs)
         self._next_step_id += 1
         return encoded
 
+    def push_target(self) -> pb.PushTarget:
+        """Where the previous hop pushes the input of the next step sent on this stream."""
+        return pb.PushTarget(
+            node_id=self.hop.record.node_id, session_id=self.session_id, start_block=self.hop.start, end_block=self.hop.end,
+            step_id=self._next_step_id,
+        )
+
+    def push(self, step_id: int, hidden: pb.Tensor, timeout: float) -> None:
+        """Hands the node the input of a step sent with an `upstream` that did not push it (the client
+        standing in for a hop); NodeUnavailableError or RemoteError if the node does not take it."""
+        request = pb.PushRequest(
+            session_id=self.session_id, start_block=self.hop.start, end_block=self.hop.end, step_id=step_id, hidden_states=hidden
+        )
+        try:
+            pb_grpc.BlockServiceStub(self._channel).PushStep(request, timeout=timeout)
+        except grpc.RpcError as error:
+            raise remote_error(self.hop, error) from error
+        self.bytes_sent += encoded_size(hidden)
+
     def receive(self, timeout: float) -> torch.Tensor:
         """The output of the oldest unanswered step; StepTimeout if it takes longer than `timeout` seconds."""
-        step_id = self._next_step_id - 1
+        return self.receive_reply(timeout).hidden
+
+    def receive_reply(self, timeout: float) -> StepReply:
+        """The answer to the oldest unanswered step; StepTimeout if it takes longer than `timeout` seconds."""
+        step_id = self._next_step_id - len(self._codecs)
         try:
             response = self._responses.get(timeout=timeout)
         except queue.Empty:
@@ -201,7 +259,8 @@ class SpanStream:
         if response is _END or response.step_id != step_id:
             raise NodeUnavailableError(f"node {self.hop.record.node_id} ended the session or answered out of order", self.hop.record.node_id)
         self.bytes_received += encoded_size(response.hidden_states)
-        return decode_hidden(self.hop, response.hidden_states, self._codecs.pop(0))
+        hidden = decode_hidden(self.hop, response.hidden_states, self._codecs.pop(0))
+        return StepReply(hidden, response.hidden_states, response.input_digest, response.push_error)
 
     def close(self) -> None:
         """Ends the stream (the server frees the session's cache) and the channel."""
