@@ -18,7 +18,7 @@ of `node.service.BlockServicer` that this module puts in the daemon's place befo
   replies;
 - `--announce-throughput X`: announce X blocks/s instead of its measured decode throughput;
 - `--push refuse`: in forwarded sessions, report every push to the next hop as failed without pushing;
-  `--push corrupt`: push corrupted hidden states (noise of --corrupt-outputs' scale, 0.05 if not given)
+  `--push drop`: report every push as under way without pushing; `--push corrupt`: push corrupted hidden states (noise of --corrupt-outputs' scale, 0.05 if not given)
   while replying the true ones to the client.
 """
 
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from edgeswarm.node.service import BlockServicer
 
 WHEN = ("always", "compressed_reply")
-PUSH = ("honest", "refuse", "corrupt")
+PUSH = ("honest", "refuse", "drop", "corrupt")
 PUSHED_NOISE = 0.05  # relative noise of corrupted pushes when --corrupt-outputs does not say
 
 
@@ -47,7 +47,7 @@ class Lies:
     corrupt_outputs: float = 0.0  # relative scale of the noise added to returned hidden states (0: none)
     when: str = "always"  # or "compressed_reply": corrupt only replies asked for in a codec
     announce_throughput: float | None = None  # blocks/s to announce instead of the measured throughput
-    push: str = "honest"  # or "refuse" / "corrupt": how it pushes outputs to the next hop
+    push: str = "honest"  # or "refuse" / "drop" / "corrupt": how it pushes outputs to the next hop
 
     def __post_init__(self) -> None:
         if self.when not in WHEN:
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--corrupt-outputs", type=float, default=0.0, metavar="SCALE", help="noise of this relative scale on returned hidden states")
     parser.add_argument("--when", choices=WHEN, default="always", help="compressed_reply: corrupt only replies asked for in a codec")
     parser.add_argument("--announce-throughput", type=float, default=None, metavar="BLOCKS_PER_SECOND", help="announce this instead of the measured throughput")
-    parser.add_argument("--push", choices=PUSH, default="honest", help="refuse: report pushes as failed; corrupt: push corrupted states")
+    parser.add_argument("--push", choices=PUSH, default="honest", help="refuse: report pushes as failed; drop: report them as sent, send none; corrupt: push corrupted states")
     parser.add_argument("node_args", nargs=argparse.REMAINDER, metavar="join ...", help="the swarm-node command line")
     return parser
 
@@ -127,6 +127,8 @@ def lying_servicer(base: type[BlockServicer], lies: Lies) -> type[BlockServicer]
         def _push(self, target, output):  # every push to a next hop passes here
             if lies.push == "refuse":
                 return "refusing to push (a lying node)"
+            if lies.push == "drop":
+                return ""
             if lies.push == "corrupt":
                 from edgeswarm.protocol.codecs import decode_tensor
 

@@ -13,9 +13,11 @@ from the sender that step names (`upstream`) or from the session's own client.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -26,8 +28,12 @@ from edgeswarm.protocol.busy import Busy
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.protocol.tensors import MAX_MESSAGE_BYTES
 
+logger = logging.getLogger(__name__)
+
 UPSTREAM_WAIT = 60.0  # seconds a forwarded step waits for its pushed input before the session fails
 PUSH_TIMEOUT = 10.0  # seconds a push may take (it only hands the input over; the next hop computes later)
+PUSH_THREADS = 8  # pushes under way at once
+MAX_PUSHES_IN_FLIGHT = 64  # pushes under way or waiting for a thread; beyond, a step's push is refused
 MAX_WAITING_PUSHES = 4  # pushed inputs one session holds before its steps name them (a bounded mailbox)
 MAX_WAITING_PUSH_BYTES = 64 * 2**20  # and the bytes they may take together
 DIRECTORY_REFRESH = 5.0  # seconds between re-reads of the DHT when a pushed-to node is not known yet
@@ -130,28 +136,41 @@ class PeerDirectory:
 
 
 class Pusher:
-    """Pushes step outputs to the next hops of forwarded sessions, over channels kept per node."""
+    """Pushes step outputs to the next hops of forwarded sessions, over channels kept per node.
+
+    A push goes out on a thread of its own, so the node's reply to the client does not wait for the next
+    hop: a next hop that does not take it leaves that hop waiting, and the client, which has the input
+    from this node's reply, pushes it itself."""
 
     def __init__(self, directory: PeerDirectory):
         self.directory = directory
         self._channels: dict[str, tuple[str, grpc.Channel]] = {}  # node id -> (address, channel)
         self._lock = threading.Lock()
+        self._threads = ThreadPoolExecutor(max_workers=PUSH_THREADS, thread_name_prefix="push")
+        self._in_flight = threading.BoundedSemaphore(MAX_PUSHES_IN_FLIGHT)
 
     def push(self, target: pb.PushTarget, hidden: pb.Tensor) -> str:
-        """Pushes `hidden` into `target`'s session; returns why it failed, or "" once it was taken."""
+        """Starts pushing `hidden` into `target`'s session; returns why it cannot, or "" once it is under way."""
         record = self.directory.record(target.node_id)
         if record is None:
             return f"node {target.node_id} is not announced in the swarm"
+        if not self._in_flight.acquire(blocking=False):
+            return f"{MAX_PUSHES_IN_FLIGHT} pushes are under way already"
         request = pb.PushRequest(
             session_id=target.session_id, start_block=target.start_block, end_block=target.end_block,
             step_id=target.step_id, hidden_states=hidden,
         )
+        self._threads.submit(self._send, record, request)
+        return ""
+
+    def _send(self, record: ServerRecord, request: pb.PushRequest) -> None:
         try:
             pb_grpc.BlockServiceStub(self._channel(record)).PushStep(request, timeout=PUSH_TIMEOUT)
         except grpc.RpcError as error:
+            logger.info("pushing step %d to node %s failed: %s: %s", request.step_id, record.node_id, error.code().name, error.details())
             self._drop(record.node_id)
-            return f"pushing to node {record.node_id} failed: {error.code().name}: {error.details()}"
-        return ""
+        finally:
+            self._in_flight.release()
 
     def _channel(self, record: ServerRecord) -> grpc.Channel:
         with self._lock:
@@ -171,6 +190,7 @@ class Pusher:
             known[1].close()
 
     def close(self) -> None:
+        self._threads.shutdown(wait=False, cancel_futures=True)
         with self._lock:
             for _, channel in self._channels.values():
                 channel.close()

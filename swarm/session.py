@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.protocol.constants import DECODE_STEP_TOKENS, PREFILL_CHUNK_TOKENS
 from edgeswarm.protocol.tensors import tensor_digest
 from edgeswarm.swarm.errors import NodeUnavailableError, PushedInputError
@@ -107,7 +108,7 @@ class InferenceSession:
             SpotChecker(routes, policy, self.session_id, self.spot_checks, self.misbehaviours) if policy.spot_check > 0 else None
         )
         self._failover = Failover(routes, links, policy, self._open_stream, prefill_chunk, keep_seen=self._spot_checker is not None)
-        self.forwarding_mismatches = 0  # steps a node took other inputs than its predecessor replied with
+        self.forwarding_mismatches = 0  # steps a node took other inputs than its predecessor replied, or none
         self._forwarding = policy.forwarding  # off for good after a mismatch
         self._steps = 0  # step() calls so far
         self._streams_opened = 0
@@ -313,12 +314,14 @@ class InferenceSession:
         if queued.upstream is None:
             return self._complete(state, queued.sent, queued.codecs, check, began)
         upstream, upstream_reply = previous
+        late_push: tuple[int, pb.Tensor] | None = (queued.step_id, upstream_reply.message)
         if upstream is not queued.upstream or upstream_reply.push_error:
             if upstream_reply.push_error:
                 logger.info("pushing for node %s: %s", upstream.hop.record.node_id, upstream_reply.push_error)
             state.stream.push(queued.step_id, upstream_reply.message, self.policy.connect_timeout)
+            late_push = None
         try:
-            reply = self._complete(state, step, queued.codecs, check, began)
+            reply = self._complete(state, step, queued.codecs, check, began, late_push)
         except PushedInputError as error:
             raise ForwardingMismatch(str(error)) from error
         if reply.input_digest != tensor_digest(upstream_reply.message):
@@ -328,8 +331,12 @@ class InferenceSession:
             )
         return reply
 
-    def _complete(self, state: HopState, step: SentStep, codecs: StepCodecs, check: bool, began: float) -> StepReply:
-        """Waits for the output of `step`, sent to `state`'s node: spot-checked if `check`, timed, kept."""
+    def _complete(
+        self, state: HopState, step: SentStep, codecs: StepCodecs, check: bool, began: float, late_push: tuple[int, pb.Tensor] | None = None
+    ) -> StepReply:
+        """Waits for the output of `step`, sent to `state`'s node: spot-checked if `check`, timed, kept.
+        `late_push`: (step id, input) of a step whose input the hop before was to push; if the node does not
+        answer in time, the client pushes the input itself (the push may have been lost) and waits once more."""
         tokens = step.hidden.shape[0] * step.hidden.shape[1]
         pending = inputs = None
         if check:
@@ -339,18 +346,40 @@ class InferenceSession:
                 self._steps, history.hidden.shape[1] - step.hidden.shape[1], codecs.reply,
             )
             pending = self._spot_checker.start(inputs)
-        try:
-            reply = state.stream.receive_reply(state.deadline(tokens, self.policy.min_step_deadline))
-        except StepTimeout:
-            if self.routes.replacement(state.hop, exclude={state.hop.record.node_id}) is not None:
-                raise
-            # nobody else could take over: a slow node is better than none
-            reply = state.stream.receive_reply(self.policy.step_timeout)
-        seconds = time.monotonic() - began
-        state.observe(seconds, tokens)
-        if tokens <= DECODE_STEP_TOKENS:
-            self.routes.observe_step(state.hop.record.node_id, state.hop.end - state.hop.start, seconds)
+        reply, pushed_late = self._await_reply(state, state.deadline(tokens, self.policy.min_step_deadline), late_push)
+        if pushed_late:  # its predecessor did not push (or the push was lost): forwarding costs more than it saves
+            logger.warning("node %s got no pushed input; relaying this session's steps from now on", state.hop.record.node_id)
+            self.forwarding_mismatches += 1
+            self._forwarding = False
+        else:  # (a step that waited for a push that never came says nothing of the node's speed)
+            seconds = time.monotonic() - began
+            state.observe(seconds, tokens)
+            if tokens <= DECODE_STEP_TOKENS:
+                self.routes.observe_step(state.hop.record.node_id, state.hop.end - state.hop.start, seconds)
         if pending is not None:
             self._spot_checker.finish(inputs, reply.hidden, pending)  # raises NodeMisbehaved if the node lied
         state.sent.append(step)
         return reply
+
+    def _await_reply(self, state: HopState, deadline: float, late_push: tuple[int, pb.Tensor] | None) -> tuple[StepReply, bool]:
+        """The node's answer within `deadline` seconds, and whether the client had to push its input: if
+        `late_push` is given and the node is silent, the client pushes it itself and waits once more. A node
+        that stays silent counts as stalled (StepTimeout) only if another node could take over, else it is
+        waited for up to the policy's step timeout."""
+        try:
+            return state.stream.receive_reply(deadline), False
+        except StepTimeout as silent:
+            timeout = silent
+        if late_push is not None:
+            logger.info("no answer from node %s: pushing its input itself", state.hop.record.node_id)
+            try:
+                state.stream.push(*late_push, self.policy.connect_timeout)
+                return state.stream.receive_reply(deadline), True
+            except StepTimeout:
+                pass
+            except NodeUnavailableError:  # it takes no push either: it is the one that stalls
+                raise timeout from None
+        if self.routes.replacement(state.hop, exclude={state.hop.record.node_id}) is not None:
+            raise timeout
+        # nobody else could take over: a slow node is better than none
+        return state.stream.receive_reply(self.policy.step_timeout), late_push is not None

@@ -82,8 +82,8 @@ def test_a_push_is_taken_only_from_the_named_hop_or_the_sessions_client(tiny_pip
             positions, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
             stream.send(None, positions, mask, upstream=first.info["node_id"])
             stranger = pb.PushRequest(session_id=stream.session_id, start_block=2, end_block=4, step_id=0, hidden_states=hidden)
-            with node_channel(second) as channel:
-                pb_grpc.BlockServiceStub(channel).PushStep(stranger, timeout=30)
+            with node_channel(second) as channel:  # taken into the mailbox once the session is open there
+                wait_until(lambda: pushed(channel, stranger), "the session is open on the node", interval=0.2)
             with pytest.raises(StepTimeout):
                 stream.receive(timeout=3.0)  # the stranger's input was not taken
             stream.push(0, hidden, timeout=30)  # the session's client stands in for the hop
@@ -91,19 +91,31 @@ def test_a_push_is_taken_only_from_the_named_hop_or_the_sessions_client(tiny_pip
     assert reply.hidden.shape == (1, 1, client.model.config.hidden_size)
 
 
+def pushed(channel, request: pb.PushRequest) -> bool:
+    """Whether the node took the push (False: no such session yet)."""
+    try:
+        pb_grpc.BlockServiceStub(channel).PushStep(request, timeout=30)
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.NOT_FOUND:
+            raise
+        return False
+    return True
+
+
 @pytest.fixture(scope="module")
 def liars(tiny_llama_dir):
-    """Blocks 0:3 on a node that refuses to push and on one that pushes corrupted states, 3:6 on an honest one."""
+    """Blocks 3:6 on an honest node; 0:3 on a node that refuses to push, one that says it pushes and does
+    not, and one that pushes corrupted states."""
     with LocalSwarm([["--model", str(tiny_llama_dir), "--blocks", "3:6"]]) as swarm:
-        swarm.add_node(["--model", str(tiny_llama_dir), "--blocks", "0:3"], lies=Lies(push="refuse"))
-        swarm.add_node(["--model", str(tiny_llama_dir), "--blocks", "0:3"], lies=Lies(push="corrupt"))
+        for push in ("refuse", "drop", "corrupt"):
+            swarm.add_node(["--model", str(tiny_llama_dir), "--blocks", "0:3"], lies=Lies(push=push))
         yield swarm
 
 
 @pytest.fixture(scope="module")
 def liars_client(liars, tiny_llama_dir):
     with SwarmClient(liars.initial_peers, model=str(tiny_llama_dir)) as client:
-        wait_until(lambda: len(client.servers()) == 3, "the three nodes are announced", interval=0.5)
+        wait_until(lambda: len(client.servers()) == 4, "the four nodes are announced", interval=0.5)
         yield client
 
 
@@ -112,15 +124,21 @@ def route_from(client, liar, honest) -> list[Hop]:
     return [Hop(by_address[liar.address], 0, 3), Hop(by_address[honest.address], 3, 6)]
 
 
-def test_a_node_that_does_not_push_changes_no_token(liars, liars_client, expected):
-    honest, refuser = liars.nodes[0], liars.nodes[1]
-    decoded = decode(liars_client, FORWARD, route_from(liars_client, refuser, honest))
+PREFILL_CHUNKS = -(-len(PROMPT) // 4)  # all queued before the first one's answer
+
+
+@pytest.mark.parametrize("lie, mismatches", [("refuse", 0), ("drop", PREFILL_CHUNKS)])
+def test_a_node_that_does_not_push_changes_no_token(liars, liars_client, expected, lie, mismatches):
+    honest, liar = liars.nodes[0], liars.nodes[1 + ["refuse", "drop"].index(lie)]
+    decoded = decode(liars_client, FORWARD, route_from(liars_client, liar, honest))
     assert decoded.tokens == expected
-    assert (decoded.failovers, decoded.mismatches) == (0, 0)  # the client pushed in its place
+    # the client pushes in its place: at once for a node that says it did not push; after a deadline for
+    # one that says it did, for each prefill chunk already queued, and then the session relays
+    assert (decoded.failovers, decoded.mismatches) == (0, mismatches)
 
 
 def test_a_node_that_pushes_other_states_than_it_replies_is_caught_and_the_session_relays(liars, liars_client, expected):
-    honest, corrupter = liars.nodes[0], liars.nodes[2]
+    honest, corrupter = liars.nodes[0], liars.nodes[3]
     decoded = decode(liars_client, FORWARD, route_from(liars_client, corrupter, honest))
     assert decoded.tokens == expected
     assert (decoded.failovers, decoded.mismatches) == (0, 1)

@@ -13,7 +13,7 @@ import torch
 
 from devtools.decoding import greedy_decode
 from devtools.launcher import LocalSwarm
-from edgeswarm import SwarmClient
+from edgeswarm import SessionPolicy, SwarmClient
 from edgeswarm.model.calibration import load_or_fit_basis
 from edgeswarm.proto import dataplane_pb2 as pb
 from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
@@ -45,7 +45,8 @@ def swarm(basis_cache):
 
 
 def _client(swarm, quality: str) -> SwarmClient:
-    client = SwarmClient(swarm.initial_peers, link_quality=quality, mdns=False)
+    # relayed: every link crossing passes through the client, which counts its bytes
+    client = SwarmClient(swarm.initial_peers, link_quality=quality, mdns=False, policy=SessionPolicy(forwarding=False))
     wait_until(
         lambda: len(servers := client.servers()) >= 2 and all(record.semantic_basis for record in servers),
         "both nodes announce their semantic basis",
