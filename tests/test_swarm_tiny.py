@@ -44,9 +44,11 @@ def test_left_padded_batch_of_ids_equals_transformers(tiny_client, tiny_llama_re
 
 def test_graceful_leave_withdraws_the_announcement(tiny_pipeline, tiny_client, tiny_llama_dir):
     extra = start_node(["--model", str(tiny_llama_dir), "--blocks", "0:6"], tiny_pipeline.initial_peers)
-    wait_until(lambda: announced(tiny_client, extra), "the new node is announced", interval=0.5)
-    assert [hop.record.address for hop in tiny_client.route()] == [extra.address]  # one hop beats three
-    assert extra.stop(signal.SIGTERM) == 0
+    try:
+        wait_until(lambda: announced(tiny_client, extra), "the new node is announced", interval=0.5)
+        assert [hop.record.address for hop in tiny_client.route()] == [extra.address]  # one hop beats three
+    finally:
+        assert extra.stop(signal.SIGTERM) == 0
     wait_until(lambda: not announced(tiny_client, extra), "the stopped node is no longer announced", timeout=30, interval=0.5)
 
 
