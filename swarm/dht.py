@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import faulthandler
+import gc
 import hashlib
 import hmac
 import ipaddress
@@ -183,13 +184,17 @@ def start_dht(
 
 
 class _DHTProcess(hivemind.DHT):
-    """hivemind's DHT process, which prints every thread's stack on HANG_REPORT_SIGNAL.
+    """hivemind's DHT process, which leaves the objects it inherits to the garbage collector's permanent
+    generation and prints every thread's stack on HANG_REPORT_SIGNAL.
 
     hivemind forks its DHT process. A fork taken while another thread holds a lock can hang in the
     child for good, and so can a child whose result pipe is held by a process that died writing to it;
     a start that is not ready in time reports where it hangs, then is killed and tried afresh."""
 
     def run(self) -> None:
+        # the fork copied every object of the parent (a whole test run's, in a test process): collecting
+        # them again and again starved the DHT's start for minutes; they are the parent's, never garbage here
+        gc.freeze()
         faulthandler.register(HANG_REPORT_SIGNAL, all_threads=True)
         super().run()
 
