@@ -26,7 +26,7 @@ from edgeswarm.proto import dataplane_pb2_grpc as pb_grpc
 from edgeswarm.protocol import channels
 from edgeswarm.protocol.busy import Busy
 from edgeswarm.protocol.records import ServerRecord
-from edgeswarm.protocol.tensors import MAX_MESSAGE_BYTES
+from edgeswarm.protocol.tensors import MESSAGE_SIZE_OPTIONS
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ MAX_PUSHES_IN_FLIGHT = 64  # pushes under way or waiting for a thread; beyond, a
 MAX_WAITING_PUSHES = 4  # pushed inputs one session holds before its steps name them (a bounded mailbox)
 MAX_WAITING_PUSH_BYTES = 64 * 2**20  # and the bytes they may take together
 DIRECTORY_REFRESH = 5.0  # seconds between re-reads of the DHT when a pushed-to node is not known yet
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 
 
 class PushRefused(Exception):
@@ -179,7 +175,7 @@ class Pusher:
                 return known[1]
             if known is not None:
                 known[1].close()
-            channel = channels.open_channel(record.address, record.node_id, options=_CHANNEL_OPTIONS)
+            channel = channels.open_channel(record.address, record.node_id, options=MESSAGE_SIZE_OPTIONS)
             self._channels[record.node_id] = (record.address, channel)
             return channel
 

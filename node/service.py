@@ -55,7 +55,7 @@ from edgeswarm.protocol.constants import PREFILL_CHUNK_TOKENS
 from edgeswarm.protocol.principals import principal_of
 from edgeswarm.protocol.request_parsing import add_servicer
 from edgeswarm.protocol.tensors import (
-    MAX_MESSAGE_BYTES,
+    MESSAGE_SIZE_OPTIONS,
     serialize_tensor,
     tensor_digest,
 )
@@ -425,11 +425,7 @@ def start_grpc_server(
     before the server starts. With `tls` (certificate PEM, key PEM), it serves over TLS only. Calls are
     admitted to separate slot pools sized by `servicer.limits` (node.admission).
     """
-    options = [
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.so_reuseport", 0),
-    ]
+    options = [*MESSAGE_SIZE_OPTIONS, ("grpc.so_reuseport", 0)]
     limits = servicer.limits
     pools = {
         SESSIONS: servicer.session_slots,

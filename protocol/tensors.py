@@ -15,6 +15,11 @@ MAX_TENSOR_BYTES = 256 * 1024 * 1024
 # Nodes and clients set gRPC's message limit to this: above it, gRPC refuses a message with
 # RESOURCE_EXHAUSTED before our code sees it.
 MAX_MESSAGE_BYTES = MAX_TENSOR_BYTES + 1024 * 1024
+# gRPC channel and server options that let data-plane messages up to MAX_MESSAGE_BYTES through, both ways
+MESSAGE_SIZE_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 MAX_DIMS = 16
 
 _WIRE_DTYPES: dict[str, torch.dtype] = {

@@ -17,7 +17,7 @@ from edgeswarm.protocol.codecs import decode_tensor, encode_tensor, encoded_size
 from edgeswarm.protocol.identity import NodeIdentity
 from edgeswarm.protocol.records import ServerRecord
 from edgeswarm.protocol.tensors import (
-    MAX_MESSAGE_BYTES,
+    MESSAGE_SIZE_OPTIONS,
     TensorDecodeError,
     serialize_tensor,
 )
@@ -30,10 +30,6 @@ from edgeswarm.swarm.errors import (
 from edgeswarm.swarm.links import RAW, StepCodecs
 from edgeswarm.swarm.routing import Hop
 
-_CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-]
 _END = object()
 
 
@@ -54,7 +50,7 @@ def open_channel(record: ServerRecord, connect_timeout: float, identity: NodeIde
     """A channel to the node of `record` that is known to answer, or NodeUnavailableError within
     `connect_timeout` (calls signed by `identity`, over TLS as protocol.channels decides)."""
     address = record.address
-    channel = channels.open_channel(address, record.node_id, options=_CHANNEL_OPTIONS, identity=identity)
+    channel = channels.open_channel(address, record.node_id, options=MESSAGE_SIZE_OPTIONS, identity=identity)
     try:
         grpc.channel_ready_future(channel).result(timeout=connect_timeout)
     except grpc.FutureTimeoutError as error:
